@@ -1,0 +1,1 @@
+"""Speed benchmarks that print ratios measured side by side in one run."""

@@ -1,0 +1,1 @@
+"""Checkpoint to ONNX, TorchScript, Triton model repository and BentoML model store: see issue 6."""
