@@ -1,0 +1,137 @@
+"""Checkpoint directories: model.safetensors + config.json + metrics.json, written atomically.
+
+Loading rebuilds the model from config.json through the registry and reads tensors with
+safetensors: no pickle on the load path, so a checkpoint cannot run code.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ._version import __version__
+from .io import atomic_directory
+from .macs import count_macs
+from .models.base import MoENet
+from .registry import create_model
+
+CONFIG, WEIGHTS, METRICS = "config.json", "model.safetensors", "metrics.json"
+FORMAT = "advmoe-checkpoint"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be loaded; the message says what is wrong."""
+
+
+def save_checkpoint(model: MoENet, path: str | os.PathLike, metrics: dict | None = None,
+                    config: dict | None = None) -> Path:
+    """Write `model` to the directory `path` (replacing an older checkpoint there).
+
+    config: extra entries for config.json (dataset, class names, training method and
+    hyper-parameters...). metrics: for metrics.json; MACs per image are added if absent.
+    """
+    cfg = model.cfg
+    input_size = [cfg.in_channels, cfg.image_size, cfg.image_size]
+    document = {
+        "format": FORMAT,
+        "advmoe_version": __version__,
+        "architecture": model.model_name,
+        "model_args": cfg.to_dict(),
+        "input_size": input_size,
+        "num_classes": cfg.num_classes,
+        "normalization": {"mean": list(model.normalize.mean.flatten().tolist()),
+                          "std": list(model.normalize.std.flatten().tolist())},
+        **(config or {}),
+    }
+    metrics = {"macs_per_image": count_macs(model, tuple(input_size)), **(metrics or {})}
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    with atomic_directory(path, may_replace=is_checkpoint) as tmp:
+        save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt", "architecture": model.model_name})
+        (tmp / CONFIG).write_text(json.dumps(document, indent=2) + "\n")
+        (tmp / METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
+    return Path(path)
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    try:
+        return json.loads((Path(path) / CONFIG).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def read_config(path: str | os.PathLike) -> dict:
+    """config.json of a checkpoint directory, checked enough to build the model from it."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint directory (expected a folder with {CONFIG} and {WEIGHTS})")
+    file = path / CONFIG
+    if not file.is_file():
+        raise CheckpointError(f"{path} is not an advmoe checkpoint: {CONFIG} is missing")
+    try:
+        document = json.loads(file.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file} is not valid JSON ({e}); the checkpoint is damaged") from None
+    if not isinstance(document, dict) or document.get("format") != FORMAT:
+        raise CheckpointError(f"{file} is not an advmoe checkpoint config (no \"format\": \"{FORMAT}\")")
+    for key in ("architecture", "model_args"):
+        if key not in document:
+            raise CheckpointError(f"{file} has no {key!r} entry; the checkpoint is damaged")
+    return document
+
+
+def read_metrics(path: str | os.PathLike) -> dict:
+    file = Path(path) / METRICS
+    try:
+        return json.loads(file.read_text()) if file.is_file() else {}
+    except ValueError as e:
+        raise CheckpointError(f"{file} is not valid JSON ({e})") from None
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> MoENet:
+    """Rebuild the model from config.json and load model.safetensors into it (eval mode).
+
+    Raises CheckpointError naming what is wrong: a missing or corrupt file, an architecture
+    or config that does not build, weights whose names or shapes do not match the config.
+    """
+    path = Path(path)
+    document = read_config(path)
+    name = document["architecture"]
+    try:
+        model = create_model(name, **document["model_args"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path / CONFIG} does not describe a model this version builds: {e}") from None
+    weights = path / WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"{path} has no {WEIGHTS}; the checkpoint is incomplete")
+    try:
+        tensors = load_file(weights, device=str(map_location))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{weights} is corrupt or truncated ({e}); save or copy the checkpoint again") from None
+    _check_matches(model, tensors, f"{weights} does not match {CONFIG} ({name}, {_describe(model)})")
+    model.load_state_dict(tensors)
+    return model.to(map_location).eval()
+
+
+def _check_matches(model: MoENet, tensors: dict, context: str) -> None:
+    expected = model.state_dict()
+    problems = []
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    shapes = [f"{k}: file {list(tensors[k].shape)} vs model {list(v.shape)}"
+              for k, v in expected.items() if k in tensors and tensors[k].shape != v.shape]
+    for label, items in (("shape mismatch", shapes), ("missing", missing), ("unexpected", unexpected)):
+        if items:
+            more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
+            problems.append(f"{label}: {'; '.join(items[:3])}{more}")
+    if problems:
+        raise CheckpointError(f"{context}: {' | '.join(problems)}")
+
+
+def _describe(model: MoENet) -> str:
+    cfg = model.cfg
+    moe = f"{cfg.num_experts} experts, ratio {cfg.expert_ratio}, router {cfg.router}" if cfg.is_moe else "dense"
+    return f"width {cfg.width}, {cfg.in_channels} channels, {cfg.num_classes} classes, {moe}"

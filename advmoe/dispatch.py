@@ -1,0 +1,62 @@
+"""Sparse dispatch: run each sample through its chosen experts only.
+
+Used twice: by `MoEConv2d` per layer (per-layer routers, top-k), and by the model for the
+shared top-1 router, where the batch is grouped once and each group runs a whole sub-network.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+
+def dispatch(
+    x: Tensor,
+    experts: Tensor,
+    num_experts: int,
+    expert_fn: Callable[[Tensor, int], Tensor],
+    weights: Tensor | None = None,
+) -> Tensor:
+    """Group the rows of `x` by expert, call `expert_fn(rows_of_x, e)` once per non-empty
+    group, and put the results back in batch order.
+
+    experts: LongTensor [B, k] of chosen experts. weights: None for top-1 (the output is the
+    chosen expert's), else [B, num_experts] gate weights for a weighted sum over the k chosen.
+    """
+    batch = x.shape[0]
+    out = None
+    for e in range(num_experts):
+        rows = (experts == e).any(1).nonzero().squeeze(1)
+        n = rows.numel()
+        if n == 0:
+            continue  # eager fast path: an expert nobody chose costs nothing
+        y = expert_fn(x if n == batch else _rows(x, rows), e)
+        if weights is None and n == batch:
+            return y  # the whole batch took one expert (always so at batch 1): no copies
+        if weights is not None:
+            y = y * weights[rows, e].view(-1, *[1] * (y.dim() - 1))
+        if out is None:
+            # Top-1 writes every row exactly once, so the output needs no zeroing.
+            out = torch.empty((batch, *y.shape[1:]), dtype=y.dtype, device=y.device, memory_format=memory_format(y))
+            if weights is not None:
+                out.zero_()
+        if weights is None:
+            out.index_copy_(0, rows, y)
+        else:
+            out.index_add_(0, rows, y)
+    return expert_fn(x, 0) if out is None else out  # out is None only for an empty batch
+
+
+def memory_format(x: Tensor) -> torch.memory_format:
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _rows(x: Tensor, rows: Tensor) -> Tensor:
+    if memory_format(x) == torch.channels_last:
+        # index_select returns a contiguous result: select in NHWC order so that the rows come
+        # back channels_last in one copy instead of two.
+        return x.permute(0, 2, 3, 1).index_select(0, rows).permute(0, 3, 1, 2)
+    return x.index_select(0, rows)

@@ -1,0 +1,217 @@
+"""What every architecture shares: the config, input normalization, routing and the two
+executions ("masked" for training, "sparse" for inference)."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from functools import cached_property
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from torch import Tensor, nn
+
+from ..dispatch import dispatch
+from ..gate import route
+from ..layers import ConvNorm2d, LayerGate, MoEConv2d, Normalize, _ConvUnit
+from ..routers import ResNetRouter
+
+ROUTERS = ("shared", "per_layer")
+EXECUTIONS = ("masked", "sparse")
+
+
+@dataclass
+class ModelConfig:
+    num_classes: int = 10
+    in_channels: int = 3
+    image_size: int = 32  # what the model is trained for; every architecture accepts 28, 32, 64
+    width: float = 1.0  # multiplies every channel count: small models for CPU runs
+    num_experts: int = 0  # 0: the dense twin
+    expert_ratio: float = 1.0  # an expert's width over the dense twin's (r)
+    router: str = "shared"  # "shared": one CNN on the image; "per_layer": a gate per MoE layer
+    top_k: int = 1
+    router_width: int = 16
+    router_blocks: int = 3  # blocks per stage of the shared router: 3 = ResNet-20 (reference)
+    mean: tuple[float, ...] = (0.5,)
+    std: tuple[float, ...] = (0.5,)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    def dense_channels(self, channels: int) -> int:
+        """Width of a layer the MoE model keeps at the dense twin's width."""
+        return max(1, int(channels * self.width))
+
+    def channels(self, channels: int) -> int:
+        """Width of a layer the MoE model runs at w = int(r * C)."""
+        return max(1, int(self.expert_ratio * self.dense_channels(channels)))
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    def validate(self) -> None:
+        def bad(msg: str) -> None:
+            raise ValueError(f"invalid model config: {msg}")
+
+        if self.num_classes < 1 or self.in_channels < 1:
+            bad(f"num_classes={self.num_classes} and in_channels={self.in_channels} must be >= 1")
+        if self.image_size < 8:
+            bad(f"image_size={self.image_size} is too small; use 28, 32 or 64")
+        if self.width <= 0:
+            bad(f"width={self.width} must be > 0")
+        if self.is_moe:
+            if self.num_experts < 2:
+                bad(f"num_experts={self.num_experts}: a MoE model needs at least 2 experts (0 = the dense twin)")
+            if not 0 < self.expert_ratio <= 1:
+                bad(f"expert_ratio={self.expert_ratio} must be in (0, 1]")
+            if self.router not in ROUTERS:
+                bad(f"router={self.router!r}; choose one of {ROUTERS}")
+            if not 1 <= self.top_k <= self.num_experts:
+                bad(f"top_k={self.top_k} must be between 1 and num_experts={self.num_experts}")
+            if self.router_width < 1 or self.router_blocks < 1:
+                bad("router_width and router_blocks must be >= 1")
+        elif self.expert_ratio != 1:
+            bad(f"expert_ratio={self.expert_ratio} needs experts; the dense twin has num_experts=0")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if len(value) not in (1, self.in_channels):
+                bad(f"{name} has {len(value)} values; give 1 or in_channels={self.in_channels}")
+        if any(s <= 0 for s in self.std):
+            bad(f"std={self.std} must be positive")
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+class MoENet(nn.Module):
+    """Base class: subclasses build their layers with `self.conv(...)` (a MoE conv in the MoE
+    model, a dense conv in its twin) and implement `forward_backbone(x, route)` and
+    `backbone_macs(h, w)`."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        channels = cfg.in_channels
+        self.normalize = Normalize(_per_channel(cfg.mean, channels), _per_channel(cfg.std, channels))
+        self.router = None
+        if cfg.is_moe and cfg.router == "shared":
+            self.router = ResNetRouter(channels, cfg.num_experts, cfg.router_width, cfg.router_blocks)
+        self.execution = "masked"
+        self.channels_last = False
+        self.last_routing: Tensor | None = None  # [B, n_moe_layers]: expert per sample and layer
+        self._folded_key: tuple | None = None
+
+    # -- building ---------------------------------------------------------------------------
+    def conv(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1, norm: bool = True):
+        cfg = self.cfg
+        if not cfg.is_moe:
+            return ConvNorm2d(in_channels, out_channels, kernel_size, stride, norm)
+        return MoEConv2d(
+            in_channels, out_channels, kernel_size, stride, norm,
+            num_experts=cfg.num_experts, top_k=cfg.top_k, gate=cfg.router == "per_layer",
+        )
+
+    def init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    # -- parameter groups (AdvMoE trains them with separate optimisers) --------------------
+    @cached_property
+    def moe_layers(self) -> list[MoEConv2d]:
+        """The MoE convs in module order: the columns of `last_routing`."""
+        return [m for m in self.modules() if isinstance(m, MoEConv2d)]
+
+    def router_parameters(self) -> Iterator[nn.Parameter]:
+        for m in self.modules():
+            if isinstance(m, (ResNetRouter, LayerGate)):
+                yield from m.parameters()
+
+    def expert_parameters(self) -> Iterator[nn.Parameter]:
+        router = {id(p) for p in self.router_parameters()}
+        return (p for p in self.parameters() if id(p) not in router)
+
+    # -- forward ----------------------------------------------------------------------------
+    def forward_backbone(self, x: Tensor, route) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[1] != self.cfg.in_channels:
+            raise ValueError(f"expected input [B, {self.cfg.in_channels}, H, W], got {list(x.shape)}")
+        x = self.normalize(x)
+        if self.execution == "sparse":
+            self._prepare_sparse()
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+        if not self.cfg.is_moe:
+            return self.forward_backbone(x, None)
+        n_layers = len(self.moe_layers)
+        if self.router is None:  # per-layer gates: each MoE layer routes its own input
+            logits = self.forward_backbone(x, None)
+            self.last_routing = torch.stack([m.last_route.top1 for m in self.moe_layers], 1)
+            return logits
+        router_logits = self.router(x)
+        if self.execution == "sparse" and self.cfg.top_k == 1:
+            # One decision for every layer: group the batch once, run a whole sub-network per group.
+            experts = router_logits.argmax(1, keepdim=True)
+            self.last_routing = experts.expand(-1, n_layers)
+            return dispatch(x, experts, self.cfg.num_experts, self.forward_backbone)
+        gate = route(router_logits, self.cfg.top_k)
+        self.last_routing = gate.top1[:, None].expand(-1, n_layers)
+        return self.forward_backbone(x, gate)
+
+    def _prepare_sparse(self) -> None:
+        if self.training:
+            raise RuntimeError(
+                "sparse execution is inference-only: call model.eval(), "
+                "or set_execution(model, 'masked') to train"
+            )
+        # Fold BatchNorm into detached inference weights; fold again whenever a weight or a
+        # running statistic changed since (optimizer step, load_state_dict, .to(device)).
+        # The tensors are listed once: walking the modules on every call costs ~1 ms.
+        if self._folded_key is None:
+            self._fold_sources = [*self.parameters(), *self.buffers()]
+        key = [(t.data_ptr(), t._version) for t in self._fold_sources]
+        if key != self._folded_key:
+            for m in self.modules():
+                if isinstance(m, _ConvUnit):
+                    m.fold(self.channels_last)
+            self._folded_key = key
+
+    # -- cost -------------------------------------------------------------------------------
+    def backbone_macs(self, h: int, w: int) -> int:
+        raise NotImplementedError
+
+    def macs(self, h: int, w: int) -> int:
+        """MACs per image of the path sparse execution runs (conv and linear layers), router included."""
+        router = self.router.macs(h, w) if self.router is not None else 0
+        return router + self.backbone_macs(h, w)
+
+
+def set_execution(model: nn.Module, mode: str, channels_last: bool = True) -> nn.Module:
+    """"masked": every expert computed, the chosen kept (training, gradients flow).
+    "sparse": inference; each sample runs its chosen experts only, BatchNorm folded, channels_last.
+    For a dense model "sparse" is the same inference preparation without experts."""
+    if mode not in EXECUTIONS:
+        raise ValueError(f"execution must be one of {EXECUTIONS}, got {mode!r}")
+    if not isinstance(model, MoENet):
+        raise TypeError(f"set_execution needs an advmoe model, got {type(model).__name__}")
+    model.execution, model.channels_last = mode, channels_last and mode == "sparse"
+    model._folded_key = None
+    for m in model.modules():
+        if isinstance(m, _ConvUnit):
+            m.unfold()
+    return model
+
+
+def get_execution(model: MoENet) -> str:
+    return model.execution
+
+
+def _per_channel(values, channels: int) -> tuple[float, ...]:
+    values = tuple(float(v) for v in values)
+    return values * channels if len(values) == 1 else values

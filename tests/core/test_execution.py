@@ -1,0 +1,88 @@
+"""Sparse execution (inference: only the chosen experts run) equals masked execution (the
+training path, every expert computed), for every MoE model, batch size and routing."""
+import pytest
+import torch
+
+import advmoe
+from advmoe.calibrate import force_routing
+from conftest import MOE_MODELS, ROUTERS, calibrated_model
+
+TOL = 1e-5
+
+
+def assert_sparse_equals_masked(model, x):
+    with torch.no_grad():
+        advmoe.set_execution(model, "masked")
+        masked, masked_routes = model(x), model.last_routing.clone()
+        advmoe.set_execution(model, "sparse")
+        sparse, sparse_routes = model(x), model.last_routing.clone()
+    assert torch.equal(masked_routes, sparse_routes)
+    diff = (sparse - masked).abs().max().item()
+    assert diff <= TOL, f"max |sparse - masked| = {diff:.2e}"
+    return sparse_routes
+
+
+@pytest.mark.parametrize("name", MOE_MODELS)
+@pytest.mark.parametrize("router", ROUTERS)
+@pytest.mark.parametrize("batch", [1, 7, 64])
+@pytest.mark.parametrize("routing", ["mixed", "all_to_0", "all_to_1"])
+def test_sparse_equals_masked(name, router, batch, routing):
+    model = calibrated_model(name, router)
+    if routing != "mixed":
+        force_routing(model, int(routing[-1]))
+    torch.manual_seed(1)
+    x = torch.rand(64, 3, 32, 32)[:batch]
+    routes = assert_sparse_equals_masked(model, x)
+    if routing != "mixed":
+        assert (routes == int(routing[-1])).all()  # the other expert receives no sample
+    elif batch == 64:
+        assert set(routes.flatten().tolist()) == {0, 1}  # the dispatch really splits the batch
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_sparse_equals_masked_top2_of_three(router):
+    model = calibrated_model("moe_resnet18", router, top_k=2)
+    assert_sparse_equals_masked(model, torch.rand(9, 3, 32, 32))
+
+
+def test_sparse_equals_masked_on_an_empty_batch():
+    model = calibrated_model("moe_resnet18", "shared")
+    advmoe.set_execution(model, "sparse")
+    with torch.no_grad():
+        assert model(torch.rand(0, 3, 32, 32)).shape == (0, 10)
+
+
+def test_sparse_is_inference_only():
+    model = calibrated_model("moe_resnet18", "shared")
+    advmoe.set_execution(model, "sparse")
+    model.train()
+    with pytest.raises(RuntimeError, match="inference-only"):
+        model(torch.rand(2, 3, 32, 32))
+    with pytest.raises(ValueError, match="execution must be one of"):
+        advmoe.set_execution(model, "dense")
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_sparse_follows_weight_changes(router):
+    """Folded inference weights are rebuilt when the weights change in place (optimizer
+    steps, load_state_dict), so sparse never serves stale weights."""
+    model = calibrated_model("moe_resnet18", router)
+    other = calibrated_model("moe_resnet18", router, seed=1)
+    x = torch.rand(8, 3, 32, 32)
+    advmoe.set_execution(model, "sparse")
+    with torch.no_grad():
+        before = model(x)
+        model.load_state_dict(other.state_dict())
+        after = model(x)
+        expected = other(x)  # masked execution of the same weights
+    assert not torch.allclose(before, after)
+    assert (after - expected).abs().max() <= TOL
+
+
+def test_dense_model_inference_preparation_matches_eager():
+    model = calibrated_model("resnet18")
+    x = torch.rand(5, 3, 32, 32)
+    with torch.no_grad():
+        eager = model(x)
+        advmoe.set_execution(model, "sparse")
+        assert (model(x) - eager).abs().max() <= TOL
