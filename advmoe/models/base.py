@@ -192,6 +192,25 @@ class MoENet(nn.Module):
         return router + self.backbone_macs(h, w)
 
 
+class ResidualBlock(nn.Module):
+    """A block of conv1 -> conv2 plus a shortcut (a conv on the block's input, or identity)."""
+
+    def macs(self, h: int, w: int) -> tuple[int, int, int]:
+        m1, ho, wo = self.conv1.macs(h, w)
+        m2, ho, wo = self.conv2.macs(ho, wo)
+        m3 = self.shortcut.macs(h, w)[0] if self.shortcut is not None else 0
+        return m1 + m2 + m3, ho, wo
+
+
+def chain_macs(stem: nn.Module, blocks: nn.ModuleList, head: nn.Linear, h: int, w: int) -> int:
+    """MACs of stem -> blocks -> linear head, each block reporting (macs, h, w)."""
+    total, h, w = stem.macs(h, w)
+    for block in blocks:
+        macs, h, w = block.macs(h, w)
+        total += macs
+    return total + head.in_features * head.out_features
+
+
 def set_execution(model: nn.Module, mode: str, channels_last: bool = True) -> nn.Module:
     """"masked": every expert computed, the chosen kept (training, gradients flow).
     "sparse": inference; each sample runs its chosen experts only, BatchNorm folded, channels_last.

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..layers import ConvNorm2d
-from .base import ModelConfig, MoENet
+from .base import ModelConfig, MoENet, chain_macs
 
 
 @dataclass
@@ -50,8 +50,8 @@ class DenseLayer(nn.Module):
             out = F.dropout(out, self.drop_rate, self.training)
         return torch.cat([x, out], 1)
 
-    def macs(self, h: int, w: int) -> int:
-        return sum(c.macs(h, w)[0] for c in (self.reduce, self.conv) if c is not None)
+    def macs(self, h: int, w: int) -> tuple[int, int, int]:
+        return sum(c.macs(h, w)[0] for c in (self.reduce, self.conv) if c is not None), h, w
 
 
 class Transition(nn.Module):
@@ -62,6 +62,9 @@ class Transition(nn.Module):
 
     def forward(self, x: Tensor, route=None) -> Tensor:
         return F.avg_pool2d(self.conv(F.relu(self.norm(x))), 2)
+
+    def macs(self, h: int, w: int) -> tuple[int, int, int]:
+        return self.conv.macs(h, w)[0], h // 2, w // 2
 
 
 class DenseNet(MoENet):
@@ -93,11 +96,4 @@ class DenseNet(MoENet):
         return self.fc(x.mean((2, 3)))
 
     def backbone_macs(self, h: int, w: int) -> int:
-        total, h, w = self.stem.macs(h, w)
-        for layer in self.layers:
-            if isinstance(layer, Transition):
-                total += layer.conv.macs(h, w)[0]
-                h, w = h // 2, w // 2
-            else:
-                total += layer.macs(h, w)
-        return total + self.fc.in_features * self.fc.out_features
+        return chain_macs(self.stem, self.layers, self.fc, h, w)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..layers import ConvNorm2d
-from .base import ModelConfig, MoENet
+from .base import ModelConfig, MoENet, ResidualBlock, chain_macs
 
 
 @dataclass
@@ -19,7 +19,7 @@ class ResNetConfig(ModelConfig):
     blocks: tuple[int, ...] = (2, 2, 2, 2)
 
 
-class BasicBlock(nn.Module):
+class BasicBlock(ResidualBlock):
     def __init__(self, conv, in_channels: int, out_channels: int, stride: int):
         super().__init__()
         self.conv1 = conv(in_channels, out_channels, 3, stride)
@@ -32,12 +32,6 @@ class BasicBlock(nn.Module):
         out = self.conv2(F.relu(self.conv1(x, route), inplace=True), route)
         out += x if self.shortcut is None else self.shortcut(x)
         return F.relu(out, inplace=True)
-
-    def macs(self, h: int, w: int) -> tuple[int, int, int]:
-        m1, ho, wo = self.conv1.macs(h, w)
-        m2, ho, wo = self.conv2.macs(ho, wo)
-        m3 = self.shortcut.macs(h, w)[0] if self.shortcut is not None else 0
-        return m1 + m2 + m3, ho, wo
 
 
 class ResNet(MoENet):
@@ -62,8 +56,4 @@ class ResNet(MoENet):
         return self.fc(x.mean((2, 3)))
 
     def backbone_macs(self, h: int, w: int) -> int:
-        total, h, w = self.stem.macs(h, w)
-        for block in self.blocks:
-            macs, h, w = block.macs(h, w)
-            total += macs
-        return total + self.fc.in_features * self.fc.out_features
+        return chain_macs(self.stem, self.blocks, self.fc, h, w)

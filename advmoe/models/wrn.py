@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..layers import ConvNorm2d
-from .base import ModelConfig, MoENet
+from .base import ModelConfig, MoENet, ResidualBlock, chain_macs
 
 
 @dataclass
@@ -27,7 +27,7 @@ class WideResNetConfig(ModelConfig):
             raise ValueError(f"invalid model config: WRN depth={self.depth} must be 6n + 4 (10, 16, 22, 28, ...)")
 
 
-class WideBlock(nn.Module):
+class WideBlock(ResidualBlock):
     def __init__(self, conv, in_channels: int, out_channels: int, stride: int, drop_rate: float):
         super().__init__()
         self.bn1 = nn.BatchNorm2d(in_channels)
@@ -45,12 +45,6 @@ class WideBlock(nn.Module):
             out = F.dropout(out, self.drop_rate, self.training)
         out = self.conv2(out, route)
         return out + (x if self.shortcut is None else self.shortcut(pre, route))
-
-    def macs(self, h: int, w: int) -> tuple[int, int, int]:
-        m1, ho, wo = self.conv1.macs(h, w)
-        m2, ho, wo = self.conv2.macs(ho, wo)
-        m3 = self.shortcut.macs(h, w)[0] if self.shortcut is not None else 0
-        return m1 + m2 + m3, ho, wo
 
 
 class WideResNet(MoENet):
@@ -78,8 +72,4 @@ class WideResNet(MoENet):
         return self.fc(x.mean((2, 3)))
 
     def backbone_macs(self, h: int, w: int) -> int:
-        total, h, w = self.stem.macs(h, w)
-        for block in self.blocks:
-            macs, h, w = block.macs(h, w)
-            total += macs
-        return total + self.fc.in_features * self.fc.out_features
+        return chain_macs(self.stem, self.blocks, self.fc, h, w)
