@@ -1,0 +1,56 @@
+"""The `advmoe` command. Each sub-command is a thin wrapper over a function tests call directly."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+BENCHMARKS = {"sparse": "benchmarks.bench_sparse"}
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .macs import count_macs
+    from .registry import create_model, list_models
+
+    names = list_models(args.pattern)
+    if not names:
+        raise ValueError(f"no registered model matches {args.pattern!r}; try `advmoe models`")
+    print(f"| model | params (M) | MACs per {args.image_size}x{args.image_size} image (G) |\n|---|---|---|")
+    for name in names:
+        model = create_model(name, image_size=args.image_size)
+        params = sum(p.numel() for p in model.parameters()) / 1e6
+        print(f"| {name} | {params:.2f} | {count_macs(model, (3, args.image_size, args.image_size)) / 1e9:.3f} |")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    return importlib.import_module(BENCHMARKS[args.name]).main(args.args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="advmoe", description="Robust Mixture-of-Experts CNNs (AdvMoE).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    models = sub.add_parser("models", help="list the registered models with their parameters and MACs")
+    models.add_argument("pattern", nargs="?", default="*", help="glob on model names, e.g. 'moe_*'")
+    models.add_argument("--image-size", type=int, default=32)
+    models.set_defaults(func=cmd_models)
+
+    bench = sub.add_parser("bench", help="speed benchmarks: `advmoe bench sparse --help`")
+    bench.add_argument("name", choices=sorted(BENCHMARKS))
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the benchmark")
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"advmoe {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""Dense twin vs masked MoE vs sparse MoE on the CPU, measured side by side in one process.
+
+    python -m benchmarks.bench_sparse            # or: advmoe bench sparse
+    python -m benchmarks.bench_sparse --archs resnet18 --batch-sizes 1 64 --json out.json
+
+For each architecture and router, the three models are timed in interleaved rounds (so that
+a noisy machine slows them alike), and the table prints milliseconds per batch (median over
+rounds), the speed-ups of sparse over dense and over masked, and the MAC ratios. Models are
+untrained, with BatchNorm statistics calibrated on the benchmark batch and routers biased to
+split it evenly over the experts, as a trained load-balanced router would (the split is
+printed). The dense twin runs with the same inference preparation as the sparse model
+(BatchNorm folded, channels_last), so the speed-up is the experts' doing, not the folding's.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+import advmoe
+from advmoe.calibrate import balance_routing, calibrate_batchnorm
+from advmoe.macs import measure_macs
+
+ARCHS = ("resnet18", "wrn28_10", "vgg16", "densenet40")
+ROUTERS = ("shared", "per_layer")
+
+
+def build(arch: str, router: str, image_size: int, width: float, router_blocks: int, x: torch.Tensor):
+    """The dense twin, the MoE model in masked execution and the same weights in sparse execution."""
+    torch.manual_seed(0)
+    dense = advmoe.create_model(arch, image_size=image_size, width=width)
+    calibrate_batchnorm(dense, x)
+    advmoe.set_execution(dense, "sparse")
+    moe = advmoe.create_model(f"moe_{arch}", image_size=image_size, width=width, router=router,
+                              router_blocks=router_blocks)
+    calibrate_batchnorm(moe, x)
+    balance_routing(moe, x)
+    sparse = advmoe.create_model(f"moe_{arch}", image_size=image_size, width=width, router=router,
+                                 router_blocks=router_blocks)
+    sparse.load_state_dict(moe.state_dict())
+    sparse.eval()
+    advmoe.set_execution(sparse, "sparse")
+    return {"dense": dense, "masked": moe, "sparse": sparse}
+
+
+@torch.inference_mode()
+def time_interleaved(models: dict, x: torch.Tensor, rounds: int, calls: int) -> dict[str, float]:
+    """Median ms per call of each model; every round times each model once, in turn."""
+    for model in models.values():
+        model(x)  # warm-up (and the sparse fold)
+    samples = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            start = time.perf_counter()
+            for _ in range(calls):
+                model(x)
+            samples[name].append((time.perf_counter() - start) / calls * 1e3)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def run(archs=ARCHS, routers=ROUTERS, batch_sizes=(1, 64), image_size=32, width=1.0, router_blocks=3,
+        rounds=5) -> list[dict]:
+    rows = []
+    for arch in archs:
+        for router in routers:
+            torch.manual_seed(0)
+            calib = torch.rand(64, 3, image_size, image_size)
+            models = build(arch, router, image_size, width, router_blocks, calib)
+            macs = {name: measure_macs(m, calib[:8]) for name, m in models.items()}
+            for batch in batch_sizes:
+                x = calib[:batch] if batch <= 64 else torch.rand(batch, 3, image_size, image_size)
+                calls = 10 if batch == 1 else 1
+                ms = time_interleaved(models, x, rounds, calls)
+                with torch.inference_mode():
+                    parity = (models["sparse"](x) - models["masked"](x)).abs().max().item()
+                usage = models["sparse"].last_routing.eq(0).float().mean().item()
+                rows.append(dict(
+                    arch=arch, router=router, batch=batch,
+                    dense_ms=ms["dense"], masked_ms=ms["masked"], sparse_ms=ms["sparse"],
+                    speedup_vs_dense=ms["dense"] / ms["sparse"], speedup_vs_masked=ms["masked"] / ms["sparse"],
+                    dense_gmacs=macs["dense"] / 1e9, masked_gmacs=macs["masked"] / 1e9, sparse_gmacs=macs["sparse"] / 1e9,
+                    mac_ratio=macs["sparse"] / macs["dense"], expert0_share=usage, max_abs_diff=parity,
+                ))
+                print(format_row(rows[-1]), flush=True)
+    return rows
+
+
+HEADER = ("| model | router | batch | dense ms | masked ms | sparse ms | sparse vs dense | sparse vs masked "
+          "| MACs sparse/dense | expert 0 share | max \\|sparse - masked\\| |\n|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def format_row(r: dict) -> str:
+    return (f"| moe_{r['arch']} | {r['router']} | {r['batch']} | {r['dense_ms']:.1f} | {r['masked_ms']:.1f} "
+            f"| {r['sparse_ms']:.1f} | {r['speedup_vs_dense']:.2f}x | {r['speedup_vs_masked']:.2f}x "
+            f"| {r['mac_ratio']:.3f} ({r['sparse_gmacs']:.3f} / {r['dense_gmacs']:.3f} G) | {r['expert0_share']:.2f} | {r['max_abs_diff']:.1e} |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="advmoe bench sparse", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--archs", nargs="+", default=list(ARCHS), choices=ARCHS)
+    parser.add_argument("--routers", nargs="+", default=list(ROUTERS), choices=ROUTERS)
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 64])
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--width", type=float, default=1.0, help="channel multiplier (1 = the paper's models)")
+    parser.add_argument("--router-blocks", type=int, default=3, help="blocks per stage of the shared router")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (median taken)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--json", help="also write the rows to this JSON file")
+    args = parser.parse_args(argv)
+    if any(b < 1 for b in args.batch_sizes):
+        parser.error("--batch-sizes must be positive")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"# advmoe {advmoe.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{platform.processor() or platform.machine()}, image {args.image_size}x{args.image_size}, "
+          f"width {args.width}, router blocks {args.router_blocks}, {args.rounds} rounds\n")
+    print(HEADER, flush=True)
+    rows = run(args.archs, args.routers, tuple(args.batch_sizes), args.image_size, args.width,
+               args.router_blocks, args.rounds)
+    if args.json:
+        from advmoe.io import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
