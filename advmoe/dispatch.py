@@ -24,6 +24,8 @@ def dispatch(
     experts: LongTensor [B, k] of chosen experts. weights: None for top-1 (the output is the
     chosen expert's), else [B, num_experts] gate weights for a weighted sum over the k chosen.
     """
+    if torch.compiler.is_exporting():
+        return _traceable_dispatch(x, experts, num_experts, expert_fn, weights)
     batch = x.shape[0]
     out = None
     for e in range(num_experts):
@@ -46,6 +48,24 @@ def dispatch(
         else:
             out.index_add_(0, rows, y)
     return expert_fn(x, 0) if out is None else out  # out is None only for an empty batch
+
+
+def _traceable_dispatch(x, experts, num_experts, expert_fn, weights):
+    """The same dispatch without data-dependent Python branches, for torch.export / ONNX:
+    every expert runs on its (possibly empty) group, nonzero -> index_select -> expert ->
+    index_copy, which ONNX expresses as NonZero, Gather and ScatterND."""
+    batch = x.shape[0]
+    out = None
+    for e in range(num_experts):
+        rows = (experts == e).any(1).nonzero().squeeze(1)
+        torch._check(rows.shape[0] <= batch)  # tells the tracer the group size is a batch slice
+        y = expert_fn(x.index_select(0, rows), e)
+        if weights is not None:
+            y = y * weights.index_select(0, rows)[:, e].reshape(-1, *[1] * (y.dim() - 1))
+        if out is None:
+            out = torch.zeros((batch, *y.shape[1:]), dtype=y.dtype, device=y.device)
+        out = out.index_add(0, rows, y) if weights is not None else out.index_copy(0, rows, y)
+    return out
 
 
 def memory_format(x: Tensor) -> torch.memory_format:

@@ -140,29 +140,34 @@ class MoENet(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
+        logits, self.last_routing = self.forward_with_routing(x)
+        return logits
+
+    def forward_with_routing(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Logits [B, classes] and the expert chosen per sample and MoE layer [B, n_moe_layers]
+        (best first for top-k; [B, 0] for a dense model). What export traces."""
         if x.dim() != 4 or x.shape[1] != self.cfg.in_channels:
             raise ValueError(f"expected input [B, {self.cfg.in_channels}, H, W], got {list(x.shape)}")
         x = self.normalize(x)
         if self.execution == "sparse":
-            self._prepare_sparse()
+            if not torch.compiler.is_exporting():  # export traces the weights folded before it
+                self._prepare_sparse()
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
         if not self.cfg.is_moe:
-            return self.forward_backbone(x, None)
+            return self.forward_backbone(x, None), torch.zeros((x.shape[0], 0), dtype=torch.long, device=x.device)
         n_layers = len(self.moe_layers)
         if self.router is None:  # per-layer gates: each MoE layer routes its own input
             logits = self.forward_backbone(x, None)
-            self.last_routing = torch.stack([m.last_route.top1 for m in self.moe_layers], 1)
-            return logits
+            return logits, torch.stack([m.last_route.top1 for m in self.moe_layers], 1)
         router_logits = self.router(x)
         if self.execution == "sparse" and self.cfg.top_k == 1:
             # One decision for every layer: group the batch once, run a whole sub-network per group.
             experts = router_logits.argmax(1, keepdim=True)
-            self.last_routing = experts.expand(-1, n_layers)
-            return dispatch(x, experts, self.cfg.num_experts, self.forward_backbone)
+            logits = dispatch(x, experts, self.cfg.num_experts, self.forward_backbone)
+            return logits, experts.expand(-1, n_layers)
         gate = route(router_logits, self.cfg.top_k)
-        self.last_routing = gate.top1[:, None].expand(-1, n_layers)
-        return self.forward_backbone(x, gate)
+        return self.forward_backbone(x, gate), gate.top1[:, None].expand(-1, n_layers)
 
     def _prepare_sparse(self) -> None:
         if self.training:
