@@ -40,9 +40,10 @@ def atomic_directory(path: str | os.PathLike, may_replace: Callable[[Path], bool
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
-        for file in tmp.iterdir():
-            with open(file, "rb") as f:
-                os.fsync(f.fileno())
+        for file in tmp.rglob("*"):
+            if file.is_file():
+                with open(file, "rb") as f:
+                    os.fsync(f.fileno())
         if path.exists():
             # Directories cannot be renamed over each other: move the old one aside first,
             # so `path` is always either the complete old or the complete new version.
