@@ -58,7 +58,8 @@ class _ConvUnit(nn.Module):
     def fold(self, channels_last: bool = True) -> None:
         weight, bias = fold_batchnorm(self.full_weight, self.norm)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
-        self.folded = [(w.contiguous(memory_format=fmt), bias) for w in weight.split(self.out_channels)]
+        # One tensor per expert (clones, not views of one weight), in the chosen memory format.
+        self.folded = [(w.clone(memory_format=fmt), bias) for w in weight.split(self.out_channels)]
 
     def unfold(self) -> None:
         self.folded = None
