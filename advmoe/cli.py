@@ -5,7 +5,7 @@ import argparse
 import importlib
 import sys
 
-BENCHMARKS = {"sparse": "benchmarks.bench_sparse"}
+BENCHMARKS = {"sparse": "benchmarks.bench_sparse", "export": "benchmarks.bench_export"}
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -23,6 +23,19 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from export.api import TORCHSCRIPT_NOTE, export_checkpoint
+
+    if "torchscript" in args.format:
+        print(TORCHSCRIPT_NOTE, file=sys.stderr)
+    result = export_checkpoint(args.checkpoint, args.out, args.format, force=args.force, name=args.name,
+                               opset=args.opset, max_batch_size=args.max_batch_size)
+    print(f"exported to {result.out}: {', '.join(str(f) for f in result.files)}")
+    if result.bento_tag:
+        print(f"BentoML model: {result.bento_tag}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     return importlib.import_module(BENCHMARKS[args.name]).main(args.args)
 
@@ -36,6 +49,18 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--image-size", type=int, default=32)
     models.set_defaults(func=cmd_models)
 
+    export = sub.add_parser("export", help="export a checkpoint to ONNX, torch.export, Triton and BentoML")
+    export.add_argument("checkpoint", help="checkpoint directory (config.json + model.safetensors)")
+    export.add_argument("--format", nargs="+", default=["all"],
+                        choices=["onnx", "pt2", "torchscript", "triton", "bento", "all"],
+                        help="what to write (default: all; torchscript writes model.pt2, see docs/export.md)")
+    export.add_argument("--out", required=True, help="output directory (must not exist, unless --force)")
+    export.add_argument("--force", action="store_true", help="replace an existing output directory")
+    export.add_argument("--name", default="advmoe", help="Triton and BentoML model name (default: advmoe)")
+    export.add_argument("--opset", type=int, default=18)
+    export.add_argument("--max-batch-size", type=int, default=64, help="Triton max_batch_size")
+    export.set_defaults(func=cmd_export)
+
     bench = sub.add_parser("bench", help="speed benchmarks: `advmoe bench sparse --help`")
     bench.add_argument("name", choices=sorted(BENCHMARKS))
     bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the benchmark")
@@ -47,9 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError) as e:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
         print(f"advmoe {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # e.g. an export whose parity check failed: nothing was written
+        print(f"advmoe {args.command}: failed: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,1 +1,4 @@
-"""Checkpoint to ONNX, TorchScript, Triton model repository and BentoML model store: see issue 6."""
+"""Checkpoint -> ONNX (dynamo exporter), torch.export (.pt2), a Triton model repository and the
+BentoML model store, keeping the sparse expert dispatch in the graph; parity-checked."""
+from .api import FORMATS, ExportResult, export_checkpoint
+from .parity import ParityError

@@ -3,12 +3,17 @@ from __future__ import annotations
 
 import copy
 import functools
+import os
+import tempfile
 
 import pytest
 import torch
 
 import advmoe
 from advmoe.calibrate import balance_routing, calibrate_batchnorm
+
+# The tests' BentoML model store: never the user's ~/bentoml. Set before anything imports bentoml.
+os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="advmoe-tests-bentoml-")
 
 SMALL_WIDTH = 0.25
 MOE_MODELS = advmoe.list_models(moe=True)

@@ -1,0 +1,99 @@
+"""`advmoe export`: a checkpoint to ONNX, torch.export, a Triton repository and the BentoML
+model store, each checked against eager sparse execution before anything is kept."""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+import onnxruntime
+import torch
+
+import advmoe
+from advmoe.checkpoint import CONFIG, METRICS, read_config, read_metrics
+from advmoe.io import atomic_directory
+
+from . import bento, triton
+from .graph import OPSET, eager_runner, export_onnx, export_program, onnx_runner, program_runner
+from .parity import ATOL, check_parity, parity_batches
+
+FORMATS = ("onnx", "pt2", "triton", "bento")
+ALIASES = {"all": FORMATS, "torchscript": ("pt2",)}
+TORCHSCRIPT_NOTE = ("note: TorchScript is deprecated in torch 2.14 and cannot script the data-dependent expert "
+                    "dispatch; writing model.pt2 (torch.export), which keeps it (see docs/export.md)")
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    files: list[Path]
+    parity: dict = field(default_factory=dict)
+    bento_tag: str | None = None
+
+
+def resolve_formats(formats: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    chosen = []
+    for f in formats:
+        if f not in FORMATS and f not in ALIASES:
+            raise ValueError(f"unknown export format {f!r}; choose from {', '.join(FORMATS + tuple(ALIASES))}")
+        chosen += ALIASES.get(f, (f,))
+    return tuple(f for f in FORMATS if f in chosen)
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, formats=("all",), force: bool = False,
+                      name: str = "advmoe", opset: int = OPSET, max_batch_size: int = 64, atol: float = ATOL,
+                      log=print) -> ExportResult:
+    """Export `checkpoint` into the directory `out` (refused if it exists, unless force).
+
+    out/model.onnx, out/model.pt2, out/triton/<name>/..., out/config.json, out/metrics.json and
+    out/export.json (parity report); `bento` adds `<name>:<version>` to the BentoML store.
+    The directory appears only once every parity check has passed.
+    """
+    formats = resolve_formats(formats)
+    out = Path(out)
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} exists; pass --force to replace it")
+    if "triton" in formats and not triton.NAME.match(name):
+        raise ValueError(f"--name {name!r} is not a valid Triton model name")
+    if "bento" in formats and not bento.NAME.match(name):
+        raise ValueError(f"--name {name!r} is not a valid BentoML model name (lowercase, digits, . _ -)")
+    config, metrics = read_config(checkpoint), read_metrics(checkpoint)
+    model = advmoe.load_checkpoint(checkpoint)
+    # Sparse execution is what gets exported; NCHW keeps the graph free of layout copies
+    # (onnxruntime picks its own layout).
+    advmoe.set_execution(model, "sparse", channels_last=False)
+    reference = eager_runner(model)
+    batches = parity_batches(model)
+    report = {"opset": opset, "atol": atol, "torch": torch.__version__, "onnx": onnx.__version__,
+              "onnxruntime": onnxruntime.__version__, "advmoe": advmoe.__version__, "parity": {}}
+    files, bento_tag = [], None
+
+    def export_and_check(kind: str, file: Path, export, runner) -> None:
+        start = time.perf_counter()
+        export(model, file)
+        report["parity"][kind] = check_parity(kind, reference, runner(file), batches, atol)
+        log(f"{file.name}: exported and checked in {time.perf_counter() - start:.1f}s, "
+            f"max |logits - eager| {max(report['parity'][kind].values()):.1e}")
+        files.append(out / file.name)
+
+    with atomic_directory(out, may_replace=lambda p: force) as tmp:
+        if {"onnx", "triton", "bento"} & set(formats):
+            export_and_check("onnxruntime", tmp / "model.onnx", lambda m, f: export_onnx(m, f, opset), onnx_runner)
+        if {"pt2", "bento"} & set(formats):
+            export_and_check("torch.export", tmp / "model.pt2", export_program, program_runner)
+        if "triton" in formats:
+            folder = triton.write_repository(tmp / "triton", name, tmp / "model.onnx", model, max_batch_size)
+            files.append(out / "triton" / folder.name)
+        for source in (CONFIG, METRICS):
+            if (Path(checkpoint) / source).is_file():
+                shutil.copyfile(Path(checkpoint) / source, tmp / source)
+        (tmp / "export.json").write_text(json.dumps(report, indent=2) + "\n")
+        if "bento" in formats:
+            # Last, inside the block: if the store refuses, the output directory is not created.
+            stored = [tmp / f for f in ("model.onnx", "model.pt2", CONFIG, METRICS) if (tmp / f).is_file()]
+            bento_tag = bento.save_model(name, stored, config, metrics)
+            log(f"BentoML model {bento_tag}")
+    return ExportResult(out=out, files=files, parity=report["parity"], bento_tag=bento_tag)

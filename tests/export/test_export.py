@@ -1,0 +1,143 @@
+"""Export keeps the sparse dispatch in the graph and checks parity before writing anything."""
+import json
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+import advmoe
+from advmoe.cli import main as cli
+from conftest import calibrated_model
+from export import ParityError, api, export_checkpoint
+from export.graph import onnx_runner
+
+
+def make_checkpoint(path, name="moe_resnet18", router="shared"):
+    model = calibrated_model(name, router)
+    return advmoe.save_checkpoint(model, path, metrics={"clean_accuracy": 0.25},
+                                  config={"dataset": "cifar10", "classes": [f"c{i}" for i in range(10)]})
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    checkpoint = make_checkpoint(root / "ck")
+    result = export_checkpoint(checkpoint, root / "out", ["all"], log=lambda *a: None)
+    return checkpoint, result
+
+
+def test_all_formats_are_written_with_a_parity_report(exported):
+    _, result = exported
+    out = result.out
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json", "export.json", "metrics.json", "model.onnx", "model.pt2", "triton"]
+    parity = json.loads((out / "export.json").read_text())["parity"]
+    assert set(parity) == {"onnxruntime", "torch.export"}
+    for runtime in parity.values():
+        assert len(runtime) == 4 and max(runtime.values()) <= 1e-4
+        assert any("only expert" in label for label in runtime)
+
+
+def test_onnx_graph_keeps_the_data_dependent_dispatch(exported):
+    graph = onnx.load(exported[1].out / "model.onnx")
+    onnx.checker.check_model(graph)
+    ops = {node.op_type for node in graph.graph.node}
+    assert {"ArgMax", "NonZero", "Gather", "ScatterND"} <= ops
+    assert [i.name for i in graph.graph.input] == ["input"]
+    assert [o.name for o in graph.graph.output] == ["logits", "routing"]
+    assert graph.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch axis
+    assert max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")) >= 18
+
+
+def test_exported_onnx_matches_eager_sparse_on_new_batches(exported):
+    checkpoint, result = exported
+    model = advmoe.set_execution(advmoe.load_checkpoint(checkpoint), "sparse")
+    run = onnx_runner(result.out / "model.onnx")
+    for batch in (2, 5, 33):
+        x = torch.rand(batch, 3, 32, 32)
+        logits, routing = run(x)
+        with torch.no_grad():
+            expected, expected_routing = model.forward_with_routing(x)
+        assert (routing == expected_routing.numpy()).all()
+        assert abs(logits - expected.numpy()).max() <= 1e-4
+
+
+def test_triton_config_parses_and_names_the_onnx_tensors(exported):
+    out = exported[1].out
+    config = text_format.Parse((out / "triton/advmoe/config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    graph = onnx.load(out / "triton/advmoe/1/model.onnx").graph
+    assert config.name == "advmoe" and config.backend == "onnxruntime" and config.max_batch_size == 64
+    assert [i.name for i in config.input] == [i.name for i in graph.input]
+    assert [o.name for o in config.output] == [o.name for o in graph.output]
+    assert list(config.input[0].dims) == [3, 32, 32]
+    assert list(config.output[0].dims) == [10] and list(config.output[1].dims) == [16]
+    assert config.dynamic_batching.max_queue_delay_microseconds > 0
+
+
+def test_bentoml_model_loads_back_by_tag_with_its_metadata(exported):
+    import os
+
+    import bentoml
+
+    assert os.environ["BENTOML_HOME"] in str(bentoml.models.get(exported[1].bento_tag).path)
+
+    tag = exported[1].bento_tag
+    model = bentoml.models.get(tag)
+    assert bentoml.models.get("advmoe:latest").tag == model.tag
+    assert model.info.labels["architecture"] == "moe_resnet18"
+    meta = model.info.metadata
+    assert meta["num_experts"] == 2 and meta["expert_ratio"] == 0.5 and meta["dataset"] == "cifar10"
+    assert meta["clean_accuracy"] == 0.25 and meta["macs_per_image"] > 0
+    assert {"model.onnx", "model.pt2", "config.json"} <= {p.name for p in Path(model.path).iterdir()}
+
+
+@pytest.mark.parametrize("name,router", [("moe_resnet18", "per_layer"), ("moe_vgg16", "shared")])
+def test_onnx_parity_for_per_layer_routers_and_another_architecture(tmp_path, name, router):
+    checkpoint = make_checkpoint(tmp_path / "ck", name, router)
+    result = export_checkpoint(checkpoint, tmp_path / "out", ["onnx"], log=lambda *a: None)
+    assert max(result.parity["onnxruntime"].values()) <= 1e-4
+
+
+def test_dense_twin_exports_logits_only(tmp_path):
+    checkpoint = make_checkpoint(tmp_path / "ck", "resnet18", None)
+    result = export_checkpoint(checkpoint, tmp_path / "out", ["onnx"], log=lambda *a: None)
+    assert [o.name for o in onnx.load(result.out / "model.onnx").graph.output] == ["logits"]
+
+
+def test_failed_parity_leaves_nothing_and_says_by_how_much(tmp_path, monkeypatch):
+    checkpoint = make_checkpoint(tmp_path / "ck")
+
+    def skewed(path):
+        run = onnx_runner(path)
+        return lambda x: (lambda out: (out[0] + 0.01, out[1]))(run(x))
+
+    monkeypatch.setattr(api, "onnx_runner", skewed)
+    with pytest.raises(ParityError, match=r"onnxruntime: logits differ from eager sparse by 1\.0\de-02"):
+        export_checkpoint(checkpoint, tmp_path / "out", ["onnx"], log=lambda *a: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # no output, no temporary
+
+
+def test_cli_bad_input_exits_2_with_a_clear_error(tmp_path, capsys):
+    assert cli(["export", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    assert "no such checkpoint directory" in capsys.readouterr().err
+    checkpoint = make_checkpoint(tmp_path / "ck")
+    (checkpoint / "model.safetensors").write_bytes(b"\x00" * 10)
+    assert cli(["export", str(checkpoint), "--out", str(tmp_path / "o")]) == 2
+    assert "corrupt or truncated" in capsys.readouterr().err
+    (tmp_path / "taken").mkdir()
+    assert cli(["export", str(checkpoint), "--out", str(tmp_path / "taken")]) == 2
+    assert "pass --force" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["export", str(checkpoint), "--out", str(tmp_path / "o"), "--format", "tflite"])
+    assert exit_info.value.code == 2
+    assert not (tmp_path / "o").exists()
+
+
+def test_force_replaces_an_earlier_export(tmp_path):
+    checkpoint = make_checkpoint(tmp_path / "ck")
+    export_checkpoint(checkpoint, tmp_path / "out", ["onnx"], log=lambda *a: None)
+    result = export_checkpoint(checkpoint, tmp_path / "out", ["pt2"], force=True, log=lambda *a: None)
+    assert {p.name for p in result.out.iterdir()} == {"model.pt2", "config.json", "metrics.json", "export.json"}
