@@ -24,6 +24,7 @@ import torch
 
 import advmoe
 from advmoe.calibrate import balance_routing, calibrate_batchnorm
+from advmoe.io import atomic_write_text
 from advmoe.macs import measure_macs
 
 ARCHS = ("resnet18", "wrn28_10", "vgg16", "densenet40")
@@ -100,20 +101,31 @@ def format_row(r: dict) -> str:
             f"| {r['mac_ratio']:.3f} ({r['sparse_gmacs']:.3f} / {r['dense_gmacs']:.3f} G) | {r['expert0_share']:.2f} | {r['max_abs_diff']:.1e} |")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="advmoe bench sparse", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--archs", nargs="+", default=list(ARCHS), choices=ARCHS)
+def common_parser(prog: str, doc: str, archs: list[str]) -> argparse.ArgumentParser:
+    """The options every benchmark here takes."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
+    parser.add_argument("--archs", nargs="+", default=archs, choices=ARCHS)
     parser.add_argument("--routers", nargs="+", default=list(ROUTERS), choices=ROUTERS)
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 64])
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--width", type=float, default=1.0, help="channel multiplier (1 = the paper's models)")
-    parser.add_argument("--router-blocks", type=int, default=3, help="blocks per stage of the shared router")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (median taken)")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--json", help="also write the rows to this JSON file")
+    return parser
+
+
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
-    if any(b < 1 for b in args.batch_sizes):
-        parser.error("--batch-sizes must be positive")
+    if any(b < 1 for b in args.batch_sizes) or args.rounds < 1:
+        parser.error("--batch-sizes and --rounds must be positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = common_parser("advmoe bench sparse", __doc__, list(ARCHS))
+    parser.add_argument("--router-blocks", type=int, default=3, help="blocks per stage of the shared router")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    args = parse(parser, argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"# advmoe {advmoe.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
@@ -123,8 +135,6 @@ def main(argv: list[str] | None = None) -> int:
     rows = run(args.archs, args.routers, tuple(args.batch_sizes), args.image_size, args.width,
                args.router_blocks, args.rounds)
     if args.json:
-        from advmoe.io import atomic_write_text
-
         atomic_write_text(args.json, json.dumps(rows, indent=2))
     return 0
 
