@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -28,11 +29,13 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(model: MoENet, path: str | os.PathLike, metrics: dict | None = None,
-                    config: dict | None = None) -> Path:
+                    config: dict | None = None, files: dict[str, Callable[[Path], None]] | None = None) -> Path:
     """Write `model` to the directory `path` (replacing an older checkpoint there).
 
     config: extra entries for config.json (dataset, class names, training method and
     hyper-parameters...). metrics: for metrics.json; MACs per image are added if absent.
+    files: more files written into the same atomic directory, {name: writer(path)} (e.g. the
+    training state for resuming, which loading the model never reads).
     """
     cfg = model.cfg
     input_size = [cfg.in_channels, cfg.image_size, cfg.image_size]
@@ -53,6 +56,8 @@ def save_checkpoint(model: MoENet, path: str | os.PathLike, metrics: dict | None
         save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt", "architecture": model.model_name})
         (tmp / CONFIG).write_text(json.dumps(document, indent=2) + "\n")
         (tmp / METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
+        for name, write in (files or {}).items():
+            write(tmp / name)
     return Path(path)
 
 

@@ -18,6 +18,7 @@ class Route:
 
     experts: Tensor  # LongTensor [B, k]: chosen experts, best first
     weights: Tensor  # [B, N]: gate weights, zero for unchosen experts; differentiable
+    scores: Tensor  # [B, N]: softmax of the router logits (what router losses and attacks use)
 
     @property
     def top1(self) -> Tensor:
@@ -51,4 +52,4 @@ def route(logits: Tensor, top_k: int = 1) -> Route:
         # keeps BatchNorm folding exact (see MoEConv2d).
         chosen = scores.gather(1, experts)
         weights = torch.zeros_like(scores).scatter(1, experts, chosen / chosen.sum(1, keepdim=True))
-    return Route(experts=experts, weights=weights)
+    return Route(experts=experts, weights=weights, scores=scores)

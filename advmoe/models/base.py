@@ -100,6 +100,7 @@ class MoENet(nn.Module):
         self.execution = "masked"
         self.channels_last = False
         self.last_routing: Tensor | None = None  # [B, n_moe_layers]: expert per sample and layer
+        self.last_route = None  # the shared router's last Route (masked execution)
         self._folded_key: tuple | None = None
 
     # -- building ---------------------------------------------------------------------------
@@ -165,9 +166,20 @@ class MoENet(nn.Module):
             # One decision for every layer: group the batch once, run a whole sub-network per group.
             experts = router_logits.argmax(1, keepdim=True)
             logits = dispatch(x, experts, self.cfg.num_experts, self.forward_backbone)
+            self.last_route = None
             return logits, experts.expand(-1, n_layers)
-        gate = route(router_logits, self.cfg.top_k)
+        gate = self.last_route = route(router_logits, self.cfg.top_k)
         return self.forward_backbone(x, gate), gate.top1[:, None].expand(-1, n_layers)
+
+    @property
+    def router_scores(self) -> Tensor | None:
+        """Softmax scores of the routers in the last masked forward: [B, N] for the shared
+        router, [B, n_moe_layers, N] for per-layer gates (what router losses and attacks use)."""
+        if not self.cfg.is_moe:
+            return None
+        if self.router is None:
+            return torch.stack([m.last_route.scores for m in self.moe_layers], 1)
+        return self.last_route.scores if self.last_route is not None else None
 
     def _prepare_sparse(self) -> None:
         if self.training:

@@ -1,0 +1,96 @@
+"""PGD in pixel space ([0, 1] inputs, eps in pixel units), used by training and evaluation.
+
+The attack differentiates through the model as it runs in masked execution, where the
+straight-through gate passes gradients to the router: routing does not hide the gradient.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Objective = Callable[[nn.Module, Tensor], Tensor]  # (model, x_adv) -> scalar to maximise
+NORMS = ("linf", "l2")
+
+
+def check_eps(eps: float, norm: str = "linf") -> None:
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    if norm == "linf" and not 0 < eps <= 1:
+        hint = f" (did you mean {eps:g}/255 = {eps / 255:.4f}?)" if eps > 1 else ""
+        raise ValueError(f"eps={eps:g} must be in (0, 1]: inputs are pixels in [0, 1]{hint}")
+    if norm == "l2" and eps <= 0:
+        raise ValueError(f"eps={eps:g} must be positive")
+
+
+def pgd(model: nn.Module, x: Tensor, objective: Objective, eps: float, step: float, steps: int,
+        norm: str = "linf", random_start: bool = True) -> Tensor:
+    """Projected gradient ascent on `objective` within the eps-ball around x, kept in [0, 1].
+    Only the input gets gradients; the model's parameter gradients are left untouched."""
+    check_eps(eps, norm)
+    x = x.detach()
+    delta = torch.zeros_like(x)
+    if random_start:
+        if norm == "linf":
+            delta.uniform_(-eps, eps)
+        else:
+            delta = _project_l2(torch.randn_like(x), eps * torch.rand(x.shape[0], device=x.device))
+    x_adv = (x + delta).clamp(0, 1)
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        grad, = torch.autograd.grad(objective(model, x_adv), x_adv)
+        with torch.no_grad():
+            if norm == "linf":
+                x_adv = x_adv + step * grad.sign()
+                x_adv = torch.min(torch.max(x_adv, x - eps), x + eps)
+            else:
+                x_adv = x + _project_l2(x_adv - x + step * _unit_l2(grad), torch.full_like(x[:, 0, 0, 0], eps))
+            x_adv = x_adv.clamp(0, 1)
+    return x_adv.detach()
+
+
+def _unit_l2(g: Tensor) -> Tensor:
+    return g / g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+
+
+def _project_l2(delta: Tensor, radius: Tensor) -> Tensor:
+    norms = delta.flatten(1).norm(dim=1).clamp_min(1e-12)
+    return delta * (radius / norms).clamp(max=1.0).view(-1, 1, 1, 1)
+
+
+# -- objectives -------------------------------------------------------------------------------
+def cross_entropy(y: Tensor) -> Objective:
+    """Madry's PGD: maximise the classification loss."""
+    return lambda model, x_adv: F.cross_entropy(model(x_adv), y)
+
+
+def kl(p_clean: Tensor, router_clean: Tensor | None = None) -> Objective:
+    """TRADES: maximise KL(f(x) || f(x')); with `router_clean`, also the router's KL
+    (AdvMoE: the perturbation that moves outputs and routing most)."""
+
+    def objective(model, x_adv):
+        loss = kl_div(model(x_adv), p_clean)
+        if router_clean is not None:
+            loss = loss + router_kl(model.router_scores, router_clean)
+        return loss
+
+    return objective
+
+
+def kl_div(logits_adv: Tensor, p_clean: Tensor) -> Tensor:
+    """KL(p_clean || softmax(logits_adv)), summed over classes, averaged over the batch."""
+    return F.kl_div(F.log_softmax(logits_adv, dim=1), p_clean, reduction="batchmean")
+
+
+def router_kl(scores_adv: Tensor, scores_clean: Tensor) -> Tensor:
+    """KL between router score distributions ([B, N] or [B, layers, N]), averaged per decision."""
+    n = scores_adv.shape[-1]
+    adv, clean = scores_adv.reshape(-1, n), scores_clean.reshape(-1, n)
+    return F.kl_div(adv.clamp_min(1e-12).log(), clean, reduction="batchmean")
+
+
+@torch.no_grad()
+def accuracy(logits: Tensor, y: Tensor) -> float:
+    return (logits.argmax(1) == y).float().mean().item()
