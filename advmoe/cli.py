@@ -5,7 +5,8 @@ import argparse
 import importlib
 import sys
 
-BENCHMARKS = {"sparse": "benchmarks.bench_sparse", "export": "benchmarks.bench_export"}
+BENCHMARKS = {"sparse": "benchmarks.bench_sparse", "export": "benchmarks.bench_export",
+              "methods": "benchmarks.bench_methods"}
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -48,6 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("pattern", nargs="?", default="*", help="glob on model names, e.g. 'moe_*'")
     models.add_argument("--image-size", type=int, default=32)
     models.set_defaults(func=cmd_models)
+
+    from training import cli as training_cli
+
+    train = sub.add_parser("train", help="train a model (AdvMoE and its baselines); see --preset")
+    training_cli.add_arguments(train)
+    train.set_defaults(func=training_cli.run)
 
     export = sub.add_parser("export", help="export a checkpoint to ONNX, torch.export, Triton and BentoML")
     export.add_argument("checkpoint", help="checkpoint directory (config.json + model.safetensors)")

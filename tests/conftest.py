@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import copy
 import functools
+import gzip
+import struct
 import os
 import tempfile
 
+import numpy as np
 import pytest
 import torch
 
@@ -58,3 +61,27 @@ def calibrated_model(name: str, router: str | None = None, top_k: int = 1, image
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# -- tiny Fashion-MNIST-shaped data as idx files: training tests need no download nor the Debian
+# package. 10 classes, each a fixed random pattern plus noise, so there is something to learn.
+def write_idx(path, array: np.ndarray) -> None:
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + b"".join(struct.pack(">I", d) for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def make_fashion_like(folder, n_train=600, n_test=100, seed=0):
+    rng = np.random.default_rng(seed)
+    patterns = rng.integers(0, 256, size=(10, 28, 28))
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.integers(0, 10, size=n)
+        images = np.clip(patterns[labels] * 0.7 + rng.integers(0, 77, size=(n, 28, 28)), 0, 255)
+        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def fashion_dir(tmp_path_factory):
+    return make_fashion_like(tmp_path_factory.mktemp("fashion"))

@@ -1,0 +1,125 @@
+"""The run directory a user can trust: logs, plots, checkpoints, resume, and clear refusals."""
+import json
+import re
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import advmoe
+from advmoe.cli import main as cli
+from conftest import make_fashion_like
+from training import trainer
+from training.config import ConfigError, resolve
+
+SMALL = dict(dataset="fashion_mnist", model="moe_resnet18", width=0.125, router_blocks=1, router_width=8,
+             eps=0.1, attack_step=0.05, eval_step=0.05, eval_steps=2, val_size=100, train_examples=192,
+             val_examples=48, batch_size=32, epochs=2, lr=0.05)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_fashion_like(tmp_path_factory.mktemp("fashion"))
+
+
+def config(data, **changes):
+    return resolve(data_dir=str(data), **{**SMALL, **changes})
+
+
+def run(cfg, out, **kwargs):
+    return trainer.train(cfg, out, log=lambda *a: None, test_examples=32, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def finished(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "advmoe"
+    return run(config(data), out)
+
+
+def test_run_directory_holds_checkpoints_logs_and_plots(finished):
+    out = finished.out
+    assert {p.name for p in out.iterdir()} >= {"config.json", "last", "best", "metrics.jsonl", "metrics.csv", "plots"}
+    assert {p.name for p in (out / "plots").iterdir()} == {"loss.png", "accuracy.png", "experts.png"}
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert {"train_loss", "train_router_loss", "val_clean_accuracy", "val_pgd_accuracy", "val_expert_share",
+            "epoch_seconds", "attack_steps_per_batch"} <= set(rows[0])
+    assert (out / "metrics.csv").read_text().splitlines()[0].startswith("epoch,")
+    metrics = json.loads((out / "best" / "metrics.json").read_text())
+    assert {"clean_accuracy", "pgd_accuracy", "macs_per_image", "test_expert_share"} <= set(metrics)
+    config = json.loads((out / "best" / "config.json").read_text())
+    assert config["training"]["method"] == "advmoe" and config["dataset"] == "fashion_mnist"
+    assert advmoe.load_checkpoint(out / "best").cfg.in_channels == 1
+
+
+def test_best_is_selected_on_validation(finished):
+    rows = finished.history
+    best_epoch = json.loads((finished.best / "metrics.json").read_text())["epoch"]
+    assert rows[best_epoch - 1]["val_pgd_accuracy"] == max(r["val_pgd_accuracy"] for r in rows)
+
+
+def test_resume_after_an_interruption_equals_the_uninterrupted_run(data, finished, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    evaluate = trainer.evaluate
+
+    def dies_in_epoch_two(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # killed after epoch 2's steps, before its checkpoint
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "evaluate", dies_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        run(config(data), tmp_path / "run")
+    monkeypatch.setattr(trainer, "evaluate", evaluate)
+    assert json.loads((tmp_path / "run/last/metrics.json").read_text())["epoch"] == 1
+    resumed = run(config(data), tmp_path / "run", resume=True)
+    expected = load_file(finished.out / "last" / "model.safetensors")
+    got = load_file(tmp_path / "run" / "last" / "model.safetensors")
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    timing = {"epoch_seconds", "samples_per_second"}
+    def untimed(history):
+        return [{k: v for k, v in row.items() if k not in timing} for row in history]
+    assert untimed(resumed.history) == untimed(finished.history)
+
+
+def test_resume_refuses_another_config_and_touches_nothing(data, finished, capsys):
+    before = {p: p.read_bytes() for p in finished.out.rglob("*") if p.is_file()}
+    code = cli(["train", "--preset", "fmnist-tiny", "--data-dir", str(data), "--out", str(finished.out), "--resume"])
+    assert code == 2
+    assert "belongs to another config" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in finished.out.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--method", "fgsm-at"], "unknown method 'fgsm-at'"),
+    (["--model", "resnet50"], "unknown model 'resnet50'"),
+    (["--eps", "8"], r"eps=8 must be in \(0, 1\].*8/255"),
+    (["--method", "advmoe", "--model", "resnet18"], "use a moe_\\* model"),
+])
+def test_bad_settings_are_one_line_errors_with_exit_code_2(tmp_path, capsys, args, message):
+    assert cli(["train", "--preset", "fmnist-tiny", "--out", str(tmp_path / "run"), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(message, err), err
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_data_and_a_used_run_directory_are_refused(tmp_path, finished, capsys):
+    assert cli(["train", "--preset", "fmnist-tiny", "--data-dir", str(tmp_path), "--out", str(tmp_path / "run")]) == 2
+    assert "fashion_mnist: expected" in capsys.readouterr().err
+    assert cli(["train", "--preset", "fmnist-tiny", "--out", str(finished.out)]) == 2
+    assert "pass --resume" in capsys.readouterr().err
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch):
+    steps = []
+
+    def standard_then_nan(s, x, y):  # 6 steps per epoch: the 7th is the first of epoch 2
+        steps.append(1)
+        loss = s.clean_loss(x, y)
+        return {"loss": s.update("all", loss * float("nan") if len(steps) > 6 else loss)}
+
+    monkeypatch.setitem(trainer.METHODS, "standard", standard_then_nan)
+    with pytest.raises(trainer.TrainingDiverged, match=r"loss is nan at epoch 2.*last good checkpoint is .*last \(epoch 1\)"):
+        run(config(data, method="standard"), tmp_path / "run")
+    assert json.loads((tmp_path / "run/last/metrics.json").read_text())["epoch"] == 1

@@ -1,0 +1,156 @@
+"""One optimisation step per method, on one code path (ADVMOE.md).
+
+Each method takes the `Step` context (model, attack settings, optimisers) and a batch, and
+returns the losses it optimised. Parameter groups: "all" (one optimiser), or "experts" and
+"router" (AdvMoE's two optimisers, also used by router-only).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from advmoe.attacks import cross_entropy, kl, kl_div, pgd, router_kl
+
+from .config import TrainConfig
+
+GROUPS = {"standard": ("all",), "pgd-at": ("all",), "trades": ("all",), "moe-at": ("all",),
+          "router-only": ("experts", "router"), "advmoe": ("experts", "router")}
+
+
+class Diverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class Step:
+    model: nn.Module  # the model itself: attacks and router scores
+    cfg: TrainConfig
+    optimizers: dict[str, torch.optim.Optimizer]
+    forward: nn.Module | None = None  # what the losses run through (a DDP wrapper, or the model)
+    autocast: Callable = field(default=lambda: torch.autocast("cpu", enabled=False))
+    scaler: torch.amp.GradScaler | None = None
+
+    def __post_init__(self):
+        self.forward = self.forward or self.model
+
+    def attack(self, x: Tensor, objective) -> Tensor:
+        """Adversarial examples of the current model, crafted in eval mode (BatchNorm running
+        statistics, as TRADES does), through the straight-through router."""
+        self.model.eval()
+        x_adv = pgd(self.model, x, objective, self.cfg.eps, self.cfg.attack_step, self.cfg.attack_steps)
+        self.model.train()
+        return x_adv
+
+    def update(self, group: str, loss: Tensor) -> float:
+        if not torch.isfinite(loss):
+            raise Diverged(f"the {group} loss is {loss.item()}")
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizers[group])
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizers[group].step()
+        return loss.item()
+
+    # -- losses ------------------------------------------------------------------------------
+    def clean_loss(self, x: Tensor, y: Tensor) -> Tensor:
+        with self.autocast():
+            return F.cross_entropy(self.forward(x), y) + self.balance_loss()
+
+    def trades_loss(self, x: Tensor, x_adv: Tensor, y: Tensor) -> Tensor:
+        """CE(f(x), y) + beta * KL(f(x) || f(x'))."""
+        with self.autocast():
+            logits = self.forward(x)
+            balance = self.balance_loss()
+            return F.cross_entropy(logits, y) + self.cfg.beta * kl_div(self.forward(x_adv), F.softmax(logits, 1)) + balance
+
+    def balance_loss(self) -> Tensor:
+        """Switch-Transformer load balancing on the scores of the last forward: N * sum_e
+        (share of samples routed to e) * (mean score of e); 1 when balanced."""
+        scores = self.model.router_scores if self.cfg.balance_weight else None
+        if scores is None:
+            return torch.zeros(())
+        n = scores.shape[-1]
+        flat = scores.reshape(-1, n)
+        share = F.one_hot(flat.argmax(1), n).float().mean(0)
+        return self.cfg.balance_weight * n * (share * flat.mean(0)).sum()
+
+    def clean_targets(self, x: Tensor, with_router: bool) -> tuple[Tensor, Tensor | None]:
+        """Softmax outputs (and router scores) on clean inputs: the attack's KL anchors."""
+        self.model.eval()
+        with torch.no_grad():
+            p = F.softmax(self.model(x), 1)
+            router = self.model.router_scores if with_router else None
+        self.model.train()
+        return p, router
+
+
+def standard(s: Step, x: Tensor, y: Tensor) -> dict:
+    return {"loss": s.update("all", s.clean_loss(x, y))}
+
+
+def pgd_at(s: Step, x: Tensor, y: Tensor) -> dict:
+    x_adv = s.attack(x, cross_entropy(y))
+    return {"loss": s.update("all", s.clean_loss(x_adv, y))}
+
+
+def trades(s: Step, x: Tensor, y: Tensor) -> dict:
+    """TRADES; for a MoE model trained jointly with one optimiser this is MoE-AT."""
+    p, _ = s.clean_targets(x, with_router=False)
+    x_adv = s.attack(x, kl(p))
+    return {"loss": s.update("all", s.trades_loss(x, x_adv, y))}
+
+
+def router_only(s: Step, x: Tensor, y: Tensor) -> dict:
+    """Robust router, standard experts: experts on clean data, router against PGD."""
+    expert_loss = s.update("experts", s.clean_loss(x, y))
+    p, r = s.clean_targets(x, with_router=True)
+    x_adv = s.attack(x, kl(p, r))
+    return {"loss": expert_loss, "router_loss": s.update("router", s.trades_loss(x, x_adv, y))}
+
+
+def advmoe(s: Step, x: Tensor, y: Tensor) -> dict:
+    """Router-expert alternating adversarial training: an expert step, then a router step,
+    each against adversarial examples of the current model (outputs and routing)."""
+    p, r = s.clean_targets(x, with_router=True)
+    x_adv = s.attack(x, kl(p, r))
+    expert_loss = s.update("experts", s.trades_loss(x, x_adv, y))
+    if s.cfg.recraft:  # the reference re-crafts against the updated experts
+        p, r = s.clean_targets(x, with_router=True)
+        x_adv = s.attack(x, kl(p, r))
+    if s.cfg.router_loss == "model":
+        router_loss = s.trades_loss(x, x_adv, y)  # reaches the router through the straight-through gate
+    else:
+        router_loss = reference_router_loss(s, x, x_adv, y)
+    return {"loss": expert_loss, "router_loss": s.update("router", router_loss)}
+
+
+def reference_router_loss(s: Step, x: Tensor, x_adv: Tensor, y: Tensor) -> Tensor:
+    """The reference code's: alpha * CE(router(x), y mod N) + beta * KL(router(x') || router(x))."""
+    with s.autocast():
+        logits = s.forward(x)
+        clean = s.model.router_scores
+        balance = s.balance_loss()
+        logits_adv = s.forward(x_adv)
+        adv = s.model.router_scores
+    # The loss does not use the logits; a zero term on them gives every parameter a (zero)
+    # gradient, which DistributedDataParallel expects after a forward through it.
+    balance = balance + 0.0 * (logits.sum() + logits_adv.sum())
+    n = clean.shape[-1]
+    flat = clean.reshape(len(y), -1, n)  # [B, decisions, N]
+    target = (y % n)[:, None].expand(-1, flat.shape[1]).reshape(-1)
+    ce = F.nll_loss(flat.reshape(-1, n).clamp_min(1e-12).log(), target)
+    return s.cfg.alpha * ce + s.cfg.beta * router_kl(adv, clean) + balance
+
+
+METHODS: dict[str, Callable[[Step, Tensor, Tensor], dict]] = {
+    "standard": standard, "pgd-at": pgd_at, "trades": trades, "moe-at": trades,
+    "router-only": router_only, "advmoe": advmoe,
+}

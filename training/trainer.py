@@ -1,0 +1,252 @@
+"""The training loop: one code path for every method, a run directory a user can trust.
+
+Run directory: config.json (the resolved config), last/ and best/ (checkpoints; last/ also holds
+training_state.pt for --resume), metrics.jsonl and metrics.csv (one row per epoch), plots/.
+The best checkpoint is selected on validation PGD accuracy, never on the test set; the test
+set is evaluated once, for the best checkpoint, at the end.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import functools
+import io
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subset
+from tqdm import tqdm
+
+import advmoe
+from advmoe.checkpoint import read_metrics
+from advmoe.io import atomic_write_text
+
+from . import plots
+from .config import ConfigError, TrainConfig
+from .methods import GROUPS, METHODS, Diverged, Step
+from .validate import evaluate
+
+STATE = "training_state.pt"
+COLLAPSE_SHARE = 0.9
+
+
+class TrainingDiverged(RuntimeError):
+    """Training stopped on a NaN or infinite loss; the last good checkpoint is kept."""
+
+
+@dataclass
+class RunResult:
+    out: Path
+    best: Path
+    history: list[dict]
+    test: dict
+    model: torch.nn.Module  # this process's model after the last epoch
+
+
+def train(cfg: TrainConfig, out: str | Path, resume: bool = False, log=functools.partial(print, flush=True), max_steps: int | None = None,
+          test_examples: int = 2000) -> RunResult:
+    """Train `cfg` into the run directory `out` (new, or an interrupted run of the same config
+    with resume=True). max_steps caps the steps per epoch (tests)."""
+    cfg.validate()
+    out = Path(out)
+    rank, world = _distributed_setup(cfg)
+    device = torch.device(cfg.device if cfg.device != "cuda" else f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+    if rank == 0:
+        _check_run_dir(cfg, out, resume)
+    info = advmoe.get_dataset_info(cfg.dataset)
+    train_set = advmoe.load_dataset(cfg.dataset, "train", cfg.data_dir, cfg.val_size, cfg.seed)
+    if cfg.train_examples:
+        train_set = Subset(train_set, range(min(cfg.train_examples, len(train_set))))
+    val_set = advmoe.load_dataset(cfg.dataset, "val", cfg.data_dir, cfg.val_size, cfg.seed)
+    val_set = Subset(val_set, range(min(cfg.val_examples, len(val_set))))
+
+    torch.manual_seed(cfg.seed)
+    model = advmoe.create_model(cfg.model, **cfg.model_kwargs(info)).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    forward = model
+    if world > 1:
+        forward = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        forward = torch.compile(forward)
+    optimizers = _optimizers(cfg, model)
+    steps_per_epoch = math.ceil(len(train_set) / world / cfg.batch_size)
+    if max_steps:
+        steps_per_epoch = min(steps_per_epoch, max_steps)
+    total = cfg.epochs * steps_per_epoch
+    schedulers = {g: torch.optim.lr_scheduler.LambdaLR(o, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, total) / total)))
+                  for g, o in optimizers.items()}
+    step = Step(model, cfg, optimizers, forward, _autocast(cfg, device), _scaler(cfg))
+
+    start_epoch, best_score, history = 0, -1.0, []
+    if resume and (out / "last" / STATE).is_file():
+        start_epoch, best_score, history = _restore(out, model, optimizers, schedulers)
+        log(f"resuming {out} after epoch {start_epoch}")
+    elif rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+    if world > 1:
+        dist.barrier()  # the other ranks start once rank 0 has checked and made the run directory
+
+    checkpoint_config = {"dataset": cfg.dataset, "classes": list(info.classes), "training": cfg.to_dict()}
+    quiet = rank != 0 or bool(os.environ.get("CI")) or not sys.stderr.isatty()
+    for epoch in range(start_epoch, cfg.epochs):
+        # Each epoch seeds its own data order and attack noise: a resumed run repeats exactly
+        # what the uninterrupted run would have done.
+        torch.manual_seed(cfg.seed * 10_007 + epoch)
+        loader = _loader(train_set, cfg, epoch, world)
+        model.train()
+        started, seen, sums = time.perf_counter(), 0, {}
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=quiet, unit="batch")
+        for i, (x, y) in enumerate(loader):
+            if i == steps_per_epoch:
+                break
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            try:
+                stats = METHODS[cfg.method](step, x, y)
+            except Diverged as e:
+                last = f"{out / 'last'} (epoch {epoch})" if epoch else "none (it diverged in the first epoch)"
+                raise TrainingDiverged(f"{e} at epoch {epoch + 1}, step {i + 1}: training stopped; "
+                                       f"the last good checkpoint is {last}. Lower --lr or check the data.") from None
+            for scheduler in schedulers.values():
+                scheduler.step()
+            seen += len(y)
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + v * len(y)
+            bar.set_postfix({k: f"{v / seen:.3f}" for k, v in sums.items()} | {"samples/s": f"{seen / (time.perf_counter() - started):.0f}"})
+            bar.update()
+        bar.close()
+        seconds = time.perf_counter() - started
+        val = evaluate(model, val_set, cfg, device)
+        row = {"epoch": epoch + 1, "lr": schedulers[GROUPS[cfg.method][0]].get_last_lr()[0],
+               **{f"train_{k}": v / max(seen, 1) for k, v in sums.items()},
+               **{f"val_{k}": v for k, v in val.items() if k not in ("pgd", "examples")},
+               "epoch_seconds": seconds, "samples_per_second": seen / seconds,
+               "attack_steps_per_batch": _attack_steps(cfg)}
+        history.append(row)
+        shares = val.get("expert_share")
+        if shares and max(shares) > COLLAPSE_SHARE:
+            log(f"warning: expert collapse: expert {shares.index(max(shares))} takes {max(shares):.0%} of the "
+                f"validation routes (try --balance-weight 0.01)")
+        improved = val["pgd_accuracy"] > best_score
+        best_score = max(best_score, val["pgd_accuracy"])
+        log(f"epoch {epoch + 1}/{cfg.epochs}: loss {row.get('train_loss', float('nan')):.4f}, "
+            f"val clean {val['clean_accuracy']:.4f}, val PGD-{cfg.eval_steps} {val['pgd_accuracy']:.4f}"
+            f"{', experts ' + '/'.join(f'{s:.2f}' for s in shares) if shares else ''}, "
+            f"{seconds:.0f}s ({seen / seconds:.0f} samples/s){' *best*' if improved else ''}")
+        if rank == 0:
+            metrics = {**{f"val_{k}": v for k, v in val.items()}, "epoch": epoch + 1}
+            if improved:
+                advmoe.save_checkpoint(model, out / "best", metrics=metrics, config=checkpoint_config)
+            state = {"epoch": epoch + 1, "best_score": best_score, "history": json.dumps(history),
+                     "optimizers": {g: o.state_dict() for g, o in optimizers.items()},
+                     "schedulers": {g: s.state_dict() for g, s in schedulers.items()}}
+            advmoe.save_checkpoint(model, out / "last", metrics=metrics, config=checkpoint_config,
+                                   files={STATE: lambda path: torch.save(state, path)})
+            _write_logs(out, history)
+    test = {}
+    if rank == 0:
+        test = _final_test(cfg, out, device, test_examples, checkpoint_config, log)
+    if world > 1:
+        dist.barrier()
+    return RunResult(out=out, best=out / "best", history=history, test=test, model=model)
+
+
+def _final_test(cfg: TrainConfig, out: Path, device, n: int, checkpoint_config: dict, log) -> dict:
+    """Evaluate the best checkpoint once on the test set; its metrics.json gets the numbers."""
+    best = advmoe.load_checkpoint(out / "best", map_location=device)
+    test_set = advmoe.load_dataset(cfg.dataset, "test", cfg.data_dir)
+    test = evaluate(best, Subset(test_set, range(min(n, len(test_set)))), cfg, device, seed=cfg.seed)
+    metrics = {**read_metrics(out / "best"), **{f"test_{k}": v for k, v in test.items()},
+               "clean_accuracy": test["clean_accuracy"], "pgd_accuracy": test["pgd_accuracy"]}
+    advmoe.save_checkpoint(best, out / "best", metrics=metrics, config=checkpoint_config)
+    log(f"best checkpoint {out / 'best'} (epoch {metrics['epoch']}): test clean {test['clean_accuracy']:.4f}, "
+        f"test PGD-{cfg.eval_steps} {test['pgd_accuracy']:.4f} on {test['examples']} examples, "
+        f"{metrics['macs_per_image'] / 1e6:.1f} MMACs per image")
+    return test
+
+
+def _check_run_dir(cfg: TrainConfig, out: Path, resume: bool) -> None:
+    if resume:
+        saved = out / "config.json"
+        if not saved.is_file():
+            raise ConfigError(f"--resume: {out} holds no run (no config.json); drop --resume to start one")
+        previous = json.loads(saved.read_text())
+        changed = {k: (previous.get(k), v) for k, v in cfg.to_dict().items() if previous.get(k) != v}
+        if changed:
+            diff = ", ".join(f"{k}: {a!r} in the run, {b!r} now" for k, (a, b) in sorted(changed.items()))
+            raise ConfigError(f"--resume: {out} belongs to another config ({diff})")
+    elif out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty; pass --resume to continue it or choose another --out")
+
+
+def _restore(out: Path, model, optimizers, schedulers) -> tuple[int, float, list]:
+    saved = advmoe.load_checkpoint(out / "last")
+    model.load_state_dict(saved.state_dict())
+    state = torch.load(out / "last" / STATE, weights_only=True)
+    for g, o in optimizers.items():
+        o.load_state_dict(state["optimizers"][g])
+        schedulers[g].load_state_dict(state["schedulers"][g])
+    return state["epoch"], state["best_score"], json.loads(state["history"])
+
+
+def _optimizers(cfg: TrainConfig, model) -> dict[str, torch.optim.Optimizer]:
+    def sgd(params, lr):
+        return torch.optim.SGD(list(params), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+    if GROUPS[cfg.method] == ("all",):
+        return {"all": sgd(model.parameters(), cfg.lr)}
+    return {"experts": sgd(model.expert_parameters(), cfg.lr), "router": sgd(model.router_parameters(), cfg.router_lr or cfg.lr)}
+
+
+def _loader(dataset, cfg: TrainConfig, epoch: int, world: int) -> DataLoader:
+    if world > 1:
+        sampler = DistributedSampler(dataset, shuffle=True, seed=cfg.seed)
+        sampler.set_epoch(epoch)
+    else:
+        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(cfg.seed * 10_007 + epoch))
+    return DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
+                      pin_memory=cfg.device == "cuda", drop_last=False)
+
+
+def _attack_steps(cfg: TrainConfig) -> int:
+    """PGD steps per training batch: AdvMoE crafts twice (unless --no-recraft)."""
+    return {"standard": 0, "advmoe": cfg.attack_steps * (2 if cfg.recraft else 1)}.get(cfg.method, cfg.attack_steps)
+
+
+def _autocast(cfg: TrainConfig, device: torch.device):
+    if cfg.amp == "none":
+        return contextlib.nullcontext
+    dtype = torch.bfloat16 if cfg.amp == "bf16" else torch.float16
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+def _scaler(cfg: TrainConfig):
+    return torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
+
+
+def _distributed_setup(cfg: TrainConfig) -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cfg.device == "cuda" else "gloo")
+    return (dist.get_rank() if world > 1 else 0), world
+
+
+def _write_logs(out: Path, history: list[dict]) -> None:
+    atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in history))
+    columns = list(dict.fromkeys(k for row in history for k in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows({k: json.dumps(v) if isinstance(v, list) else v for k, v in row.items()} for row in history)
+    atomic_write_text(out / "metrics.csv", buffer.getvalue())
+    plots.write(out / "plots", history)
