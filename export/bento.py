@@ -30,7 +30,8 @@ def describe(config: dict, metrics: dict) -> tuple[dict, dict]:
         "num_classes": config["num_classes"],
         "input_size": config["input_size"],
         "clean_accuracy": metrics.get("clean_accuracy"),
-        "robust_accuracy": metrics.get("robust_accuracy"),
+        "pgd_accuracy": metrics.get("pgd_accuracy"),  # PGD through the straight-through router
+        "robust_accuracy": metrics.get("robust_accuracy"),  # worst case over `advmoe eval`'s attacks
         "macs_per_image": metrics.get("macs_per_image"),
         "advmoe_version": config.get("advmoe_version"),
     }

@@ -1,0 +1,86 @@
+"""Wall-clock of one training step of each method, side by side, on the fmnist-tiny setting.
+
+    python -m benchmarks.bench_methods            # or: advmoe bench methods
+
+Every method trains its own copy of the same model on the same batches; the steps are timed in
+interleaved rounds (median), so machine noise hits all methods alike. Printed: ms per batch,
+PGD steps per batch, the cost relative to MoE-AT, and the projected seconds per epoch of the
+preset. AdvMoE with --no-recraft reuses the expert step's adversarial examples for the router
+step (one attack per batch instead of two).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+
+import advmoe
+from training.config import resolve
+from training.methods import GROUPS, METHODS, Step
+from training.trainer import _attack_steps, _optimizers
+
+
+VARIANTS = [("standard", {}), ("pgd-at", {}), ("trades", {}), ("moe-at", {}), ("router-only", {}),
+            ("advmoe", {}), ("advmoe", {"recraft": False})]
+
+
+def run(preset: str = "fmnist-tiny", batch_size: int | None = None, rounds: int = 5):
+    base = resolve(preset)
+    batch_size = batch_size or base.batch_size
+    info = advmoe.get_dataset_info(base.dataset)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(batch_size, info.in_channels, info.image_size, info.image_size, generator=g)
+    y = torch.randint(0, info.num_classes, (batch_size,), generator=g)
+    steps = {}
+    for method, changes in VARIANTS:
+        cfg = resolve(preset, method=method, **changes)
+        torch.manual_seed(0)
+        model = advmoe.create_model(cfg.model, **cfg.model_kwargs(info)).train()
+        steps[_label(method, changes)] = (Step(model, cfg, _optimizers(cfg, model)), cfg)
+    samples = {label: [] for label in steps}
+    for label, (step, cfg) in steps.items():
+        METHODS[cfg.method](step, x, y)  # warm-up
+    for _ in range(rounds):
+        for label, (step, cfg) in steps.items():
+            start = time.perf_counter()
+            METHODS[cfg.method](step, x, y)
+            samples[label].append((time.perf_counter() - start) * 1e3)
+    ms = {label: statistics.median(s) for label, s in samples.items()}
+    batches = -(-(base.train_examples or 50_000) // batch_size)
+    rows = []
+    for label, (step, cfg) in steps.items():
+        rows.append(dict(method=label, ms_per_batch=ms[label], attack_steps=_attack_steps(cfg),
+                         optimisers=len(GROUPS[cfg.method]), relative_to_moe_at=ms[label] / ms["moe-at"],
+                         projected_epoch_seconds=ms[label] * batches / 1e3))
+    return rows, base, batch_size, batches
+
+
+def _label(method: str, changes: dict) -> str:
+    return method + ("".join(f" --no-{k}" for k, v in changes.items() if v is False))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="advmoe bench methods", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="fmnist-tiny")
+    parser.add_argument("--batch-size", type=int, help="default: the preset's")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (median taken)")
+    args = parser.parse_args(argv)
+    if args.rounds < 1 or (args.batch_size is not None and args.batch_size < 1):
+        parser.error("--rounds and --batch-size must be positive")
+    rows, cfg, batch_size, batches = run(args.preset, args.batch_size, args.rounds)
+    print(f"# advmoe {advmoe.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads; preset "
+          f"{args.preset}: {cfg.model} width {cfg.width}, {cfg.dataset}, batch {batch_size}, {batches} batches per "
+          f"epoch, PGD-{cfg.attack_steps} for training; {args.rounds} rounds\n")
+    print("| method | ms per batch | PGD steps per batch | optimisers | relative to MoE-AT | projected s per epoch |\n"
+          "|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['method']} | {r['ms_per_batch']:.0f} | {r['attack_steps']} | {r['optimisers']} "
+              f"| {r['relative_to_moe_at']:.2f}x | {r['projected_epoch_seconds']:.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
