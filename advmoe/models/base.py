@@ -101,7 +101,8 @@ class MoENet(nn.Module):
         self.channels_last = False
         self.last_routing: Tensor | None = None  # [B, n_moe_layers]: expert per sample and layer
         self.last_route = None  # the shared router's last Route (masked execution)
-        self._folded_key: tuple | None = None
+        self._folded_key: list | None = None  # versions of the weights the folded copies come from
+        self._fold_sources: list[Tensor] = []
 
     # -- building ---------------------------------------------------------------------------
     def conv(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1, norm: bool = True):
