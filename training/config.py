@@ -37,7 +37,7 @@ class TrainConfig:
     top_k: int = 1
     # method (ADVMOE.md; reference hyper-parameters as defaults)
     method: str = "advmoe"
-    router_loss: str = "reference"  # "model" collapsed to one expert on fmnist-tiny (see README)
+    router_loss: str = "reference"  # "model" collapsed to one expert on fmnist-tiny (reports/fmnist_methods.md)
     beta: float = 6.0  # weight of the KL (TRADES) term
     alpha: float = 6.0  # weight of the reference router loss's CE(router(x), y mod N)
     balance_weight: float = 0.0  # optional load-balancing term on the router scores

@@ -1,4 +1,4 @@
-"""Dense PGD-AT vs MoE-AT vs AdvMoE at equal budget, over seeds: the results table in reports/.
+"""Dense PGD-AT vs MoE-AT vs AdvMoE (both router losses) at equal budget, over seeds: reports/.
 
     python -m training.report --preset fmnist-tiny --seeds 0 1 2 --out reports/fmnist_methods.md
 
@@ -23,18 +23,26 @@ from advmoe.io import atomic_write_text
 from .config import resolve
 from .trainer import train
 
-CONTENDERS = (("dense PGD-AT", "pgd-at", True), ("MoE-AT", "moe-at", False), ("AdvMoE", "advmoe", False))
+# (label, method, dense twin?, extra settings, run directory prefix)
+CONTENDERS = (
+    ("dense PGD-AT", "pgd-at", True, {}, "pgd-at"),
+    ("MoE-AT", "moe-at", False, {}, "moe-at"),
+    ("AdvMoE", "advmoe", False, {"router_loss": "reference"}, "advmoe"),
+    ("AdvMoE, router loss model", "advmoe", False, {"router_loss": "model"}, "advmoe-model"),
+)
 
 
 def run_all(preset: str, seeds: list[int], runs: Path, overrides: dict, log=print) -> dict[str, list[dict]]:
     results = {}
-    for label, method, dense in CONTENDERS:
+    for label, method, dense, extra, prefix in CONTENDERS:
         base = resolve(preset, **overrides)
         model = advmoe.dense_twin(base.model) if dense else base.model
         results[label] = []
         for seed in seeds:
-            cfg = resolve(preset, **{**overrides, "method": method, "model": model, "seed": seed})
-            out = runs / f"{method}-seed{seed}"
+            cfg = resolve(preset, **{**overrides, **extra, "method": method, "model": model, "seed": seed})
+            out = runs / f"{prefix}-seed{seed}"
+            if (out / "config.json").is_file() and json.loads((out / "config.json").read_text()) != cfg.to_dict():
+                raise ValueError(f"{out} holds a run of another config; remove it or choose another --runs")
             if not (out / "best" / "metrics.json").is_file() or "test_pgd_accuracy" not in read_metrics(out / "best"):
                 log(f"training {label}, seed {seed} -> {out}")
                 train(cfg, out, resume=(out / "config.json").is_file(), log=lambda *a: None)
@@ -53,7 +61,7 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 def table(results: dict[str, list[dict]]) -> str:
     lines = ["| method | model | seeds | test clean accuracy | test PGD accuracy | MACs per image | s per epoch |",
              "|---|---|---|---|---|---|---|"]
-    for (label, method, dense) in CONTENDERS:
+    for label, _, dense, _, _ in CONTENDERS:
         rows = results[label]
         clean, pgd = _mean_std([r["clean"] for r in rows]), _mean_std([r["pgd"] for r in rows])
         lines.append(f"| {label} | {'dense twin' if dense else 'MoE'} | {len(rows)} | {100 * clean[0]:.1f} ± {100 * clean[1]:.1f} % "
@@ -62,14 +70,13 @@ def table(results: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
-def verdict(results: dict[str, list[dict]]) -> str:
-    adv, moe = [r["pgd"] for r in results["AdvMoE"]], [r["pgd"] for r in results["MoE-AT"]]
-    (a, sa), (m, sm) = _mean_std(adv), _mean_std(moe)
+def verdict(results: dict[str, list[dict]], first: str = "AdvMoE", second: str = "MoE-AT") -> str:
+    (a, sa), (m, sm) = (_mean_std([r["pgd"] for r in results[k]]) for k in (first, second))
     diff = 100 * (a - m)
     spread = 100 * max(sa, sm)
     word = "beats" if diff > 0 else "does not beat"
     exceeds = "exceeds" if abs(diff) > spread else "does not exceed"
-    return (f"AdvMoE {word} MoE-AT on test PGD accuracy here: {diff:+.1f} points ({100 * a:.1f} % vs {100 * m:.1f} %); "
+    return (f"{first} {word} {second} on test PGD accuracy here: {diff:+.1f} points ({100 * a:.1f} % vs {100 * m:.1f} %); "
             f"the difference {exceeds} the larger standard deviation over seeds ({spread:.1f} points).")
 
 
@@ -99,6 +106,9 @@ Mean ± standard deviation over seeds {', '.join(map(str, args.seeds))}.
 {table(results)}
 
 {verdict(results)}
+
+{verdict(results, "AdvMoE", "AdvMoE, router loss model")} (AdvMoE above uses the reference
+router loss, the default.)
 
 Per run (seed: test clean / test PGD):
 {chr(10).join(f"- {label}: " + ", ".join(f"{r['seed']}: {100 * r['clean']:.1f} / {100 * r['pgd']:.1f}" for r in rows) for label, rows in results.items())}

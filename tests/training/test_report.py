@@ -1,4 +1,6 @@
-"""The comparison script: trains the three contenders per seed and writes a table with a verdict."""
+"""The comparison script: trains every contender per seed and writes a table with verdicts."""
+import pytest
+
 from conftest import make_fashion_like
 from training import report
 
@@ -11,14 +13,24 @@ def test_report_trains_each_contender_per_seed_and_states_a_verdict(tmp_path):
     data = make_fashion_like(tmp_path / "data")
     results = report.run_all("fmnist-tiny", [0, 1], tmp_path / "runs", {**TINY, "data_dir": str(data)}, log=lambda *a: None)
     assert {k: [r["seed"] for r in v] for k, v in results.items()} == {
-        "dense PGD-AT": [0, 1], "MoE-AT": [0, 1], "AdvMoE": [0, 1]}
+        "dense PGD-AT": [0, 1], "MoE-AT": [0, 1], "AdvMoE": [0, 1], "AdvMoE, router loss model": [0, 1]}
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [
-        "advmoe-seed0", "advmoe-seed1", "moe-at-seed0", "moe-at-seed1", "pgd-at-seed0", "pgd-at-seed1"]
+        "advmoe-model-seed0", "advmoe-model-seed1", "advmoe-seed0", "advmoe-seed1",
+        "moe-at-seed0", "moe-at-seed1", "pgd-at-seed0", "pgd-at-seed1"]
     dense, moe = results["dense PGD-AT"][0]["macs"], results["MoE-AT"][0]["macs"]
     assert moe < dense
     text = report.table(results)
-    assert text.count("\n") == 4 and "| dense PGD-AT | dense twin | 2 |" in text
+    assert text.count("\n") == 5 and "| dense PGD-AT | dense twin | 2 |" in text
     assert report.verdict(results).startswith("AdvMoE ")
     # A second call reuses the finished runs instead of training again.
     assert report.run_all("fmnist-tiny", [0, 1], tmp_path / "runs", {**TINY, "data_dir": str(data)},
                           log=lambda *a: (_ for _ in ()).throw(AssertionError("retrained"))) == results
+
+
+def test_report_refuses_runs_of_another_config(tmp_path):
+    (tmp_path / "data").mkdir()
+    data = make_fashion_like(tmp_path / "data")
+    settings = {**TINY, "data_dir": str(data), "train_examples": 32}
+    report.run_all("fmnist-tiny", [0], tmp_path / "runs", settings, log=lambda *a: None)
+    with pytest.raises(ValueError, match="holds a run of another config"):
+        report.run_all("fmnist-tiny", [0], tmp_path / "runs", {**settings, "lr": 0.01}, log=lambda *a: None)
