@@ -21,21 +21,11 @@ import torch
 
 import advmoe
 from advmoe.io import atomic_write_text
-from export.graph import export_onnx, onnx_session
+from export.graph import export_onnx, onnx_runner
 
 from .bench_sparse import ROUTERS, build, common_parser, parse, time_interleaved
 
 KINDS = ("dense", "masked", "sparse")
-
-
-class OnnxModel:
-    """Calls an onnxruntime session like a torch model (logits only), for the shared timer."""
-
-    def __init__(self, path: Path, threads: int):
-        self.session = onnx_session(path, threads)
-
-    def __call__(self, x: torch.Tensor):
-        return self.session.run(["logits"], {"input": x.numpy()})[0]
 
 
 def export_all(models: dict, folder: Path, threads: int) -> dict:
@@ -43,7 +33,7 @@ def export_all(models: dict, folder: Path, threads: int) -> dict:
     for kind, model in models.items():
         if kind != "masked":
             advmoe.set_execution(model, "sparse", channels_last=False)  # NCHW graph: onnxruntime picks its layout
-        sessions[kind] = OnnxModel(export_onnx(model, folder / f"{kind}.onnx"), threads)
+        sessions[kind] = onnx_runner(export_onnx(model, folder / f"{kind}.onnx"), threads)
         if kind != "masked":
             advmoe.set_execution(model, "sparse")  # back to the fastest eager setting
     return sessions

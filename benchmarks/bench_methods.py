@@ -20,7 +20,7 @@ import torch
 import advmoe
 from training.config import resolve
 from training.methods import GROUPS, METHODS, Step
-from training.trainer import _attack_steps, _optimizers
+from training.trainer import attack_steps_per_batch, make_optimizers
 
 
 VARIANTS = [("standard", {}), ("pgd-at", {}), ("trades", {}), ("moe-at", {}), ("router-only", {}),
@@ -39,7 +39,7 @@ def run(preset: str = "fmnist-tiny", batch_size: int | None = None, rounds: int 
         cfg = resolve(preset, method=method, **changes)
         torch.manual_seed(0)
         model = advmoe.create_model(cfg.model, **cfg.model_kwargs(info)).train()
-        steps[_label(method, changes)] = (Step(model, cfg, _optimizers(cfg, model)), cfg)
+        steps[_label(method, changes)] = (Step(model, cfg, make_optimizers(cfg, model)), cfg)
     samples = {label: [] for label in steps}
     for label, (step, cfg) in steps.items():
         METHODS[cfg.method](step, x, y)  # warm-up
@@ -52,7 +52,7 @@ def run(preset: str = "fmnist-tiny", batch_size: int | None = None, rounds: int 
     batches = -(-(base.train_examples or 50_000) // batch_size)
     rows = []
     for label, (step, cfg) in steps.items():
-        rows.append(dict(method=label, ms_per_batch=ms[label], attack_steps=_attack_steps(cfg),
+        rows.append(dict(method=label, ms_per_batch=ms[label], attack_steps=attack_steps_per_batch(cfg),
                          optimisers=len(GROUPS[cfg.method]), relative_to_moe_at=ms[label] / ms["moe-at"],
                          projected_epoch_seconds=ms[label] * batches / 1e3))
     return rows, base, batch_size, batches

@@ -76,7 +76,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, log=functools
         forward = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         forward = torch.compile(forward)
-    optimizers = _optimizers(cfg, model)
+    optimizers = make_optimizers(cfg, model)
     steps_per_epoch = math.ceil(len(train_set) / world / cfg.batch_size)
     if max_steps:
         steps_per_epoch = min(steps_per_epoch, max_steps)
@@ -131,7 +131,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, log=functools
                **{f"train_{k}": v / max(seen, 1) for k, v in sums.items()},
                **{f"val_{k}": v for k, v in val.items() if k not in ("pgd", "examples")},
                "epoch_seconds": seconds, "samples_per_second": seen / seconds,
-               "attack_steps_per_batch": _attack_steps(cfg)}
+               "attack_steps_per_batch": attack_steps_per_batch(cfg)}
         history.append(row)
         shares = val.get("expert_share")
         if shares and max(shares) > COLLAPSE_SHARE:
@@ -199,7 +199,7 @@ def _restore(out: Path, model, optimizers, schedulers) -> tuple[int, float, list
     return state["epoch"], state["best_score"], json.loads(state["history"])
 
 
-def _optimizers(cfg: TrainConfig, model) -> dict[str, torch.optim.Optimizer]:
+def make_optimizers(cfg: TrainConfig, model) -> dict[str, torch.optim.Optimizer]:
     def sgd(params, lr):
         return torch.optim.SGD(list(params), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
@@ -218,7 +218,7 @@ def _loader(dataset, cfg: TrainConfig, epoch: int, world: int) -> DataLoader:
                       pin_memory=cfg.device == "cuda", drop_last=False)
 
 
-def _attack_steps(cfg: TrainConfig) -> int:
+def attack_steps_per_batch(cfg: TrainConfig) -> int:
     """PGD steps per training batch: AdvMoE crafts twice (unless --no-recraft)."""
     return {"standard": 0, "advmoe": cfg.attack_steps * (2 if cfg.recraft else 1)}.get(cfg.method, cfg.attack_steps)
 

@@ -5,7 +5,8 @@ import torch
 
 from conftest import small_model
 from training.config import METHODS, resolve
-from training.methods import GROUPS, METHODS as STEPS, Step
+from training.methods import METHODS as STEPS, Step
+from training.trainer import make_optimizers
 
 
 def make_step(method, router="shared", router_loss="model", lr=0.05):
@@ -14,11 +15,7 @@ def make_step(method, router="shared", router_loss="model", lr=0.05):
     torch.manual_seed(0)
     model = small_model("moe_resnet18", router, in_channels=1, image_size=28, width=0.125, router_blocks=1, router_width=8)
     model.train()
-    def sgd(params):
-        return torch.optim.SGD(list(params), lr=lr, momentum=0.9)
-    groups = GROUPS[method]
-    optimizers = ({"all": sgd(model.parameters())} if groups == ("all",) else
-                  {"experts": sgd(model.expert_parameters()), "router": sgd(model.router_parameters())})
+    optimizers = make_optimizers(cfg, model)
     return Step(model, cfg, optimizers)
 
 
