@@ -12,7 +12,6 @@ from .models.wrn import WideResNet, WideResNetConfig
 
 # The reference MoE setting of ADVMOE.md: 2 experts at half width, one shared router.
 MOE_DEFAULTS = dict(num_experts=2, expert_ratio=0.5, router="shared")
-MOE_FIELDS = ("num_experts", "expert_ratio", "router", "top_k", "router_width", "router_blocks")
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-from .base import ModelConfig, MoENet, get_execution, set_execution
+from .base import ModelConfig, MoENet, set_execution
 from .densenet import DenseNet, DenseNetConfig
 from .resnet import ResNet, ResNetConfig
 from .vgg import VGG, VGGConfig

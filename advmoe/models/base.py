@@ -245,10 +245,6 @@ def set_execution(model: nn.Module, mode: str, channels_last: bool = True) -> nn
     return model
 
 
-def get_execution(model: MoENet) -> str:
-    return model.execution
-
-
 def _per_channel(values, channels: int) -> tuple[float, ...]:
     values = tuple(float(v) for v in values)
     return values * channels if len(values) == 1 else values
