@@ -30,11 +30,20 @@ def cmd_export(args: argparse.Namespace) -> int:
     if "torchscript" in args.format:
         print(TORCHSCRIPT_NOTE, file=sys.stderr)
     result = export_checkpoint(args.checkpoint, args.out, args.format, force=args.force, name=args.name,
-                               opset=args.opset, max_batch_size=args.max_batch_size)
+                               opset=args.opset, max_batch_size=args.max_batch_size, execution=args.execution)
     print(f"exported to {result.out}: {', '.join(str(f) for f in result.files)}")
     if result.bento_tag:
         print(f"BentoML model: {result.bento_tag}")
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from serving.launch import exec_serve
+
+    env = {"ADVMOE_MODEL_TAG": args.model_tag, "ADVMOE_RUNTIME": args.runtime, "ADVMOE_EXECUTION": args.execution}
+    if args.probe:
+        env["ADVMOE_PROBE_ENABLED"] = "1"
+    return exec_serve(env, args.host, args.port)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -66,7 +75,22 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--name", default="advmoe", help="Triton and BentoML model name (default: advmoe)")
     export.add_argument("--opset", type=int, default=18)
     export.add_argument("--max-batch-size", type=int, default=64, help="Triton max_batch_size")
+    export.add_argument("--execution", choices=["sparse", "masked"], default="sparse",
+                        help="sparse (default) or masked: every expert, then select, as the reference code "
+                             "runs; a baseline for `advmoe bench serve`")
     export.set_defaults(func=cmd_export)
+
+    serve = sub.add_parser("serve", help="serve a BentoML model with the advmoe service (bentoml serve)",
+                           description="Serve an exported model: POST /predict, POST /attack_probe, GET /model_info, "
+                                       "/metrics. More settings: ADVMOE_* environment variables (serving/config.py).")
+    serve.add_argument("--model-tag", default="advmoe:latest", help="BentoML model (default: advmoe:latest)")
+    serve.add_argument("--runtime", choices=["onnxruntime", "torch", "pt2"], default="onnxruntime")
+    serve.add_argument("--execution", choices=["sparse", "masked"], default="sparse", help="torch runtime only")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=3000)
+    serve.add_argument("--probe", action="store_true",
+                       help="enable /attack_probe (set ADVMOE_PROBE_TOKEN to require a bearer token)")
+    serve.set_defaults(func=cmd_serve)
 
     bench = sub.add_parser("bench", help="speed benchmarks: `advmoe bench sparse --help`")
     bench.add_argument("name", choices=sorted(BENCHMARKS))

@@ -13,7 +13,7 @@ import onnxruntime
 import torch
 
 import advmoe
-from advmoe.checkpoint import CONFIG, METRICS, read_config, read_metrics
+from advmoe.checkpoint import CONFIG, METRICS, WEIGHTS, read_config, read_metrics
 from advmoe.io import atomic_directory
 
 from . import bento, triton
@@ -45,12 +45,13 @@ def resolve_formats(formats: list[str] | tuple[str, ...]) -> tuple[str, ...]:
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, formats=("all",), force: bool = False,
                       name: str = "advmoe", opset: int = OPSET, max_batch_size: int = 64, atol: float = ATOL,
-                      log=print) -> ExportResult:
+                      execution: str = "sparse", log=print) -> ExportResult:
     """Export `checkpoint` into the directory `out` (refused if it exists, unless force).
 
     out/model.onnx, out/model.pt2, out/triton/<name>/..., out/config.json, out/metrics.json and
     out/export.json (parity report); `bento` adds `<name>:<version>` to the BentoML store.
-    The directory appears only once every parity check has passed.
+    The directory appears only once every parity check has passed. `execution="masked"` exports
+    the reference code's way of running (every expert, then select): a baseline for benchmarks.
     """
     formats = resolve_formats(formats)
     out = Path(out)
@@ -62,12 +63,14 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats=("all",),
         raise ValueError(f"--name {name!r} is not a valid BentoML model name (lowercase, digits, . _ -)")
     config, metrics = read_config(checkpoint), read_metrics(checkpoint)
     model = advmoe.load_checkpoint(checkpoint)
+    if execution not in ("sparse", "masked"):
+        raise ValueError(f"execution {execution!r}: choose sparse (the default) or masked (a baseline)")
     # Sparse execution is what gets exported; NCHW keeps the graph free of layout copies
     # (onnxruntime picks its own layout).
-    advmoe.set_execution(model, "sparse", channels_last=False)
+    advmoe.set_execution(model, execution, channels_last=False)
     reference = eager_runner(model)
     batches = parity_batches(model)
-    report = {"opset": opset, "atol": atol, "torch": torch.__version__, "onnx": onnx.__version__,
+    report = {"execution": execution, "opset": opset, "atol": atol, "torch": torch.__version__, "onnx": onnx.__version__,
               "onnxruntime": onnxruntime.__version__, "advmoe": advmoe.__version__, "parity": {}}
     files, bento_tag = [], None
 
@@ -87,13 +90,13 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats=("all",),
         if "triton" in formats:
             folder = triton.write_repository(tmp / "triton", name, tmp / "model.onnx", model, max_batch_size)
             files.append(out / "triton" / folder.name)
-        for source in (CONFIG, METRICS):
+        for source in (CONFIG, METRICS, WEIGHTS):  # the weights: for the service's eager torch runtime
             if (Path(checkpoint) / source).is_file():
                 shutil.copyfile(Path(checkpoint) / source, tmp / source)
         (tmp / "export.json").write_text(json.dumps(report, indent=2) + "\n")
         if "bento" in formats:
             # Last, inside the block: if the store refuses, the output directory is not created.
-            stored = [tmp / f for f in ("model.onnx", "model.pt2", CONFIG, METRICS) if (tmp / f).is_file()]
-            bento_tag = bento.save_model(name, stored, config, metrics)
+            stored = [tmp / f for f in ("model.onnx", "model.pt2", WEIGHTS, CONFIG, METRICS) if (tmp / f).is_file()]
+            bento_tag = bento.save_model(name, stored, config, metrics, execution)
             log(f"BentoML model {bento_tag}")
     return ExportResult(out=out, files=files, parity=report["parity"], bento_tag=bento_tag)

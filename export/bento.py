@@ -9,7 +9,7 @@ from pathlib import Path
 NAME = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
 
 
-def describe(config: dict, metrics: dict) -> tuple[dict, dict]:
+def describe(config: dict, metrics: dict, execution: str = "sparse") -> tuple[dict, dict]:
     """(labels, metadata) of a BentoML model from a checkpoint's config.json and metrics.json."""
     args = config["model_args"]
     moe = args.get("num_experts", 0) > 0
@@ -18,6 +18,7 @@ def describe(config: dict, metrics: dict) -> tuple[dict, dict]:
         "dataset": str(config.get("dataset", "unknown")),
         "router": args.get("router", "") if moe else "dense",
         "framework": "advmoe",
+        "execution": execution,
     }
     metadata = {
         "architecture": config["architecture"],
@@ -33,19 +34,20 @@ def describe(config: dict, metrics: dict) -> tuple[dict, dict]:
         "pgd_accuracy": metrics.get("pgd_accuracy"),  # PGD through the straight-through router
         "robust_accuracy": metrics.get("robust_accuracy"),  # worst case over `advmoe eval`'s attacks
         "macs_per_image": metrics.get("macs_per_image"),
+        "execution": execution,
         "advmoe_version": config.get("advmoe_version"),
     }
     # BentoML keeps basic types only: leave out what the checkpoint does not know.
     return labels, {k: v for k, v in metadata.items() if v is not None}
 
 
-def save_model(name: str, files: list[Path], config: dict, metrics: dict) -> str:
+def save_model(name: str, files: list[Path], config: dict, metrics: dict, execution: str = "sparse") -> str:
     """Create `name:<new version>` in the BentoML model store holding `files`; returns the tag."""
     import bentoml
 
     if not NAME.match(name):
         raise ValueError(f"BentoML model name {name!r}: use lowercase letters, digits, '.', '_' or '-'")
-    labels, metadata = describe(config, metrics)
+    labels, metadata = describe(config, metrics, execution)
     with bentoml.models.create(name, module="export.bento", labels=labels, metadata=metadata) as model:
         for file in files:
             shutil.copyfile(file, model.path_of(file.name))

@@ -85,3 +85,51 @@ def make_fashion_like(folder, n_train=600, n_test=100, seed=0):
 @pytest.fixture(scope="session")
 def fashion_dir(tmp_path_factory):
     return make_fashion_like(tmp_path_factory.mktemp("fashion"))
+
+
+# -- a real `bentoml serve` of a small model exported in the test session (temporary BENTOML_HOME
+# above), shared by the serving and client tests; talked to over HTTP.
+CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+TOKEN = "test-token"
+SERVER_ENV = {
+    "ADVMOE_MAX_BATCH_SIZE": "16",
+    "ADVMOE_MAX_BODY_BYTES": "200000",
+    "ADVMOE_MAX_IMAGE_PIXELS": "1000000",
+    "ADVMOE_PROBE_ENABLED": "1",
+    "ADVMOE_PROBE_TOKEN": TOKEN,
+    "ADVMOE_PROBE_MAX_STEPS": "5",
+    "ADVMOE_PROBE_MAX_BATCH_SIZE": "4",
+    "ADVMOE_PROBE_MAX_EPS": "0.1",
+}
+
+
+@pytest.fixture(scope="session")
+def exported_model(tmp_path_factory):
+    """A Fashion-MNIST-shaped MoE ResNet-18 (1x28x28, 10 classes, shared router), calibrated so
+    that both experts get samples, exported to ONNX and the BentoML store."""
+    from export import export_checkpoint
+
+    root = tmp_path_factory.mktemp("served")
+    torch.manual_seed(0)
+    model = small_model("moe_resnet18", "shared", in_channels=1, image_size=28)
+    x = torch.rand(64, 1, 28, 28)
+    calibrate_batchnorm(model, x)
+    balance_routing(model, x)
+    checkpoint = advmoe.save_checkpoint(model, root / "checkpoint", metrics={"clean_accuracy": 0.5},
+                                        config={"dataset": "fashion_mnist", "classes": CLASSES})
+    return export_checkpoint(checkpoint, root / "export", ["onnx", "bento"], log=lambda *a: None)
+
+
+@pytest.fixture(scope="session")
+def server(exported_model, tmp_path_factory):
+    from serving.launch import Server
+
+    env = {"ADVMOE_MODEL_TAG": exported_model.bento_tag, **SERVER_ENV}
+    with Server(env, log_path=tmp_path_factory.mktemp("logs") / "serve.log") as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def served_images():
+    """Eight 1x28x28 inputs in [0, 1] that the calibrated router splits over both experts."""
+    return np.random.default_rng(0).random((8, 1, 28, 28), dtype=np.float32)

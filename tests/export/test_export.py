@@ -33,7 +33,7 @@ def test_all_formats_are_written_with_a_parity_report(exported):
     _, result = exported
     out = result.out
     assert sorted(p.name for p in out.iterdir()) == [
-        "config.json", "export.json", "metrics.json", "model.onnx", "model.pt2", "triton"]
+        "config.json", "export.json", "metrics.json", "model.onnx", "model.pt2", "model.safetensors", "triton"]
     parity = json.loads((out / "export.json").read_text())["parity"]
     assert set(parity) == {"onnxruntime", "torch.export"}
     for runtime in parity.values():
@@ -91,7 +91,20 @@ def test_bentoml_model_loads_back_by_tag_with_its_metadata(exported):
     meta = model.info.metadata
     assert meta["num_experts"] == 2 and meta["expert_ratio"] == 0.5 and meta["dataset"] == "cifar10"
     assert meta["clean_accuracy"] == 0.25 and meta["macs_per_image"] > 0
-    assert {"model.onnx", "model.pt2", "config.json"} <= {p.name for p in Path(model.path).iterdir()}
+    assert {"model.onnx", "model.pt2", "model.safetensors", "config.json"} <= {p.name for p in Path(model.path).iterdir()}
+    assert meta["execution"] == "sparse"
+
+
+def test_masked_export_is_the_reference_way_of_running_and_says_so(tmp_path):
+    """A baseline for the serving benchmark: the same model, every expert computed, then selected."""
+    checkpoint = make_checkpoint(tmp_path / "ck")
+    result = export_checkpoint(checkpoint, tmp_path / "out", ["onnx"], execution="masked", log=lambda *a: None)
+    assert max(result.parity["onnxruntime"].values()) <= 1e-4
+    assert json.loads((result.out / "export.json").read_text())["execution"] == "masked"
+    ops = {node.op_type for node in onnx.load(result.out / "model.onnx").graph.node}
+    assert "NonZero" not in ops and "ScatterND" not in ops  # no dispatch: every expert runs
+    with pytest.raises(ValueError, match="sparse .* or masked"):
+        export_checkpoint(checkpoint, tmp_path / "out2", ["onnx"], execution="dense", log=lambda *a: None)
 
 
 @pytest.mark.parametrize("name,router", [("moe_resnet18", "per_layer"), ("moe_vgg16", "shared")])
@@ -140,4 +153,4 @@ def test_force_replaces_an_earlier_export(tmp_path):
     checkpoint = make_checkpoint(tmp_path / "ck")
     export_checkpoint(checkpoint, tmp_path / "out", ["onnx"], log=lambda *a: None)
     result = export_checkpoint(checkpoint, tmp_path / "out", ["pt2"], force=True, log=lambda *a: None)
-    assert {p.name for p in result.out.iterdir()} == {"model.pt2", "config.json", "metrics.json", "export.json"}
+    assert {p.name for p in result.out.iterdir()} == {"model.pt2", "model.safetensors", "config.json", "metrics.json", "export.json"}

@@ -1,0 +1,98 @@
+"""The served model in one of three runtimes, all reading the BentoML model `advmoe export` made:
+onnxruntime runs the exported graph (the sparse dispatch is in it), `torch` runs the eager model
+from its safetensors weights (sparse or masked execution), `pt2` runs the torch.export program.
+Each maps a float32 batch [B, C, H, W] in [0, 1] to (logits [B, classes], routing [B, layers])."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .config import ServingConfig
+
+FILES = {"onnxruntime": "model.onnx", "torch": "model.safetensors", "pt2": "model.pt2"}
+
+
+class Runtime:
+    name: str
+
+    def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+
+class OnnxRuntime(Runtime):
+    name = "onnxruntime"
+
+    def __init__(self, path: Path, threads: int):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        # The probe worker runs torch on the same cores: spinning onnxruntime threads would starve it.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        available = ort.get_available_providers()
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        self.providers = self.session.get_providers()
+        self.input = self.session.get_inputs()[0].name
+
+    def __call__(self, x):
+        outputs = self.session.run(None, {self.input: x})
+        routing = outputs[1] if len(outputs) > 1 else np.zeros((len(x), 0), np.int64)
+        return outputs[0], routing
+
+
+class TorchRuntime(Runtime):
+    """The eager model: `sparse` runs only the chosen experts, `masked` computes every expert
+    and selects, as the paper's reference code does (the baseline of `advmoe bench serve`)."""
+
+    def __init__(self, folder: Path, execution: str, threads: int, program: bool = False):
+        import torch
+
+        import advmoe
+
+        torch.set_num_threads(threads)
+        self.torch = torch
+        self.name = "pt2" if program else "torch"
+        if program:
+            self.module = torch.export.load(str(folder / FILES["pt2"])).module()
+        else:
+            model = advmoe.load_checkpoint(folder)
+            advmoe.set_execution(model, execution, channels_last=execution == "sparse")
+            self.module = None
+            self.model = model.eval()
+
+    def __call__(self, x):
+        with self.torch.inference_mode():
+            x = self.torch.from_numpy(x)
+            if self.module is not None:
+                out = self.module(x)
+                logits, routing = out if isinstance(out, tuple) else (out, None)
+            else:
+                logits, routing = self.model.forward_with_routing(x)
+        routing = routing.numpy() if routing is not None else np.zeros((len(x), 0), np.int64)
+        return logits.float().numpy(), routing
+
+
+def load_runtime(folder: str | Path, config: ServingConfig) -> Runtime:
+    folder = Path(folder)
+    needed = folder / FILES[config.runtime]
+    if not needed.is_file():
+        raise FileNotFoundError(f"{folder} has no {needed.name}, which ADVMOE_RUNTIME={config.runtime} needs; "
+                                f"re-export the checkpoint with `advmoe export CKPT --out DIR --format all`")
+    threads = config.threads or os.cpu_count() or 1
+    if config.runtime == "onnxruntime":
+        return OnnxRuntime(needed, threads)
+    return TorchRuntime(folder, config.execution, threads, program=config.runtime == "pt2")
+
+
+def read_model_files(folder: str | Path) -> tuple[dict, dict]:
+    """(config.json, metrics.json) stored beside the exported model."""
+    folder = Path(folder)
+    config = json.loads((folder / "config.json").read_text())
+    metrics_file = folder / "metrics.json"
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    return config, metrics
