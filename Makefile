@@ -1,12 +1,13 @@
 # Two commands set everything up on a fresh machine (see README.md):
-#   make run    the main job: build MoE ResNet-18 and its dense twin, print cost and speed
+#   make run    the main job: export the small Fashion-MNIST model (shipped in checkpoints/, trained
+#               by `make train` if absent) and serve it with BentoML on http://127.0.0.1:3000
 #   make test   the test suite (what .ci/run runs)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test train bench models clean
+.PHONY: install run serve export test train ship bench models clean
 
 # pip takes torch 2.14.1 / torchvision 0.29.1 from this machine's disk (pinned in pyproject.toml).
 $(STAMP): pyproject.toml
@@ -16,21 +17,42 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-run: install
-	$(BIN)/advmoe bench sparse --archs resnet18
+RUN := runs/fmnist-tiny
+CHECKPOINT := checkpoints/fmnist-tiny
+EXPORT := runs/export/fmnist-tiny
+PORT ?= 3000
+
+run: serve
+
+# Export again when the checkpoint changed, or when the BentoML store lacks the model.
+serve: $(EXPORT)/export.json
+	@$(BIN)/python -c "import bentoml; bentoml.models.get('advmoe:latest')" >/dev/null 2>&1 || \
+		$(BIN)/advmoe export $(CHECKPOINT) --out $(EXPORT) --format all --force
+	$(BIN)/advmoe serve --port $(PORT) --probe
+
+export: $(EXPORT)/export.json
+
+$(EXPORT)/export.json: $(CHECKPOINT)/model.safetensors | install
+	$(BIN)/advmoe export $(CHECKPOINT) --out $(EXPORT) --format all --force
+
+# The shipped checkpoint is `make train`'s best epoch (chosen on validation PGD accuracy).
+$(CHECKPOINT)/model.safetensors:
+	$(MAKE) train ship
+
+ship: $(RUN)/best/model.safetensors
+	rm -rf $(CHECKPOINT) && mkdir -p $(dir $(CHECKPOINT)) && cp -r $(RUN)/best $(CHECKPOINT)
 
 test: install
 	$(BIN)/python -m pytest -q
 
 # The fmnist-tiny preset end to end (about 10 minutes on 2 cores); resumes a run that was cut off.
-RUN := runs/fmnist-tiny
 train: $(RUN)/best/model.safetensors
 
 $(RUN)/best/model.safetensors: | install
 	$(BIN)/advmoe train --preset fmnist-tiny --out $(RUN) $(if $(wildcard $(RUN)/config.json),--resume)
 
 bench: install
-	$(BIN)/advmoe bench sparse
+	$(BIN)/advmoe bench sparse --archs resnet18
 
 models: install
 	$(BIN)/advmoe models
