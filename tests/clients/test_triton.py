@@ -1,0 +1,206 @@
+"""The Triton client over HTTP and gRPC against the local Triton server (nvidia-pytriton's bundled
+tritonserver in its own venv) serving a freshly exported MoE model: same answers as onnxruntime
+on the exported model.onnx, the exported config.pbtxt as the server's config, clear errors."""
+import os
+import subprocess
+import sys
+import threading
+import time
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.http
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+from tritonclient.utils import InferenceServerException
+
+import advmoe
+from clients import triton_server
+from clients.triton_client import TritonClient, TritonInputError, TritonUnavailable, parse_url
+from conftest import calibrated_model
+from export import export_checkpoint
+from export.graph import onnx_session
+
+ROOT = Path(__file__).resolve().parents[2]
+PROTOCOLS = ("http", "grpc")
+
+
+# -- no server needed ---------------------------------------------------------------------------
+def test_triton_extra_pins_what_the_server_venv_gets():
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert extras["triton"] == list(triton_server.REQUIREMENTS)
+    assert not any(r.startswith("nvidia-pytriton") for r in extras["dev"])  # it pulls numpy back to 1.26
+
+
+def test_clients_import_neither_torch_nor_the_other_applications():
+    probe = ("import sys, clients.triton_client, clients.triton_server; "
+             "print(sorted(m for m in ('torch', 'advmoe', 'serving', 'training', 'export') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("url, protocol, expected", [
+    ("localhost", None, ("http", "localhost:8000", False)),
+    ("grpc://10.0.0.5", None, ("grpc", "10.0.0.5:8001", False)),
+    ("127.0.0.1:9001", "grpc", ("grpc", "127.0.0.1:9001", False)),
+    ("https://triton.example:443/", None, ("http", "triton.example:443", True)),
+    ("[::1]", "grpc", ("grpc", "[::1]:8001", False)),
+])
+def test_urls(url, protocol, expected):
+    assert parse_url(url, protocol) == expected
+
+
+@pytest.mark.parametrize("url, protocol", [("ftp://h:1", None), ("http://h:1", "grpc"), ("h:1/v2", None),
+                                           ("h:1", "tcp")])
+def test_bad_urls_say_what_to_write(url, protocol):
+    with pytest.raises(ValueError, match="Triton URL|protocol"):
+        parse_url(url, protocol)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_unreachable_url_fails_by_its_deadline_and_says_what_to_check(protocol):
+    port = triton_server.free_port()  # nothing listens there
+    start = time.monotonic()
+    with pytest.raises(TritonUnavailable, match=rf"cannot reach a Triton server at {protocol}://127.0.0.1:{port} "
+                                                r"after waiting 0.5s: .*Is the server running"):
+        TritonClient(f"{protocol}://127.0.0.1:{port}", wait=0.5)
+    assert time.monotonic() - start < 10
+
+
+# -- against the local Triton server ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def server_python():
+    problem = triton_server.check_venv()
+    if problem is not None:
+        message = f"the local Triton server's venv is not set up: {problem}"
+        if os.environ.get("CI"):  # CI must run these tests: .ci/run sets the venv up first
+            pytest.fail(message)
+        pytest.skip(message)
+    return triton_server.venv_python()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("triton")
+    model = calibrated_model("moe_vgg16", "shared")  # 12 MoE layers; exports faster than ResNet-18's 16
+    checkpoint = advmoe.save_checkpoint(model, root / "ck", metrics={"clean_accuracy": 0.25},
+                                        config={"dataset": "cifar10", "classes": [f"c{i}" for i in range(10)]})
+    return export_checkpoint(checkpoint, root / "out", ["triton"], log=lambda *a: None).out
+
+
+@pytest.fixture(scope="module")
+def server(server_python, exported, tmp_path_factory):
+    log = tmp_path_factory.mktemp("triton-log") / "server.log"
+    local = triton_server.LocalTritonServer(exported / "triton", log_file=log).start(timeout=90)
+    pids = local.pids()
+    assert len(pids) >= 2, f"expected the launcher and tritonserver, found {pids}"
+    yield local
+    local.stop()
+    assert local.process.poll() is not None
+    assert local.pids() == [], f"processes left after stop: {local.pids()}"
+
+
+@pytest.fixture(scope="module")
+def reference(exported):
+    session = onnx_session(exported / "model.onnx")
+    return lambda x: session.run(None, {"input": x})
+
+
+def client_for(server, protocol, **kwargs):
+    return TritonClient(server.http_url if protocol == "http" else server.grpc_url, model="advmoe", **kwargs)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_server_serves_the_exported_config(server, exported, protocol):
+    expected = text_format.Parse((exported / "triton/advmoe/config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    kind = lambda t: model_config_pb2.DataType.Name(t.data_type).removeprefix("TYPE_")  # noqa: E731
+    with client_for(server, protocol) as client:
+        assert client.max_batch_size == expected.max_batch_size == 64
+        assert [(t.name, t.datatype, t.shape) for t in client.inputs] == [
+            (t.name, kind(t), tuple(t.dims)) for t in expected.input]
+        assert [(t.name, t.datatype, t.shape) for t in client.outputs] == [
+            (t.name, kind(t), tuple(t.dims)) for t in expected.output]
+        batching, exported_batching = client.config["dynamic_batching"], expected.dynamic_batching
+        assert [int(b) for b in batching["preferred_batch_size"]] == list(exported_batching.preferred_batch_size)
+        assert int(batching["max_queue_delay_microseconds"]) == exported_batching.max_queue_delay_microseconds
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_client_gives_onnxruntime_logits_and_routing(server, reference, protocol):
+    rng = np.random.default_rng({"http": 1, "grpc": 2}[protocol])
+    with client_for(server, protocol) as client:
+        for batch in (1, 6, 70):  # 70 > max_batch_size: the client splits it
+            x = rng.random((batch, 3, 32, 32), dtype=np.float32)
+            logits, routing = client.infer(x)
+            expected_logits, expected_routing = reference(x)
+            assert logits.shape == expected_logits.shape == (batch, 10) and logits.dtype == np.float32
+            assert routing.shape == expected_routing.shape == (batch, 12) and routing.dtype == np.int64
+            np.testing.assert_allclose(logits, expected_logits, atol=1e-4, rtol=0)
+            np.testing.assert_array_equal(routing, expected_routing)
+    assert len(np.unique(routing[:, 0])) == 2  # both experts used: the routing comparison means something
+
+
+def metric(server, name: str) -> float:
+    text = triton_server.http_get(server.metrics_url).decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + "{") and 'model="advmoe"' in line)
+
+
+def test_concurrent_requests_each_get_their_own_answer(server, reference):
+    """Requests from several clients at once go through the dynamic batcher; none gets another's rows."""
+    images = np.random.default_rng(3).random((24, 1, 3, 32, 32), dtype=np.float32)
+    results, errors = [None] * len(images), []
+    before = metric(server, "nv_inference_count")
+
+    def worker(k):
+        try:
+            with client_for(server, PROTOCOLS[k % 2]) as client:
+                for i in range(k, len(images), 4):
+                    results[i] = client.infer(images[i])
+        except Exception as error:  # reported below, with the thread's error
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    for x, (logits, routing) in zip(images, results):
+        expected_logits, expected_routing = reference(x)
+        np.testing.assert_allclose(logits, expected_logits, atol=1e-4, rtol=0)
+        np.testing.assert_array_equal(routing, expected_routing)
+    assert metric(server, "nv_inference_count") - before == len(images)  # the metrics endpoint counts them
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_wrong_inputs_are_refused_with_what_to_change(server, protocol):
+    with client_for(server, protocol) as client:
+        with pytest.raises(TritonInputError, match=r"shape \[2, 3, 28, 28\].*takes 'input' \[B, 3, 32, 32\]"):
+            client.infer(np.zeros((2, 3, 28, 28), np.float32))
+        with pytest.raises(TritonInputError, match=r"shape \[2, 1, 32, 32\].*\[B, 3, 32, 32\]"):
+            client.infer(np.zeros((2, 1, 32, 32), np.float32))
+        with pytest.raises(TritonInputError, match=r"without a batch axis.*x\[None\]"):
+            client.infer(np.zeros((3, 32, 32), np.float32))
+        with pytest.raises(TritonInputError, match=r"\[0, 1\].*divide 8-bit images by 255"):
+            client.infer(np.full((1, 3, 32, 32), 255, np.uint8))
+        with pytest.raises(TritonInputError, match="empty batch"):
+            client.infer(np.zeros((0, 3, 32, 32), np.float32))
+
+
+def test_the_server_itself_refuses_a_wrong_shape(server):
+    """As Triton with the exported config.pbtxt would: the config's dims are enforced server-side."""
+    raw = tritonclient.http.InferenceServerClient(server.http_url.removeprefix("http://"))
+    request = tritonclient.http.InferInput("input", [1, 3, 28, 28], "FP32")
+    request.set_data_from_numpy(np.zeros((1, 3, 28, 28), np.float32))
+    with pytest.raises(InferenceServerException, match=r"unexpected shape"):
+        raw.infer("advmoe", [request])
+    raw.close()
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_unknown_model_is_a_clear_error(server, protocol):
+    with pytest.raises(TritonUnavailable, match=r"is up but model 'resnet' is not ready after waiting 0.5s"):
+        TritonClient(server.http_url if protocol == "http" else server.grpc_url, model="resnet", wait=0.5)
