@@ -33,6 +33,8 @@ IMBALANCE_WINDOW = 1024  # routed samples the imbalance gauge looks back over
 # BentoML (1.4.40) recycles its client session to a dependency every 100 requests or 300 s by
 # closing it with requests still in flight: under load those fail with 500. Never recycle.
 NO_RECYCLING = {"max_requests": 2**62, "max_age": 10.0**12}
+# A log line per request costs more than a small model's inference; /metrics counts requests.
+QUIET = {"access": {"enabled": False}}
 
 
 def stored_model(tag: str):
@@ -51,7 +53,8 @@ def split_outputs(outputs: np.ndarray, num_classes: int) -> tuple[np.ndarray, np
     return outputs[:, :num_classes], outputs[:, num_classes:].astype(np.int64)
 
 
-@bentoml.service(name="advmoe-model", workers=1, traffic={"timeout": 60}, runner_connection=NO_RECYCLING)
+@bentoml.service(name="advmoe-model", workers=1, traffic={"timeout": 60}, runner_connection=NO_RECYCLING,
+                 logging=QUIET)
 class AdvMoEModel:
     """The model behind adaptive batching: concurrent requests are merged up to
     ADVMOE_MAX_BATCH_SIZE inputs or ADVMOE_MAX_LATENCY_MS of waiting."""
@@ -110,7 +113,7 @@ class AdvMoEModel:
 
 
 @bentoml.service(name="advmoe-probe", workers=1, traffic={"timeout": CONFIG.probe_timeout_s + 30},
-                 runner_connection=NO_RECYCLING)
+                 runner_connection=NO_RECYCLING, logging=QUIET)
 class AdvMoEProbe:
     """Adversarial examples for /attack_probe: the eager model (masked execution, straight-through
     router) on ADVMOE_PROBE_THREADS threads. Loaded on the first probe, so a server with probes
@@ -169,8 +172,7 @@ async def model_info_route(request: Request) -> JSONResponse:
     return JSONResponse(bentoml.get_current_service().info)
 
 
-@bentoml.service(name="advmoe", workers=1, traffic={"timeout": 60},
-                 labels={"project": "advmoe"})
+@bentoml.service(name="advmoe", workers=1, traffic={"timeout": 60}, labels={"project": "advmoe"}, logging=QUIET)
 class AdvMoE:
     model = bentoml.depends(AdvMoEModel)
     prober = bentoml.depends(AdvMoEProbe)
@@ -247,7 +249,8 @@ class AdvMoE:
         if return_experts:
             for prediction, route in zip(predictions, routing):
                 prediction["experts"] = route.tolist()
-        return {"predictions": predictions}
+        # A Response goes out as is: BentoML would otherwise rebuild the output's JSON schema per request.
+        return JSONResponse({"predictions": predictions})
 
     def _check_probe_access(self, ctx: bentoml.Context) -> None:
         if not CONFIG.probe_enabled:
@@ -319,10 +322,11 @@ class AdvMoE:
         m.probe_samples.labels(attack).inc(n)
         m.probe_prediction_flips.labels(attack).inc(int((clean != adv).sum()))
         m.probe_route_flips.labels(attack).inc(int(route_flips.sum()))
-        return {"attack": attack, "eps": eps, "steps_requested": 1 if attack == "fgsm" else steps,
-                "steps_run": result["steps_run"], "time_capped": result["time_capped"],
-                "clean_accuracy": float((clean == np.asarray(labels)).mean()),
-                "adversarial_accuracy": float((adv == np.asarray(labels)).mean()), "results": results}
+        return JSONResponse({
+            "attack": attack, "eps": eps, "steps_requested": 1 if attack == "fgsm" else steps,
+            "steps_run": result["steps_run"], "time_capped": result["time_capped"],
+            "clean_accuracy": float((clean == np.asarray(labels)).mean()),
+            "adversarial_accuracy": float((adv == np.asarray(labels)).mean()), "results": results})
 
 
 class BodyLimit:
