@@ -33,6 +33,16 @@ class DenseNetConfig(ModelConfig):
             raise ValueError(f"invalid model config: compression={self.compression} must be in (0, 1]")
 
 
+def _batchnorm(norm: nn.BatchNorm2d, x: Tensor) -> Tensor:
+    """Eval-mode BatchNorm as scale and shift while exporting: with the shared router a group's
+    size is known only at run time, and the BatchNorm kernel guards on it where arithmetic does not."""
+    if norm.training or not torch.compiler.is_exporting():
+        return norm(x)
+    scale = (norm.weight / torch.sqrt(norm.running_var + norm.eps)).detach()
+    shift = (norm.bias.detach() - norm.running_mean * scale)
+    return x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+
+
 class DenseLayer(nn.Module):
     def __init__(self, conv, in_channels: int, growth: int, bottleneck: bool, drop_rate: float):
         super().__init__()
@@ -42,7 +52,7 @@ class DenseLayer(nn.Module):
         self.drop_rate = drop_rate
 
     def forward(self, x: Tensor, route) -> Tensor:
-        out = F.relu(self.norm(x))
+        out = F.relu(_batchnorm(self.norm, x))
         if self.reduce is not None:
             out = F.relu(self.reduce(out, route), inplace=True)
         out = self.conv(out, route)
@@ -61,7 +71,7 @@ class Transition(nn.Module):
         self.conv = ConvNorm2d(in_channels, out_channels, 1, 1, norm=False)
 
     def forward(self, x: Tensor, route=None) -> Tensor:
-        return F.avg_pool2d(self.conv(F.relu(self.norm(x))), 2)
+        return F.avg_pool2d(self.conv(F.relu(_batchnorm(self.norm, x))), 2)
 
     def macs(self, h: int, w: int) -> tuple[int, int, int]:
         return self.conv.macs(h, w)[0], h // 2, w // 2
@@ -92,7 +102,7 @@ class DenseNet(MoENet):
         x = self.stem(x)
         for layer in self.layers:
             x = layer(x, route)
-        x = F.relu(self.norm(x))
+        x = F.relu(_batchnorm(self.norm, x))
         return self.fc(x.mean((2, 3)))
 
     def backbone_macs(self, h: int, w: int) -> int:

@@ -114,6 +114,21 @@ def test_onnx_parity_for_per_layer_routers_and_another_architecture(tmp_path, na
     assert max(result.parity["onnxruntime"].values()) <= 1e-4
 
 
+def test_densenet_exports_with_batchnorm_on_groups_of_run_time_size(tmp_path):
+    """DenseNet normalises before its convs, on expert groups whose size the tracer cannot know."""
+    from advmoe.calibrate import balance_routing, calibrate_batchnorm
+    from conftest import small_model
+
+    model = small_model("moe_densenet40", "shared", depth=10)
+    x = torch.rand(64, 3, 32, 32)
+    calibrate_batchnorm(model, x)
+    balance_routing(model, x)
+    checkpoint = advmoe.save_checkpoint(model, tmp_path / "ck")
+    result = export_checkpoint(checkpoint, tmp_path / "out", ["onnx", "pt2"], log=lambda *a: None)
+    for runtime in ("onnxruntime", "torch.export"):
+        assert max(result.parity[runtime].values()) <= 1e-4
+
+
 def test_dense_twin_exports_logits_only(tmp_path):
     checkpoint = make_checkpoint(tmp_path / "ck", "resnet18", None)
     result = export_checkpoint(checkpoint, tmp_path / "out", ["onnx"], log=lambda *a: None)
