@@ -46,6 +46,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return exec_serve(env, args.host, args.port)
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    import json
+
+    from clients.client import Client, ClientError, format_table
+
+    try:
+        with Client(args.url, ready_timeout_s=args.wait, timeout_s=args.timeout) as client:
+            predictions = client.predict(args.images, top_k=args.top_k, experts=args.experts)
+    except ClientError as e:
+        print(f"advmoe predict: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"url": client.url, "model": client.model_info.tag,
+                          "predictions": [p.to_dict() for p in predictions]}, indent=2))
+    else:
+        print(format_table(predictions))
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     return importlib.import_module(BENCHMARKS[args.name]).main(args.args)
 
@@ -91,6 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--probe", action="store_true",
                        help="enable /attack_probe (set ADVMOE_PROBE_TOKEN to require a bearer token)")
     serve.set_defaults(func=cmd_serve)
+
+    predict = sub.add_parser("predict", help="classify image files with a running server (see `advmoe serve`)")
+    predict.add_argument("images", nargs="+", help="PNG or JPEG files (resized and converted by the server)")
+    predict.add_argument("--url", default="http://127.0.0.1:3000", help="the server (default: %(default)s)")
+    predict.add_argument("--top-k", type=int, default=1, help="classes per image (default: 1)")
+    predict.add_argument("--experts", action="store_true", help="show the expert chosen at each MoE layer")
+    predict.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    predict.add_argument("--wait", type=float, default=10.0, help="seconds to wait for the server to be ready")
+    predict.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    predict.set_defaults(func=cmd_predict)
 
     bench = sub.add_parser("bench", help="speed benchmarks: `advmoe bench sparse --help`")
     bench.add_argument("name", choices=sorted(BENCHMARKS))
