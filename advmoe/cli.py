@@ -65,6 +65,34 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_loadtest(args: argparse.Namespace) -> int:
+    import contextlib
+
+    from clients.client import ClientError
+    from clients.loadtest import run_loadtest
+
+    if args.model_tag:  # start a server of our own, stopped by PID at the end
+        from serving.launch import Server
+
+        server = Server({"ADVMOE_MODEL_TAG": args.model_tag, "ADVMOE_RUNTIME": args.runtime},
+                        log_path=f"{args.out}/serve.log")
+    with server if args.model_tag else contextlib.nullcontext() as running:
+        url = running.url if args.model_tag else args.url
+        try:
+            result = run_loadtest(url, args.concurrency, args.duration, args.max_requests, payload=args.payload,
+                                  batch_size=args.batch_size, top_k=args.top_k, inputs=args.inputs,
+                                  allow_remote=args.allow_remote,
+                                  out_dir=args.out, log=print)
+        except ClientError as e:
+            print(f"advmoe loadtest: error: {e}", file=sys.stderr)
+            return 2
+    print(f"report: {args.out}/loadtest.md, {args.out}/loadtest.json")
+    if result.errors:
+        print(f"advmoe loadtest: {result.errors} requests failed (see the report)", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     return importlib.import_module(BENCHMARKS[args.name]).main(args.args)
 
@@ -120,6 +148,29 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--wait", type=float, default=10.0, help="seconds to wait for the server to be ready")
     predict.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
     predict.set_defaults(func=cmd_predict)
+
+    loadtest = sub.add_parser("loadtest", help="locust load test of a server: throughput, latency, batching, experts",
+                              description="Ramp the concurrency against a server and write loadtest.json and "
+                                          "loadtest.md: throughput, p50/p95/p99 latency, error rate, mean adaptive "
+                                          "batch size and expert usage per level. Bounded in time and requests.")
+    target = loadtest.add_mutually_exclusive_group(required=True)
+    target.add_argument("--url", help="a running server (loopback only, unless --allow-remote)")
+    target.add_argument("--model-tag", help="start a server of this BentoML model for the test, stop it after")
+    loadtest.add_argument("--runtime", choices=["onnxruntime", "torch", "pt2"], default="onnxruntime",
+                          help="with --model-tag: the server's runtime")
+    loadtest.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64],
+                          help="users (requests in flight) per level (default: 1 8 32 64)")
+    loadtest.add_argument("--duration", type=float, default=10.0, help="seconds per level (default: 10)")
+    loadtest.add_argument("--max-requests", type=int, default=None, help="at most this many requests per level")
+    loadtest.add_argument("--payload", choices=["images", "npy", "json"], default="images",
+                          help="PNG files, a .npy tensor or a JSON array (default: images)")
+    loadtest.add_argument("--batch-size", type=int, default=1, help="inputs per request (default: 1)")
+    loadtest.add_argument("--inputs", help="a .npy [N, C, H, W] in [0, 1] to send in turn (e.g. test images; "
+                                           "routing depends on them); default: uniform noise")
+    loadtest.add_argument("--top-k", type=int, default=1)
+    loadtest.add_argument("--allow-remote", action="store_true", help="allow a server on another host")
+    loadtest.add_argument("--out", default="reports/loadtest", help="report folder (default: %(default)s)")
+    loadtest.set_defaults(func=cmd_loadtest)
 
     bench = sub.add_parser("bench", help="speed benchmarks: `advmoe bench sparse --help`")
     bench.add_argument("name", choices=sorted(BENCHMARKS))

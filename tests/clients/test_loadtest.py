@@ -1,0 +1,117 @@
+"""The locust load test against the live test server (conftest.py's `server`)."""
+from __future__ import annotations
+
+import json
+import sys
+
+import httpx
+import numpy as np
+import pytest
+
+from advmoe.cli import main
+from clients.client import Client
+from clients.loadtest import expert_share, require_loopback, run_loadtest, served_work, summarize
+
+
+def test_a_10_second_load_test_completes_without_errors_and_writes_its_report(server, tmp_path):
+    metrics_before = httpx.get(f"{server.url}/metrics", timeout=10).text
+    result = run_loadtest(server.url, concurrency=(1, 8), duration_s=5, max_requests=2000, out_dir=tmp_path)
+    assert "locust" not in sys.modules, "locust runs in a process of its own"
+    assert [level.concurrency for level in result.levels] == [1, 8]
+    for level in result.levels:
+        assert level.spawned_users == level.concurrency
+        assert level.requests > level.concurrency and level.errors == 0 and level.error_rate == 0
+        assert 0 < level.elapsed_s < 5 + 5  # the level stopped by itself: 5 s, then the requests in flight
+        assert level.throughput_rps == pytest.approx(level.requests / level.elapsed_s)
+        assert level.images_per_s == level.throughput_rps  # one image a request
+        lat = level.latency_ms
+        assert 0 < lat["p50"] <= lat["p95"] <= lat["p99"] <= lat["max"]
+        # every request of the level reached the model once; the batcher merges some of them
+        assert level.model_calls > 0 and 1 <= level.mean_batch_size <= 16
+        assert level.model_calls * level.mean_batch_size == pytest.approx(level.requests)
+        assert set(level.expert_usage) and all(sum(e.values()) == level.requests for e in level.expert_usage.values())
+        assert len(level.expert_share) == 2 and sum(level.expert_share) == pytest.approx(1)
+    assert result.levels[0].mean_batch_size == 1, "one user: nothing to merge"
+    assert result.model["architecture"] == "moe_resnet18" and metrics_before
+
+    report = json.loads((tmp_path / "loadtest.json").read_text())
+    assert report["levels"][1]["requests"] == result.levels[1].requests and report["settings"]["duration_s"] == 5
+    markdown = (tmp_path / "loadtest.md").read_text()
+    rows = [line for line in markdown.splitlines() if line.startswith("| 1 |") or line.startswith("| 8 |")]
+    assert len(rows) == 2 and f"| {result.levels[1].requests} | 0 (0.0 %) |" in rows[1]
+    assert (tmp_path / "locust-c8.log").is_file()
+
+
+def test_the_request_budget_stops_a_level_and_the_cli_writes_its_report(server, served_images, tmp_path, capsys):
+    np.save(tmp_path / "inputs.npy", served_images)
+    code = main(["loadtest", "--url", server.url, "--concurrency", "4", "--duration", "30", "--max-requests", "12",
+                 "--payload", "npy", "--batch-size", "2", "--inputs", str(tmp_path / "inputs.npy"),
+                 "--out", str(tmp_path)])
+    assert code == 0, capsys.readouterr().err
+    assert "loadtest.md" in capsys.readouterr().out
+    level = json.loads((tmp_path / "loadtest.json").read_text())["levels"][0]
+    assert level["requests"] == 12 and level["errors"] == 0 and level["elapsed_s"] < 15
+    assert level["images_per_s"] == pytest.approx(2 * level["throughput_rps"])
+    # 12 requests of 2 inputs: the 8 given inputs three times over, routed as the client sees them
+    with Client(server.url) as client:
+        routing = np.array([p.experts for p in client.predict(served_images)])
+    for layer, experts in level["expert_usage"].items():
+        expected = np.bincount(routing[:, int(layer)], minlength=2) * 3
+        assert [experts.get(str(e), 0) for e in range(2)] == expected.tolist()
+
+
+def test_errors_are_counted_not_hidden(server):
+    # top_k=11 of 10 classes: the server refuses every request with 400
+    result = run_loadtest(server.url, concurrency=(2,), duration_s=2, max_requests=6, top_k=11, warmup_requests=0)
+    level = result.levels[0]
+    assert level.requests == 6 and level.errors == 6 and level.error_rate == 1 and level.throughput_rps == 0
+    [(message, count)] = level.error_messages.items()
+    assert count == 6 and message.startswith("HTTP 400: ") and "top_k=11" in message
+    assert level.model_calls == 0 and level.mean_batch_size is None and result.errors == 6
+
+
+@pytest.mark.parametrize("url", ["http://10.1.2.3:3000", "http://example.com", "192.168.0.1:3000"])
+def test_remote_targets_are_refused_without_the_flag(url, capsys):
+    with pytest.raises(ValueError, match="--allow-remote"):
+        require_loopback(url)
+    assert require_loopback(url, allow_remote=True) == url
+    assert main(["loadtest", "--url", url, "--duration", "1"]) == 2
+    assert "--allow-remote" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:3000", "http://localhost:3000", "http://[::1]:3000", "127.0.0.5"])
+def test_loopback_targets_are_accepted(url):
+    assert require_loopback(url) == url
+
+
+def test_served_work_is_the_metrics_delta_of_predict_only():
+    before = {("advmoe_batch_size_count", (("endpoint", "predict"),)): 10.0,
+              ("advmoe_batch_size_sum", (("endpoint", "predict"),)): 30.0,
+              ("advmoe_batch_size_count", (("endpoint", "attack_probe"),)): 1.0,
+              ("advmoe_expert_routed_samples_total", (("expert", "0"), ("layer", "0"))): 20.0}
+    after = {**before, ("advmoe_batch_size_count", (("endpoint", "predict"),)): 14.0,
+             ("advmoe_batch_size_sum", (("endpoint", "predict"),)): 50.0,
+             ("advmoe_batch_size_count", (("endpoint", "attack_probe"),)): 5.0,
+             ("advmoe_expert_routed_samples_total", (("expert", "0"), ("layer", "0"))): 35.0,
+             ("advmoe_expert_routed_samples_total", (("expert", "1"), ("layer", "0"))): 5.0,
+             ("advmoe_expert_routed_samples_total", (("expert", "1"), ("layer", "1"))): 20.0}
+    work = served_work(before, after)
+    assert work == {"model_calls": 4, "model_inputs": 20, "mean_batch_size": 5.0,
+                    "expert_usage": {"0": {"0": 15, "1": 5}, "1": {"1": 20}}}
+    assert expert_share(work["expert_usage"]) == [15 / 40, 25 / 40]
+    assert expert_share({"0": {"0": 4}}, num_experts=2) == [1.0, 0.0] and expert_share({}) == []
+    assert served_work(before, before)["mean_batch_size"] is None
+
+
+def test_requests_left_in_flight_at_the_hard_stop_count_as_errors():
+    child = {"records": [[0.0, 0.1, True], [0.05, 0.2, True], [0.1, 0.3, False]], "issued": 5,
+             "errors": {"HTTP 503: busy": 1}, "spawned_users": 2}
+    work = {"mean_batch_size": 1.5, "model_calls": 2, "expert_usage": {"0": {"1": 3}}}
+    level = summarize(2, 4, child, work, num_experts=2)
+    assert level.requests == 5 and level.errors == 3 and level.error_rate == 3 / 5
+    assert level.error_messages == {"HTTP 503: busy": 1, "no answer before the level's hard stop": 2}
+    assert level.elapsed_s == pytest.approx(0.4) and level.throughput_rps == pytest.approx(2 / 0.4)
+    assert level.images_per_s == pytest.approx(4 * 2 / 0.4) and level.expert_share == [0.0, 1.0]
+    assert level.latency_ms["p50"] == pytest.approx(150) and level.latency_ms["max"] == pytest.approx(200)
+    nothing = summarize(1, 1, {"records": [], "issued": 0, "errors": {}}, {**work, "expert_usage": {}})
+    assert nothing.requests == 0 and nothing.latency_ms["p99"] is None and nothing.throughput_rps == 0
