@@ -2,8 +2,9 @@
 
     from clients.loadtest import run_loadtest
     result = run_loadtest("http://127.0.0.1:3000", concurrency=(1, 8, 32, 64), duration_s=10)
-    result.levels[-1].throughput_rps, result.levels[-1].latency_ms["p99"], result.to_dict()
+    result.levels[-1].throughput_rps, result.levels[-1].p99_ms, result.to_dict()
     result.write("reports/loadtest")          # loadtest.json + loadtest.md
+    run_level(url, 32, duration_s=10, images=[png_bytes, ...])   # one level, as a dict
 
 Each level runs locust (clients/locustfile.py) in a child process, with as many users as the
 concurrency, each keeping one request in flight; it stops after `duration_s` or `max_requests`
@@ -35,8 +36,11 @@ from urllib.parse import urlsplit
 import httpx
 import numpy as np
 
+from .client import Client, ModelInfo
+
 ROOT = Path(__file__).resolve().parent.parent  # where `clients` imports from
 PAYLOAD_NAMES = {"images": "PNG files (multipart)", "npy": "one .npy tensor (multipart)", "json": "a JSON array"}
+PNG_MAGIC = b"\x89PNG"
 SPAWN_S = 60.0  # a child's time to import locust and spawn its users, on a busy machine
 
 
@@ -120,11 +124,16 @@ class LevelResult:
     requests: int  # sent in the level
     errors: int  # failed: no answer, a non-200 status, or an answer without the predictions
     error_rate: float
-    elapsed_s: float  # from the start of the level until its last request ended
+    seconds: float  # from the start of the level until its last request ended
+    images: int  # inputs in the successful requests
     throughput_rps: float  # successful requests per second
-    images_per_s: float  # successful inputs per second (requests x batch_size)
-    latency_ms: dict[str, float | None]  # p50, p95, p99, mean, max over the successful requests (None: none)
-    mean_batch_size: float | None  # inputs per model call after adaptive batching (/metrics)
+    images_per_s: float  # successful inputs per second
+    p50_ms: float | None  # latency percentiles, mean and max over the successful requests (None: none)
+    p95_ms: float | None
+    p99_ms: float | None
+    mean_ms: float | None
+    max_ms: float | None
+    mean_batch_size: float | None  # inputs per model call after adaptive batching (/metrics; None: no call)
     model_calls: int
     expert_usage: dict[str, dict[str, int]]  # MoE layer -> expert -> samples routed (/metrics)
     expert_share: list[float]  # per expert, over all layers
@@ -136,7 +145,7 @@ class LevelResult:
 class LoadTestResult:
     url: str
     model: dict  # the server's /model_info
-    settings: dict  # duration_s, max_requests, payload, batch_size, top_k, ...
+    settings: dict  # concurrency, duration_s, max_requests, payload, batch_size, top_k, inputs, ...
     machine: dict
     levels: list[LevelResult]
     locust_version: str | None = None
@@ -172,9 +181,9 @@ class LoadTestResult:
         for r in self.levels:
             batch = f"{r.mean_batch_size:.2f}" if r.mean_batch_size is not None else "n/a"
             share = " / ".join(f"{100 * x:.0f}" for x in r.expert_share) + " %" if r.expert_share else "n/a"
-            p50, p95, p99 = (_ms(r.latency_ms[q]) for q in ("p50", "p95", "p99"))
             lines.append(f"| {r.concurrency} | {r.requests} | {r.errors} ({100 * r.error_rate:.1f} %) | "
-                         f"{r.throughput_rps:.1f} | {r.images_per_s:.1f} | {p50} | {p95} | {p99} | {batch} | {share} |")
+                         f"{r.throughput_rps:.1f} | {r.images_per_s:.1f} | {_ms(r.p50_ms)} | {_ms(r.p95_ms)} | "
+                         f"{_ms(r.p99_ms)} | {batch} | {share} |")
         lines += ["", "mean batch: inputs per model call after adaptive batching (`advmoe_batch_size`); expert "
                       "share: samples routed to expert 0 / 1 / ... over all MoE layers "
                       "(`advmoe_expert_routed_samples_total`); both are /metrics deltas over the level."]
@@ -199,19 +208,19 @@ def _ms(value: float | None) -> str:
 def summarize(concurrency: int, batch_size: int, child: dict, work: dict, num_experts: int = 0) -> LevelResult:
     records = np.asarray(child["records"], dtype=np.float64).reshape(-1, 3)  # start, latency, ok
     ok = records[:, 2] > 0
-    elapsed = float((records[:, 0] + records[:, 1]).max()) if len(records) else 0.0
+    seconds = float((records[:, 0] + records[:, 1]).max()) if len(records) else 0.0
     good = records[ok, 1] * 1000
-    latency = ({"p50": float(np.percentile(good, 50)), "p95": float(np.percentile(good, 95)),
-                "p99": float(np.percentile(good, 99)), "mean": float(good.mean()), "max": float(good.max())}
-               if len(good) else dict.fromkeys(("p50", "p95", "p99", "mean", "max")))
+    latency = ({"p50_ms": np.percentile(good, 50), "p95_ms": np.percentile(good, 95),
+                "p99_ms": np.percentile(good, 99), "mean_ms": good.mean(), "max_ms": good.max()} if len(good) else {})
     n_ok, n = int(ok.sum()), max(len(records), int(child.get("issued", 0)))
     errors = dict(child["errors"])
     if n > len(records):  # still in flight when the level's hard stop came
         errors["no answer before the level's hard stop"] = n - len(records)
     return LevelResult(
         concurrency=concurrency, requests=n, errors=n - n_ok, error_rate=(n - n_ok) / n if n else 0.0,
-        elapsed_s=elapsed, throughput_rps=n_ok / elapsed if elapsed else 0.0,
-        images_per_s=n_ok * batch_size / elapsed if elapsed else 0.0, latency_ms=latency,
+        seconds=seconds, images=n_ok * batch_size, throughput_rps=n_ok / seconds if seconds else 0.0,
+        images_per_s=n_ok * batch_size / seconds if seconds else 0.0,
+        **{key: float(latency[key]) if latency else None for key in ("p50_ms", "p95_ms", "p99_ms", "mean_ms", "max_ms")},
         mean_batch_size=work["mean_batch_size"], model_calls=work["model_calls"], expert_usage=work["expert_usage"],
         expert_share=expert_share(work["expert_usage"], num_experts), error_messages=errors,
         spawned_users=child.get("spawned_users", 0))
@@ -254,71 +263,123 @@ def _load_inputs(inputs, shape) -> np.ndarray | None:
     return x
 
 
-def run_loadtest(url: str, concurrency: Sequence[int] = (1, 8, 32, 64), duration_s: float = 10.0,
-                 max_requests: int | None = None, *, payload: str = "images", batch_size: int = 1, top_k: int = 1,
-                 inputs: np.ndarray | str | Path | None = None, warmup_requests: int = 4,
-                 request_timeout_s: float = 60.0, ready_timeout_s: float = 30.0,
-                 allow_remote: bool = False, out_dir: str | Path | None = None,
-                 log: Callable[[str], None] | None = None) -> LoadTestResult:
-    """Ramp through the concurrency levels against the advmoe server at `url` and measure each.
-    `max_requests` bounds each level, `duration_s` too; the result has one LevelResult per level.
-    `inputs`: an array [N, C, H, W] in [0, 1] (or a .npy file of one) to send in turn, e.g. test
-    images, since the routing (and so the cost of sparse execution) depends on them; default:
-    uniform noise. With out_dir: loadtest.json, loadtest.md and the locust logs go there."""
-    from .client import Client
+@dataclass
+class _Prepared:
+    url: str
+    info: ModelInfo
+    plan: dict  # the locust plan of every level, but for its users
+    inputs: str  # what the requests carry, in words
 
+
+def _prepare(url: str, workdir: Path, *, duration_s: float, max_requests: int | None, payload: str, batch_size: int,
+             top_k: int, inputs, images, warmup_requests: int, request_timeout_s: float, ready_timeout_s: float,
+             allow_remote: bool) -> _Prepared:
+    """Check the settings and the server (an advmoe service, answering), write the inputs for the
+    locust process into workdir and warm the server up with them."""
     url = require_loopback(url, allow_remote).rstrip("/")
     if importlib.util.find_spec("locust") is None:
         raise LoadTestError("locust is not installed: pip install -e '.[loadtest]' (or '.[dev]')")
-    levels = [int(c) for c in concurrency]
-    if not levels or min(levels) < 1:
-        raise ValueError(f"concurrency {list(concurrency)}: give levels of at least 1 user")
     if duration_s <= 0 or (max_requests is not None and max_requests < 1):
         raise ValueError("duration_s must be positive and max_requests at least 1")
     if payload not in PAYLOAD_NAMES:
         raise ValueError(f"payload {payload!r}: choose one of {', '.join(PAYLOAD_NAMES)}")
-    say = log or (lambda message: None)
-    started = time.strftime("%Y-%m-%d %H:%M:%S %z")
+    if images is not None and (inputs is not None or payload != "images" or not len(images)):
+        raise ValueError("images (encoded PNG/JPEG files) go with payload='images' and without inputs")
     with Client(url, ready_timeout_s=ready_timeout_s, timeout_s=request_timeout_s) as client:
-        info = client.model_info
-        url = client.url
+        info, url = client.model_info, client.url
         if not 1 <= batch_size <= info.max_batch_size:
             raise ValueError(f"batch_size {batch_size}: the server takes 1 to {info.max_batch_size} inputs a request")
-        given = _load_inputs(inputs, info.input_shape)
-        warm = given[:batch_size] if given is not None else \
-            np.random.default_rng(1).random((batch_size, *info.input_shape), dtype=np.float32)
+        plan = {"url": url, "input_shape": list(info.input_shape), "duration_s": float(duration_s),
+                "max_requests": max_requests, "payload": payload, "batch_size": batch_size, "top_k": top_k,
+                "request_timeout_s": request_timeout_s, "inputs_path": None, "image_paths": None}
+        if images is not None:
+            plan["image_paths"] = [str(workdir / f"image-{i}.{'png' if data.startswith(PNG_MAGIC) else 'jpg'}")
+                                   for i, data in enumerate(images)]
+            for path, data in zip(plan["image_paths"], images):
+                Path(path).write_bytes(data)
+            warm, described = [plan["image_paths"][i % len(images)] for i in range(batch_size)], \
+                f"{len(images)} given image files"
+        else:
+            given = _load_inputs(inputs, info.input_shape)
+            if given is None:
+                warm, described = np.random.default_rng(1).random((batch_size, *info.input_shape), np.float32), \
+                    "uniform noise"
+            else:
+                plan["inputs_path"] = str(workdir / "inputs.npy")
+                np.save(plan["inputs_path"], given)
+                warm = given[np.arange(batch_size) % len(given)]
+                described = f"{inputs} ({len(given)})" if isinstance(inputs, (str, Path)) else \
+                    f"an array of {len(given)}"
         for _ in range(warmup_requests):
             client.predict(warm, top_k=top_k, experts=False)
-    settings = {"concurrency": levels, "duration_s": float(duration_s), "max_requests": max_requests,
-                "payload": payload, "batch_size": batch_size, "top_k": top_k, "warmup_requests": warmup_requests,
-                "inputs": "uniform noise" if given is None else
-                (f"{inputs} ({len(given)})" if isinstance(inputs, (str, Path)) else f"an array of {len(given)}"),
-                "request_timeout_s": request_timeout_s}
-    machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-               "loopback": _is_loopback(urlsplit(url).hostname)}
+    return _Prepared(url, info, plan, described)
+
+
+def _measure(prepared: _Prepared, users: int, workdir: Path, log_path: Path) -> tuple[LevelResult, dict]:
+    plan = {**prepared.plan, "users": users}
+    before = scrape(plan["url"])
+    child = run_child(plan, workdir, log_path)
+    work = served_work(before, scrape(plan["url"]))
+    return summarize(users, plan["batch_size"], child, work, prepared.info.num_experts), child
+
+
+def run_level(url: str, concurrency: int, duration_s: float = 10.0, images: Sequence[bytes] | None = None, *,
+              max_requests: int | None = None, payload: str = "images", batch_size: int = 1, top_k: int = 1,
+              inputs: np.ndarray | str | Path | None = None, warmup_requests: int = 4,
+              request_timeout_s: float = 60.0, ready_timeout_s: float = 30.0, allow_remote: bool = False,
+              log_path: str | Path | None = None) -> dict:
+    """One level against the advmoe server at `url`: `concurrency` users for `duration_s` (and at
+    most `max_requests` requests). `images`: encoded PNG/JPEG files to send in turn (else
+    `inputs`, else uniform noise). Returns the LevelResult as a dict."""
+    with tempfile.TemporaryDirectory(prefix="advmoe-loadtest-") as tmp:
+        prepared = _prepare(url, Path(tmp), duration_s=duration_s, max_requests=max_requests, payload=payload,
+                            batch_size=batch_size, top_k=top_k, inputs=inputs, images=images,
+                            warmup_requests=warmup_requests, request_timeout_s=request_timeout_s,
+                            ready_timeout_s=ready_timeout_s, allow_remote=allow_remote)
+        level, _ = _measure(prepared, int(concurrency), Path(tmp), Path(log_path or Path(tmp) / "locust.log"))
+    return asdict(level)
+
+
+def run_loadtest(url: str, concurrency: Sequence[int] = (1, 8, 32, 64), duration_s: float = 10.0,
+                 max_requests: int | None = None, *, payload: str = "images", batch_size: int = 1, top_k: int = 1,
+                 inputs: np.ndarray | str | Path | None = None, images: Sequence[bytes] | None = None,
+                 warmup_requests: int = 4, request_timeout_s: float = 60.0, ready_timeout_s: float = 30.0,
+                 allow_remote: bool = False, out_dir: str | Path | None = None,
+                 log: Callable[[str], None] | None = None) -> LoadTestResult:
+    """Ramp through the concurrency levels against the advmoe server at `url` and measure each.
+    `max_requests` bounds each level, `duration_s` too; the result has one LevelResult per level.
+    What the requests carry: `images` (encoded PNG/JPEG files), else `inputs` (an array
+    [N, C, H, W] in [0, 1] or a .npy file of one, e.g. test images: the routing, and so the cost of
+    sparse execution, depends on them), else uniform noise; each sent in turn.
+    With out_dir: loadtest.json, loadtest.md and the locust logs go there."""
+    levels = [int(c) for c in concurrency]
+    if not levels or min(levels) < 1:
+        raise ValueError(f"concurrency {list(concurrency)}: give levels of at least 1 user")
+    say = log or (lambda message: None)
+    started = time.strftime("%Y-%m-%d %H:%M:%S %z")
     results, locust_version = [], None
     with tempfile.TemporaryDirectory(prefix="advmoe-loadtest-") as tmp:
+        prepared = _prepare(url, Path(tmp), duration_s=duration_s, max_requests=max_requests, payload=payload,
+                            batch_size=batch_size, top_k=top_k, inputs=inputs, images=images,
+                            warmup_requests=warmup_requests, request_timeout_s=request_timeout_s,
+                            ready_timeout_s=ready_timeout_s, allow_remote=allow_remote)
         logs = Path(out_dir) if out_dir else Path(tmp)
         logs.mkdir(parents=True, exist_ok=True)
-        inputs_path = None
-        if given is not None:
-            inputs_path = str(Path(tmp) / "inputs.npy")
-            np.save(inputs_path, given)
         for users in levels:
-            plan = {"url": url, "input_shape": list(info.input_shape), "users": users, "duration_s": float(duration_s),
-                    "max_requests": max_requests, "payload": payload, "batch_size": batch_size, "top_k": top_k,
-                    "request_timeout_s": request_timeout_s, "inputs_path": inputs_path}
             say(f"concurrency {users}: {duration_s:g} s" + (f", at most {max_requests} requests" if max_requests else ""))
-            before = scrape(url)
-            child = run_child(plan, Path(tmp), logs / f"locust-c{users}.log")
-            level = summarize(users, batch_size, child, served_work(before, scrape(url)), info.num_experts)
+            level, child = _measure(prepared, users, Path(tmp), logs / f"locust-c{users}.log")
             locust_version = child.get("locust_version")
+            batch = "n/a" if level.mean_batch_size is None else f"{level.mean_batch_size:.2f}"
             say(f"  {level.requests} requests, {level.errors} errors, {level.throughput_rps:.1f} req/s, "
-                f"p50 {_ms(level.latency_ms['p50'])} ms, p99 {_ms(level.latency_ms['p99'])} ms, mean batch "
-                f"{level.mean_batch_size if level.mean_batch_size is None else round(level.mean_batch_size, 2)}")
+                f"p50 {_ms(level.p50_ms)} ms, p99 {_ms(level.p99_ms)} ms, mean batch {batch}")
             results.append(level)
-    result = LoadTestResult(url=url, model=info.raw, settings=settings, machine=machine, levels=results,
-                            locust_version=locust_version, started=started)
+    settings = {"concurrency": levels, "duration_s": float(duration_s), "max_requests": max_requests,
+                "payload": payload, "batch_size": batch_size, "top_k": top_k, "inputs": prepared.inputs,
+                "warmup_requests": warmup_requests, "request_timeout_s": request_timeout_s}
+    machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+               "loopback": _is_loopback(urlsplit(prepared.url).hostname)}
+    result = LoadTestResult(url=prepared.url, model=prepared.info.raw, settings=settings, machine=machine,
+                            levels=results, locust_version=locust_version, started=started)
     if out_dir:
         result.write(out_dir)
     return result

@@ -52,6 +52,7 @@ class Plan:
     seed: int = 0
     distinct_bodies: int = 16  # request bodies made up front and cycled through
     inputs_path: str | None = None  # a .npy [N, C, H, W] in [0, 1] to send; None: uniform noise
+    image_paths: list[str] | None = None  # encoded PNG/JPEG files to send as they are (payload "images")
 
 
 def multipart(fields: dict[str, str], files: list[tuple[str, str, bytes, str]]) -> tuple[bytes, dict]:
@@ -81,8 +82,25 @@ def batches(plan: Plan) -> list[np.ndarray]:
         return [rng.random((plan.batch_size, *plan.input_shape), dtype=np.float32)
                 for _ in range(plan.distinct_bodies)]
     inputs = np.load(plan.inputs_path, allow_pickle=False).astype(np.float32)
-    count = max(1, min(64, -(-len(inputs) // plan.batch_size)))  # enough bodies to send every input once
-    return [inputs[np.arange(i * plan.batch_size, (i + 1) * plan.batch_size) % len(inputs)] for i in range(count)]
+    return [inputs[chunk] for chunk in in_turn(len(inputs), plan.batch_size)]
+
+
+def in_turn(n: int, batch_size: int, most: int = 64) -> list[list[int]]:
+    """Indices of n items, batch_size a body, wrapping around: enough bodies to send each item
+    once (at most `most` bodies)."""
+    count = max(1, min(most, -(-n // batch_size)))
+    return [[(i * batch_size + j) % n for j in range(batch_size)] for i in range(count)]
+
+
+def image_bodies(plan: Plan, fields: dict[str, str]) -> list[tuple[bytes, dict]]:
+    """The given image files, batch_size a request, each sent in turn."""
+    files = []
+    for path in plan.image_paths:
+        with open(path, "rb") as f:
+            data = f.read()
+        kind = "png" if data.startswith(b"\x89PNG") else "jpeg"
+        files.append(("images", os.path.basename(path), data, f"image/{kind}"))
+    return [multipart(fields, [files[i] for i in chunk]) for chunk in in_turn(len(files), plan.batch_size)]
 
 
 def make_bodies(plan: Plan) -> list[tuple[bytes, dict]]:
@@ -90,6 +108,8 @@ def make_bodies(plan: Plan) -> list[tuple[bytes, dict]]:
     if plan.payload not in PAYLOADS:
         raise ValueError(f"payload {plan.payload!r}: choose one of {', '.join(PAYLOADS)}")
     fields = {"top_k": str(plan.top_k), "return_experts": "false"}
+    if plan.image_paths:
+        return image_bodies(plan, fields)
     bodies = []
     for x in batches(plan):
         if plan.payload == "images":

@@ -7,10 +7,11 @@ import sys
 import httpx
 import numpy as np
 import pytest
+from PIL import Image
 
 from advmoe.cli import main
 from clients.client import Client
-from clients.loadtest import expert_share, require_loopback, run_loadtest, served_work, summarize
+from clients.loadtest import expert_share, require_loopback, run_level, run_loadtest, served_work, summarize
 
 
 def test_a_10_second_load_test_completes_without_errors_and_writes_its_report(server, tmp_path):
@@ -21,11 +22,10 @@ def test_a_10_second_load_test_completes_without_errors_and_writes_its_report(se
     for level in result.levels:
         assert level.spawned_users == level.concurrency
         assert level.requests > level.concurrency and level.errors == 0 and level.error_rate == 0
-        assert 0 < level.elapsed_s < 5 + 5  # the level stopped by itself: 5 s, then the requests in flight
-        assert level.throughput_rps == pytest.approx(level.requests / level.elapsed_s)
-        assert level.images_per_s == level.throughput_rps  # one image a request
-        lat = level.latency_ms
-        assert 0 < lat["p50"] <= lat["p95"] <= lat["p99"] <= lat["max"]
+        assert 5 <= level.seconds < 5 + 5  # the level stopped by itself: 5 s, then the requests in flight
+        assert level.throughput_rps == pytest.approx(level.requests / level.seconds)
+        assert level.images == level.requests and level.images_per_s == level.throughput_rps  # one image a request
+        assert 0 < level.p50_ms <= level.p95_ms <= level.p99_ms <= level.max_ms
         # every request of the level reached the model once; the batcher merges some of them
         assert level.model_calls > 0 and 1 <= level.mean_batch_size <= 16
         assert level.model_calls * level.mean_batch_size == pytest.approx(level.requests)
@@ -50,7 +50,7 @@ def test_the_request_budget_stops_a_level_and_the_cli_writes_its_report(server, 
     assert code == 0, capsys.readouterr().err
     assert "loadtest.md" in capsys.readouterr().out
     level = json.loads((tmp_path / "loadtest.json").read_text())["levels"][0]
-    assert level["requests"] == 12 and level["errors"] == 0 and level["elapsed_s"] < 15
+    assert level["requests"] == 12 and level["errors"] == 0 and level["seconds"] < 15
     assert level["images_per_s"] == pytest.approx(2 * level["throughput_rps"])
     # 12 requests of 2 inputs: the 8 given inputs three times over, routed as the client sees them
     with Client(server.url) as client:
@@ -58,6 +58,20 @@ def test_the_request_budget_stops_a_level_and_the_cli_writes_its_report(server, 
     for layer, experts in level["expert_usage"].items():
         expected = np.bincount(routing[:, int(layer)], minlength=2) * 3
         assert [experts.get(str(e), 0) for e in range(2)] == expected.tolist()
+
+
+def test_run_level_sends_the_given_image_files_and_returns_a_dict(server, served_images, tmp_path):
+    paths = []
+    for i, image in enumerate(served_images[:3]):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray((image[0] * 255).round().astype(np.uint8), "L").save(paths[-1])
+    level = run_level(server.url, 2, duration_s=20, images=[p.read_bytes() for p in paths], max_requests=9,
+                      warmup_requests=0)
+    assert level["requests"] == 9 and level["errors"] == 0 and level["images"] == 9 and level["seconds"] < 10
+    assert level["p99_ms"] > 0 and level["mean_batch_size"] >= 1 and level["concurrency"] == 2
+    with Client(server.url) as client:  # each file three times over, routed as the client sees it
+        routing = np.array([p.experts for p in client.predict(paths)])
+    assert level["expert_usage"]["0"] == {str(e): 3 * int(n) for e, n in enumerate(np.bincount(routing[:, 0])) if n}
 
 
 def test_errors_are_counted_not_hidden(server):
@@ -110,8 +124,8 @@ def test_requests_left_in_flight_at_the_hard_stop_count_as_errors():
     level = summarize(2, 4, child, work, num_experts=2)
     assert level.requests == 5 and level.errors == 3 and level.error_rate == 3 / 5
     assert level.error_messages == {"HTTP 503: busy": 1, "no answer before the level's hard stop": 2}
-    assert level.elapsed_s == pytest.approx(0.4) and level.throughput_rps == pytest.approx(2 / 0.4)
-    assert level.images_per_s == pytest.approx(4 * 2 / 0.4) and level.expert_share == [0.0, 1.0]
-    assert level.latency_ms["p50"] == pytest.approx(150) and level.latency_ms["max"] == pytest.approx(200)
+    assert level.seconds == pytest.approx(0.4) and level.throughput_rps == pytest.approx(2 / 0.4)
+    assert level.images == 8 and level.images_per_s == pytest.approx(4 * 2 / 0.4) and level.expert_share == [0, 1]
+    assert level.p50_ms == pytest.approx(150) and level.max_ms == pytest.approx(200)
     nothing = summarize(1, 1, {"records": [], "issued": 0, "errors": {}}, {**work, "expert_usage": {}})
-    assert nothing.requests == 0 and nothing.latency_ms["p99"] is None and nothing.throughput_rps == 0
+    assert nothing.requests == 0 and nothing.p99_ms is None and nothing.throughput_rps == 0
