@@ -19,6 +19,26 @@ ROOT = Path(__file__).resolve().parent.parent  # where `serving.service` imports
 SERVICE = "serving.service:AdvMoE"
 
 
+def bentoml_home() -> Path:
+    return Path(os.environ.get("BENTOML_HOME") or Path.home() / "bentoml")
+
+
+def server_home(port: int, home: Path | None = None) -> Path:
+    """A BentoML home for the server on `port`: the shared model and bento stores, linked, and a
+    Prometheus folder of its own. BentoML keeps its multiprocess metrics in BENTOML_HOME and
+    empties that folder when a server starts, so two servers on one home would wipe and mix
+    each other's /metrics."""
+    home = Path(home or bentoml_home())
+    folder = home / "advmoe-servers" / str(port)
+    folder.mkdir(parents=True, exist_ok=True)
+    for store in ("models", "bentos"):
+        (home / store).mkdir(parents=True, exist_ok=True)
+        link = folder / store
+        if not link.is_symlink():
+            link.symlink_to(home / store, target_is_directory=True)
+    return folder
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -44,6 +64,7 @@ def exec_serve(env: dict[str, str], host: str, port: int) -> int:
     except NotFound:
         raise FileNotFoundError(f"no BentoML model {config.model_tag!r} in the store; export a checkpoint with "
                                 f"`advmoe export CHECKPOINT --out DIR --format bento` (`make run` does it)") from None
+    environ["BENTOML_HOME"] = str(server_home(port, Path(environ.get("BENTOML_HOME") or bentoml_home())))
     os.chdir(ROOT)
     os.execve(sys.executable, serve_command(host, port), environ)
     return 1  # not reached
@@ -56,6 +77,8 @@ class Server:
                  ready_timeout_s: float = 120.0, log_path: str | Path | None = None):
         self.host, self.port = host, port or free_port(host)
         self.env = {**os.environ, **(env or {})}
+        home = Path(self.env.get("BENTOML_HOME") or bentoml_home())
+        self.env["BENTOML_HOME"] = str(server_home(self.port, home))
         self.ready_timeout_s = ready_timeout_s
         self.log_path = Path(log_path) if log_path else None
         self.process: subprocess.Popen | None = None
