@@ -6,7 +6,7 @@ import importlib
 import sys
 
 BENCHMARKS = {"sparse": "benchmarks.bench_sparse", "export": "benchmarks.bench_export",
-              "methods": "benchmarks.bench_methods"}
+              "methods": "benchmarks.bench_methods", "serve": "benchmarks.bench_serve"}
 
 
 def cmd_models(args: argparse.Namespace) -> int:
