@@ -112,6 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
     training_cli.add_arguments(train)
     train.set_defaults(func=training_cli.run)
 
+    from training import eval_cli
+
+    evaluate = sub.add_parser("eval", help="robustness of a checkpoint: PGD, AutoAttack, route-fixed and router "
+                                           "attacks, Square, sanity checks; writes eval.json")
+    eval_cli.add_arguments(evaluate)
+    evaluate.set_defaults(func=eval_cli.run)
+
     export = sub.add_parser("export", help="export a checkpoint to ONNX, torch.export, Triton and BentoML")
     export.add_argument("checkpoint", help="checkpoint directory (config.json + model.safetensors)")
     export.add_argument("--format", nargs="+", default=["all"],

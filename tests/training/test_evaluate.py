@@ -1,0 +1,192 @@
+"""`advmoe eval`: stronger attacks than PGD on a model trained here, a worst case taken per
+example, gradient masking flagged, dense models handled, and one-line refusals of bad input."""
+import hashlib
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import advmoe
+import advmoe.models.base as model_base
+from advmoe.attacks import cross_entropy, pgd
+from advmoe.calibrate import balance_routing, calibrate_batchnorm
+from advmoe.cli import main as cli
+from advmoe.gate import Route
+from conftest import small_model
+from training.eval_summary import summary
+from training.evaluate import EvalSettings, evaluate_model, worst_case
+
+EPS = 0.1
+# AutoAttack's four attacks, with Square cut to 300 queries (a custom, cheaper AutoAttack)
+FAST = dict(eps=EPS, square_queries=300, pgd_steps=(10, 20), route_steps=20, sweep_examples=24, batch_size=64)
+ROUTER_CHECK = "the router passes gradient to the input"
+
+
+def stripes(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """28x28 gratings whose orientation is the class (4 classes), random phase and contrast:
+    low-contrast ones are not robust at EPS, high-contrast ones can be."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 4, (n,), generator=g)
+    i, j = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
+    coordinate = torch.stack([i, j, i + j, i - j])[y]
+    phase = torch.rand(n, 1, 1, generator=g) * 2 * math.pi
+    contrast = 0.05 + 0.4 * torch.rand(n, 1, 1, generator=g)
+    x = 0.5 + contrast * torch.sin(coordinate * (2 * math.pi / 6) + phase) + 0.05 * torch.randn(n, 28, 28, generator=g)
+    return x.clamp(0, 1)[:, None], y
+
+
+def tiny_moe(**extra) -> advmoe.MoENet:
+    return small_model("moe_resnet18", "shared", in_channels=1, image_size=28, width=0.0625, router_blocks=1,
+                       router_width=4, **extra)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Attacks on a tiny model are thousands of small steps: on a shared 2-core machine a second
+    thread only adds synchronisation (measured 6x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A MoE ResNet-18 at 1/16 width trained for a few seconds with FGSM (random start) at EPS;
+    a router loss on y mod 2 (as the reference code's) keeps both experts in use."""
+    torch.manual_seed(0)
+    x, y = stripes(256, 0)
+    model = tiny_moe(num_classes=4)
+    optimizer = torch.optim.Adam(model.parameters(), 3e-3)
+    for _ in range(8):
+        for batch in torch.randperm(len(x)).split(32):
+            xb, yb = x[batch], y[batch]
+            model.eval()
+            x_adv = pgd(model, xb, cross_entropy(yb), EPS, 1.25 * EPS, 1)
+            model.train()
+            loss = F.cross_entropy(model(x_adv), yb) + F.nll_loss(model.router_scores.clamp_min(1e-9).log(), yb % 2)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    x_test, y_test = stripes(16, 1)
+    return model.eval(), x_test, y_test
+
+
+@pytest.fixture(scope="module")
+def full(trained):
+    model, x, y = trained
+    return evaluate_model(model, x, y, EvalSettings(**FAST), progress=False)
+
+
+def test_autoattack_and_route_fixed_are_at_least_as_strong_as_pgd10(full):
+    accuracy = full["accuracy"]
+    assert 0 < accuracy["pgd-10"] < accuracy["clean"]  # something to attack, and something left
+    assert accuracy["autoattack"] <= accuracy["pgd-10"]
+    assert accuracy["route-fixed"] <= accuracy["pgd-10"]
+    aa = full["attacks"]["autoattack"]
+    assert [c["name"] for c in aa["components"]] == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    assert aa["standard"] is False  # 300 Square queries, not 5000: said so
+    assert all(full["attacks"][a]["max_perturbation"] <= EPS + 1e-5 for a in full["attacks"] if a != "clean")
+    routes = full["attacks"]["route-fixed"]["routes"]
+    assert [r["expert"] for r in routes] == [0, 1]
+    assert set(full["experts"]["per_route"]) == {"0", "1"}
+
+
+def test_the_worst_case_is_taken_per_example(full):
+    bits = full["per_example"]
+    names = [k for k in bits if k not in ("label", "robust")]
+    assert {"clean", "pgd-10", "pgd-20", "autoattack", "square", "route-fixed", "router"} <= set(names)
+    expected = "".join("1" if all(bits[k][i] == "1" for k in names) else "0" for i in range(full["examples"]))
+    assert bits["robust"] == expected
+    assert full["robust_accuracy"] == pytest.approx(expected.count("1") / full["examples"])
+    assert full["robust_accuracy"] <= min(full["accuracy"][k] for k in names)
+
+
+def test_worst_case_combines_examples_not_accuracies():
+    clean = torch.ones(4, dtype=torch.bool)
+    first, second = torch.tensor([False, False, True, True]), torch.tensor([True, True, False, False])
+    # each attack alone leaves 50 %; together they fool every example
+    assert worst_case({"clean": clean, "a": first, "b": second}).sum() == 0
+    assert worst_case({"clean": clean, "a": first}).tolist() == first.tolist()
+
+
+def plain_argmax_route(logits, top_k=1):
+    """The gate without the straight-through estimator: hard one-hot, no gradient to the router."""
+    experts = logits.topk(top_k, dim=1).indices
+    scores = logits.softmax(dim=1)
+    return Route(experts=experts, weights=torch.zeros_like(scores).scatter(1, experts, 1.0), scores=scores)
+
+
+def test_a_plain_argmax_router_is_flagged_as_gradient_masking(trained, full, monkeypatch):
+    model, x, y = trained
+    monkeypatch.setattr(model_base, "route", plain_argmax_route)
+    masking = evaluate_model(model, x, y, EvalSettings(**{**FAST, "attacks": ("pgd",)}), progress=False)
+    honest = full  # the same model with its straight-through gate
+    assert masking["accuracy"]["clean"] == honest["accuracy"]["clean"]  # the same forward pass
+
+    def router_check(doc):
+        return next(c["passed"] for c in doc["sanity"]["checks"] if c["name"] == ROUTER_CHECK)
+
+    assert router_check(honest) is True and not honest["sanity"]["possible_gradient_masking"]
+    assert router_check(masking) is False and masking["sanity"]["possible_gradient_masking"]
+    assert "possible gradient masking" in summary(masking) and "possible gradient masking" not in summary(honest)
+
+
+def test_dense_models_skip_the_route_attacks_and_say_so(trained):
+    _, x, y = trained
+    torch.manual_seed(0)
+    model = small_model("resnet18", in_channels=1, image_size=28, num_classes=4, width=0.0625)
+    calibrate_batchnorm(model, x)
+    doc = evaluate_model(model, x[:8], y[:8], EvalSettings(eps=EPS, attacks=("pgd", "route-fixed", "router"),
+                                                           pgd_steps=(2, 4), sweep_examples=8), progress=False)
+    assert set(doc["skipped"]) == {"route-fixed", "router"} and "dense model" in doc["skipped"]["router"]
+    assert doc["experts"] is None and set(doc["accuracy"]) == {"clean", "pgd-2", "pgd-4", "robust"}
+    assert "route-fixed skipped: dense model" in summary(doc)
+    assert ROUTER_CHECK not in {c["name"] for c in doc["sanity"]["checks"]}
+
+
+# -- the command ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A Fashion-MNIST-shaped MoE checkpoint (untrained, calibrated) with a training eps of 0.1."""
+    torch.manual_seed(0)
+    model = tiny_moe()
+    x = torch.rand(32, 1, 28, 28)
+    calibrate_batchnorm(model, x)
+    balance_routing(model, x)
+    return advmoe.save_checkpoint(model, tmp_path_factory.mktemp("eval") / "best",
+                                  config={"dataset": "fashion_mnist", "training": {"eps": 0.1}})
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dataset", "cifar10"], "is a fashion_mnist model, not cifar10"),
+    (["--attacks", "pgd", "fgsm"], "unknown attack 'fgsm'"),
+    (["--eps", "8"], "did you mean 8/255"),
+    (["--eps", "8/x"], "not a number"),
+    (["--n-examples", "0"], "n-examples must be >= 1"),
+])
+def test_bad_input_gets_one_line_and_exit_code_2(checkpoint, fashion_dir, args, message, capsys):
+    assert cli(["eval", str(checkpoint), "--data-dir", str(fashion_dir), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("advmoe eval: error:") and err.count("\n") == 1 and message in err, err
+    assert not (checkpoint / "eval.json").exists()
+
+
+def test_a_missing_checkpoint_gets_exit_code_2(tmp_path, capsys):
+    assert cli(["eval", str(tmp_path / "nothing")]) == 2
+    assert "no such checkpoint directory" in capsys.readouterr().err
+
+
+def test_eval_writes_eval_json_and_its_summary_next_to_the_checkpoint(checkpoint, fashion_dir, capsys):
+    assert cli(["eval", str(checkpoint), "--data-dir", str(fashion_dir), "--attacks", "pgd", "router",
+                "--n-examples", "8", "--pgd-steps", "2", "--route-steps", "2", "--sweep-examples", "8"]) == 0
+    doc = json.loads((checkpoint / "eval.json").read_text())
+    assert (doc["dataset"], doc["examples"], doc["eps"], doc["eps_source"]) == (
+        "fashion_mnist", 8, 0.1, "the checkpoint's training eps")
+    assert doc["checkpoint_sha256"] == hashlib.sha256((checkpoint / "model.safetensors").read_bytes()).hexdigest()
+    assert doc["attacks_run"] == ["pgd", "router"] and "router" in doc["accuracy"]
+    assert (checkpoint / "eval.md").read_text() in capsys.readouterr().out
+    assert not [p for p in checkpoint.iterdir() if p.name.startswith(".")]  # no temporary files left
+    advmoe.load_checkpoint(checkpoint)  # still a checkpoint
