@@ -512,7 +512,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, dataset: str | None = Non
     items = [data[i] for i in range(n)]
     x = torch.stack([item[0] for item in items])
     y = torch.tensor([item[1] for item in items])
-    document = {"checkpoint": str(checkpoint), "checkpoint_sha256": _sha256(checkpoint / WEIGHTS),
+    document = {"checkpoint": str(checkpoint), "checkpoint_sha256": file_sha256(checkpoint / WEIGHTS),
                 "architecture": config["architecture"], "training_method": (config.get("training") or {}).get("method"),
                 "dataset": dataset, "split": "test", "first_examples": n, "eps_source": eps_source,
                 **evaluate_model(model, x, y, s, progress)}
@@ -522,7 +522,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, dataset: str | None = Non
     return document
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

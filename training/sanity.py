@@ -82,7 +82,11 @@ def router_gradient(relative_change: Tensor) -> dict:
     moved = (relative_change > ROUTER_GRADIENT_MIN).float().mean().item()
     detail = (f"input gradient changes by > {ROUTER_GRADIENT_MIN:g} (relative) when the routers are detached for "
               f"{100 * moved:.0f} % of {relative_change.numel()} examples (median {relative_change.median().item():.2g})")
-    return _check(name, moved >= ROUTER_GRADIENT_SHARE, detail)
+    passed = moved >= ROUTER_GRADIENT_SHARE
+    if not passed:
+        detail += ("; attacks through the router cannot see a route change here (a plain-argmax or saturated "
+                   "router): only the route-fixed and router attacks, which do not need that gradient, can")
+    return _check(name, passed, detail)
 
 
 def route_aware_vs_pgd(route_correct: Tensor, gradient_correct: Tensor) -> dict:
