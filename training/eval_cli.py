@@ -29,6 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="where eval.json and eval.md go (default: the checkpoint directory)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
 
 
 def parse_eps(text: str | None) -> float | None:
@@ -54,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         args.checkpoint, dataset=args.dataset, data_dir=args.data_dir, n_examples=args.n_examples, out=args.out,
         eps=parse_eps(args.eps), attacks=attacks, batch_size=args.batch_size, pgd_steps=tuple(args.pgd_steps),
         route_steps=args.route_steps, square_queries=args.square_queries, sweep_examples=args.sweep_examples,
-        seed=args.seed,
+        seed=args.seed, device=args.device,
     )
     print(summary(document))
     print(f"wrote {args.out or args.checkpoint}/eval.json and eval.md")

@@ -14,7 +14,8 @@ def summary(doc: dict) -> str:
     data = f"the first {doc['examples']} {doc['dataset']} test images" if "dataset" in doc else f"{doc['examples']} examples"
     lines = [f"# Robustness of {where.strip() or 'a model'}", "",
              f"{data}, linf eps = {doc['eps']:.4g} ({doc.get('eps_source', 'given')}), "
-             f"{'MoE' if doc['moe'] else 'dense'} model; {doc['seconds']:.0f} s on {doc['threads']} thread(s).", "",
+             f"{'MoE' if doc['moe'] else 'dense'} model; {doc['seconds']:.0f} s on "
+             f"{doc['threads']} CPU thread(s)" + (f" and {doc['device']}" if doc.get("device", "cpu") != "cpu" else "") + ".", "",
              "| attack | accuracy | seconds | examples/s |", "|---|---|---|---|"]
     for name, entry in doc["attacks"].items():
         rate = entry.get("examples_per_second")

@@ -268,9 +268,9 @@ class _Evaluator:
         n_experts = self.masked.cfg.num_experts
         k, clock = self.s.route_steps, _Clock()
         step = self.s.step * self.s.eps
-        best_score = torch.full((len(x),), -math.inf)
+        best_score = torch.full((len(x),), -math.inf, device=x.device)
         x_best = x.clone()
-        routes, forced_correct = [], torch.ones(len(x), dtype=torch.bool)
+        routes, forced_correct = [], torch.ones(len(x), dtype=torch.bool, device=x.device)
         for e in range(n_experts):
             self.stage(f"route-fixed, expert {e}")
             self.seed(10_000 + e)
@@ -346,12 +346,14 @@ class _Evaluator:
 
 def evaluate_model(model: nn.Module, x: Tensor, y: Tensor, settings: EvalSettings | None = None,
                    progress: bool | None = None) -> dict:
-    """Run the suite on a model (any advmoe model, dense or MoE) and examples x in [0, 1], labels y.
-    Returns the eval.json document (without the checkpoint fields)."""
+    """Run the suite on a model (any advmoe model, dense or MoE) and examples x in [0, 1], labels y,
+    on the model's device. Returns the eval.json document (without the checkpoint fields)."""
     s = settings or EvalSettings()
     s.validate()
     if len(x) == 0 or len(x) != len(y):
         raise ValueError(f"need as many labels as examples (at least one), got {len(x)} and {len(y)}")
+    device = next(model.parameters()).device
+    x, y = x.to(device), y.to(device)
     is_moe = model.cfg.is_moe
     attacks = list(s.attacks)
     skipped = {}
@@ -411,6 +413,7 @@ def evaluate_model(model: nn.Module, x: Tensor, y: Tensor, settings: EvalSetting
         **dict(zip(("seconds", "cpu_seconds"), (round(t, 1) for t in started.elapsed()))),
         "evaluated_with": "verdicts: sparse execution; gradients: masked execution with the straight-through gate",
         "threads": torch.get_num_threads(),
+        "device": str(device),
         "versions": _versions(),
     }
     return document
@@ -449,7 +452,7 @@ def _experts(ev: _Evaluator, run: _Run, robust: Tensor) -> dict:
         keys = ["-".join(map(str, r)) for r in routing.tolist()]
     per_route = {}
     for key in sorted(set(keys)):
-        mask = torch.tensor([k == key for k in keys])
+        mask = torch.tensor([k == key for k in keys], device=robust.device)
         per_route[key] = {"examples": int(mask.sum()), "clean_accuracy": run.correct["clean"][mask].float().mean().item(),
                           "robust_accuracy": robust[mask].float().mean().item()}
     document = {"clean_share": ev.share(routing),
@@ -477,7 +480,7 @@ def _versions() -> dict:
 # -- checkpoints -----------------------------------------------------------------------------
 def evaluate_checkpoint(checkpoint: str | os.PathLike, dataset: str | None = None, data_dir: str | None = None,
                         n_examples: int = 1000, out: str | os.PathLike | None = None, eps: float | None = None,
-                        progress: bool | None = None, **settings) -> dict:
+                        progress: bool | None = None, device: str = "cpu", **settings) -> dict:
     """Evaluate a checkpoint directory on the first `n_examples` test images of its dataset and
     write eval.json and eval.md (atomically) to `out` (default: the checkpoint directory).
     eps: linf budget in [0, 1] pixels (default: the checkpoint's training eps, else 8/255)."""
@@ -501,7 +504,13 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, dataset: str | None = Non
     s.validate()  # before any slow work
     if n_examples < 1:
         raise ValueError(f"n-examples must be >= 1, got {n_examples}")
-    model = advmoe.load_checkpoint(checkpoint)
+    try:
+        device = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"--device {device!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device is available here; use --device cpu")
+    model = advmoe.load_checkpoint(checkpoint, map_location=device)
     cfg = model.cfg
     if (cfg.in_channels, cfg.image_size, cfg.num_classes) != (info.in_channels, info.image_size, info.num_classes):
         raise ValueError(f"{checkpoint} takes {cfg.in_channels}x{cfg.image_size}x{cfg.image_size} images and "

@@ -166,6 +166,7 @@ def checkpoint(tmp_path_factory):
     (["--eps", "8"], "did you mean 8/255"),
     (["--eps", "8/x"], "not a number"),
     (["--n-examples", "0"], "n-examples must be >= 1"),
+    (["--device", "nonsense"], "--device 'nonsense'"),
 ])
 def test_bad_input_gets_one_line_and_exit_code_2(checkpoint, fashion_dir, args, message, capsys):
     assert cli(["eval", str(checkpoint), "--data-dir", str(fashion_dir), *args]) == 2
