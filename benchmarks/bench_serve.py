@@ -75,6 +75,46 @@ def png_images(n: int, image_size: int, seed: int = 0) -> list[bytes]:
     return images
 
 
+def worker_roles(server) -> dict[str, list]:
+    """The server's worker processes by role: the API, the model and the probe worker."""
+    import psutil
+
+    roles = {"api": [], "model": [], "probe": []}
+    for process in psutil.Process(server.process.pid).children(recursive=True):
+        cmdline = " ".join(process.cmdline())
+        if "_bentoml_impl.worker.service" not in cmdline:
+            continue
+        role = "model" if "advmoe-model" in cmdline else "probe" if "advmoe-probe" in cmdline else "api"
+        roles[role].append(process)
+    return roles
+
+
+def cpu_seconds(roles: dict[str, list]) -> dict[str, float]:
+    import resource
+
+    seconds = {role: sum(sum(p.cpu_times()[:2]) for p in processes) for role, processes in roles.items()}
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)  # the load generator, once it has exited
+    seconds["load generator"] = children.ru_utime + children.ru_stime
+    return seconds
+
+
+def measured_level(server, roles, concurrency: int, duration_s: float, images: list[bytes]) -> dict:
+    """One load level with where the CPU went: seconds of CPU per image in each worker and in the
+    load generator (locust), and the model's own compute time per image (from /metrics)."""
+    from clients.loadtest import run_level, scrape
+
+    compute = ("advmoe_model_compute_seconds_sum", (("endpoint", "predict"),))
+    before_cpu, before = cpu_seconds(roles), scrape(server.url)
+    result = run_level(server.url, concurrency, duration_s, images)
+    after_cpu, after = cpu_seconds(roles), scrape(server.url)
+    served = max(result["images"], 1)
+    result["cpu_ms_per_image"] = {role: (after_cpu[role] - before_cpu[role]) * 1e3 / served for role in after_cpu}
+    result["compute_ms_per_image"] = (sum(v for (name, labels), v in after.items() if (name, labels[:1]) == compute)
+                                      - sum(v for (name, labels), v in before.items()
+                                            if (name, labels[:1]) == compute)) * 1e3 / served
+    return result
+
+
 def variant_label(variant) -> str:
     name, _, runtime, _ = variant
     return f"{name}, {runtime}"
@@ -82,7 +122,6 @@ def variant_label(variant) -> str:
 
 def run(concurrency=(1, 8, 32, 64), duration_s=15.0, rounds=1, runtimes=("onnxruntime", "torch"),
         image_size=32, width=1.0, router_blocks=3, workdir: Path | None = None, log_dir: Path | None = None) -> dict:
-    from clients.loadtest import run_level
     from serving.launch import Server
 
     variants = [v for v in VARIANTS if v[2] in runtimes]
@@ -102,13 +141,14 @@ def run(concurrency=(1, 8, 32, 64), duration_s=15.0, rounds=1, runtimes=("onnxru
             log = (log_dir or workdir) / f"serve-{name.replace(' ', '-')}-{runtime}.log"
             servers[variant] = Server(env, log_path=log, ready_timeout_s=300).start()
             print(f"serving {variant_label(variant)} at {servers[variant].url}", flush=True)
+        roles = {variant: worker_roles(server) for variant, server in servers.items()}
         samples = {(variant, c): [] for variant in variants for c in concurrency}
         for round_index in range(rounds):
             for c in concurrency:
                 # Rotate the order every round and level: no variant always goes first.
                 order = variants[(round_index + c) % len(variants):] + variants[:(round_index + c) % len(variants)]
                 for variant in order:
-                    result = run_level(servers[variant].url, c, duration_s, images)
+                    result = measured_level(servers[variant], roles[variant], c, duration_s, images)
                     samples[(variant, c)].append(result)
                     print(f"round {round_index + 1} {variant_label(variant):26s} c={c:3d}: "
                           f"{result['images_per_s']:7.1f} img/s, p99 {result['p99_ms']:7.1f} ms, "
@@ -124,17 +164,21 @@ def run(concurrency=(1, 8, 32, 64), duration_s=15.0, rounds=1, runtimes=("onnxru
 
 
 def combine(variant, concurrency: int, results: list[dict]) -> dict:
+    """Medians over rounds: a round that something else on the machine slowed does not count double."""
     name, model, runtime, execution = variant
-    seconds = sum(r["seconds"] for r in results)
     return {
         "variant": name, "runtime": runtime, "model": model, "execution": execution, "concurrency": concurrency,
         "requests": sum(r["requests"] for r in results), "errors": sum(r["errors"] for r in results),
-        "images_per_s": sum(r["images"] for r in results) / seconds,
-        # Percentiles: the median over rounds (each round's percentile is over its own requests).
+        "images_per_s": statistics.median(r["images_per_s"] for r in results),
+        "images_per_s_rounds": [r["images_per_s"] for r in results],
+        # Each round's percentile is over its own requests.
         **{p: statistics.median(r[p] if r[p] is not None else float("nan") for r in results)
            for p in ("p50_ms", "p95_ms", "p99_ms")},
         "mean_batch_size": statistics.mean(r["mean_batch_size"] or 0 for r in results),
         "expert_share": results[-1].get("expert_share"),
+        "compute_ms_per_image": statistics.median(r["compute_ms_per_image"] for r in results),
+        "cpu_ms_per_image": {role: statistics.median(r["cpu_ms_per_image"][role] for r in results)
+                             for role in results[0]["cpu_ms_per_image"]},
     }
 
 
@@ -174,7 +218,7 @@ def markdown(result: dict, command: str) -> str:
         "served by the advmoe BentoML service (one API worker, one model worker with adaptive batching "
         "up to 64) with identical settings. Load: locust, headless, closed loop, each user posting one "
         f"PNG image to /predict, {result['duration_s']:g} s per level and variant, {result['rounds']} interleaved "
-        "round(s), loopback; locust runs on the same cores as the server. Untrained weights with calibrated "
+        "round(s), medians over rounds, loopback; locust runs on the same cores as the server. Untrained weights with calibrated "
         "BatchNorm and a router balanced on random images: speed depends on the traffic split, not on "
         "what the weights learnt.",
         "",
@@ -209,9 +253,44 @@ def markdown(result: dict, command: str) -> str:
                          f"| {macs['dense'] / macs['sparse']:.2f}x "
                          f"| {sparse / find(rows, 'masked', runtime, c)['images_per_s']:.2f}x "
                          f"| {macs['masked'] / macs['sparse']:.2f}x |")
+    c = TARGET_CONCURRENCY if TARGET_CONCURRENCY in result["concurrency"] else max(result["concurrency"])
+    lines += ["", f"## Where the time goes (concurrency {c})", "",
+              "CPU milliseconds per served image in each process (psutil; the load generator from the "
+              "exited locust child's rusage), and the model's own compute per image (wall time of the "
+              "model call, `advmoe_model_compute_seconds`, over 2 cores):", "",
+              "| runtime | variant | images/s | model compute ms (wall) | model worker CPU ms | API worker CPU ms "
+              "| locust CPU ms | all CPU ms |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["concurrency"] != c or "cpu_ms_per_image" not in r:
+            continue
+        cpu = r["cpu_ms_per_image"]
+        lines.append(f"| {r['runtime']} | {r['variant']} | {r['images_per_s']:.1f} | {r['compute_ms_per_image']:.1f} "
+                     f"| {cpu['model']:.1f} | {cpu['api']:.1f} | {cpu['load generator']:.1f} "
+                     f"| {sum(cpu.values()):.1f} |")
+    lines += ["", *explain(result, c)]
     lines += ["", "Plots: `efficiency_throughput.png` (throughput vs concurrency), `efficiency_latency.png` "
               "(latency percentiles at concurrency 32), `efficiency_macs.png` (MAC ratio vs measured speed-up).", ""]
     return "\n".join(lines)
+
+
+def explain(result: dict, c: int) -> list[str]:
+    """Why the end-to-end speed-up is what it is: the same per-request work (the API worker's
+    request handling, the model worker's, locust's) is added to a smaller and a larger compute."""
+    rows, lines = result["rows"], []
+    for runtime in sorted({r["runtime"] for r in rows}):
+        sparse, dense = find(rows, "sparse", runtime, c), find(rows, "dense twin", runtime, c)
+        if "cpu_ms_per_image" not in sparse:
+            continue
+        compute = {k: r["compute_ms_per_image"] for k, r in (("sparse", sparse), ("dense", dense))}
+        around = {k: r["cpu_ms_per_image"]["api"] + r["cpu_ms_per_image"]["load generator"]
+                  for k, r in (("sparse", sparse), ("dense", dense))}
+        lines.append(f"- {runtime}: the model call takes {compute['dense']:.1f} ms per dense-twin image and "
+                     f"{compute['sparse']:.1f} ms per sparse image ({compute['dense'] / compute['sparse']:.2f}x), "
+                     f"but the API worker and locust alone burn {around['sparse']:.1f} (sparse) and "
+                     f"{around['dense']:.1f} (dense) CPU ms per image on the same 2 cores, whatever the model, "
+                     f"plus the model worker's own request handling: end to end, "
+                     f"{sparse['images_per_s'] / dense['images_per_s']:.2f}x.")
+    return lines
 
 
 def plot(result: dict, folder: Path, stem: str) -> list[Path]:

@@ -56,13 +56,13 @@ def split_outputs(outputs: np.ndarray, num_classes: int) -> tuple[np.ndarray, np
 @bentoml.service(name="advmoe-model", workers=1, traffic={"timeout": 60}, runner_connection=NO_RECYCLING,
                  logging=QUIET)
 class AdvMoEModel:
-    """The model behind adaptive batching: concurrent requests are merged up to
-    ADVMOE_MAX_BATCH_SIZE inputs or ADVMOE_MAX_LATENCY_MS of waiting."""
+    """The model behind BentoML's adaptive batching: requests that arrive while a batch runs are
+    merged into the next one, up to ADVMOE_MAX_BATCH_SIZE inputs; the batcher waits for more only
+    as long as its latency model says it pays (ADVMOE_MAX_LATENCY_MS is its budget, not a window)."""
 
     model_ref = bentoml.models.BentoModel(CONFIG.model_tag)  # `bentoml build` packs this model
 
     def __init__(self):
-        self.config = CONFIG
         self.runtime = load_runtime(stored_model(CONFIG.model_tag).path, CONFIG)
         self.recent = deque()  # routing arrays of the last IMBALANCE_WINDOW samples
         self.recent_samples = 0
@@ -178,7 +178,6 @@ class AdvMoE:
     prober = bentoml.depends(AdvMoEProbe)
 
     def __init__(self):
-        self.config = CONFIG
         stored = stored_model(CONFIG.model_tag)
         config, model_metrics = read_model_files(stored.path)
         channels, size, _ = config["input_size"]

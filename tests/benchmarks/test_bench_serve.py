@@ -8,7 +8,8 @@ from benchmarks import bench_serve
 def level(variant, runtime, concurrency, images_per_s, p99):
     return {"variant": variant, "runtime": runtime, "concurrency": concurrency, "requests": 100, "errors": 0,
             "images_per_s": images_per_s, "p50_ms": p99 / 2, "p95_ms": p99 * 0.9, "p99_ms": p99,
-            "mean_batch_size": 8.0, "expert_share": [0.5, 0.5]}
+            "mean_batch_size": 8.0, "expert_share": [0.5, 0.5], "compute_ms_per_image": 1000 / images_per_s / 2,
+            "cpu_ms_per_image": {"api": 4.0, "model": 2000 / images_per_s, "probe": 0.0, "load generator": 1.0}}
 
 
 def result(sparse, masked, dense, sparse_p99=100.0, dense_p99=200.0):
@@ -37,4 +38,6 @@ def test_report_files_are_written_together(tmp_path):
     text = out.read_text()
     assert "`advmoe bench serve --duration 10`" in text and "| onnxruntime | sparse | 32 | 210.0 |" in text
     assert "| onnxruntime | 32 | 2.10x | 2.95x | 1.75x | 1.89x |" in text  # measured vs MAC ratios
+    assert "| onnxruntime | sparse | 210.0 | 2.4 | 9.5 | 4.0 | 1.0 | 14.5 |" in text  # where the time goes
+    assert "2.4 ms per sparse image (2.10x)" in text and "burn 5.0 (sparse) and 5.0 (dense) CPU ms" in text
     assert json.loads((out.parent / "efficiency.json").read_text())["rows"][0]["images_per_s"] == 210
