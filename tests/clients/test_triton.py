@@ -16,11 +16,8 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 from tritonclient.utils import InferenceServerException
 
-import advmoe
 from clients import triton_server
 from clients.triton_client import TritonClient, TritonInputError, TritonUnavailable, parse_url
-from conftest import calibrated_model
-from export import export_checkpoint
 from export.graph import onnx_session
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -82,12 +79,10 @@ def server_python():
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    root = tmp_path_factory.mktemp("triton")
-    model = calibrated_model("moe_vgg16", "shared")  # 12 MoE layers; exports faster than ResNet-18's 16
-    checkpoint = advmoe.save_checkpoint(model, root / "ck", metrics={"clean_accuracy": 0.25},
-                                        config={"dataset": "cifar10", "classes": [f"c{i}" for i in range(10)]})
-    return export_checkpoint(checkpoint, root / "out", ["triton"], log=lambda *a: None).out
+def exported(exported_model):
+    """The test session's exported model (tests/conftest.py: a 1x28x28 MoE ResNet-18, 16 MoE
+    layers, with its Triton repository): one export for the serving and the client tests."""
+    return exported_model.out
 
 
 @pytest.fixture(scope="module")
@@ -132,11 +127,11 @@ def test_client_gives_onnxruntime_logits_and_routing(server, reference, protocol
     rng = np.random.default_rng({"http": 1, "grpc": 2}[protocol])
     with client_for(server, protocol) as client:
         for batch in (1, 6, 70):  # 70 > max_batch_size: the client splits it
-            x = rng.random((batch, 3, 32, 32), dtype=np.float32)
+            x = rng.random((batch, 1, 28, 28), dtype=np.float32)
             logits, routing = client.infer(x)
             expected_logits, expected_routing = reference(x)
             assert logits.shape == expected_logits.shape == (batch, 10) and logits.dtype == np.float32
-            assert routing.shape == expected_routing.shape == (batch, 12) and routing.dtype == np.int64
+            assert routing.shape == expected_routing.shape == (batch, 16) and routing.dtype == np.int64
             np.testing.assert_allclose(logits, expected_logits, atol=1e-4, rtol=0)
             np.testing.assert_array_equal(routing, expected_routing)
     assert len(np.unique(routing[:, 0])) == 2  # both experts used: the routing comparison means something
@@ -150,7 +145,7 @@ def metric(server, name: str) -> float:
 
 def test_concurrent_requests_each_get_their_own_answer(server, reference):
     """Requests from several clients at once go through the dynamic batcher; none gets another's rows."""
-    images = np.random.default_rng(3).random((24, 1, 3, 32, 32), dtype=np.float32)
+    images = np.random.default_rng(3).random((24, 1, 1, 28, 28), dtype=np.float32)
     results, errors = [None] * len(images), []
     before = metric(server, "nv_inference_count")
 
@@ -178,23 +173,23 @@ def test_concurrent_requests_each_get_their_own_answer(server, reference):
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_wrong_inputs_are_refused_with_what_to_change(server, protocol):
     with client_for(server, protocol) as client:
-        with pytest.raises(TritonInputError, match=r"shape \[2, 3, 28, 28\].*takes 'input' \[B, 3, 32, 32\]"):
-            client.infer(np.zeros((2, 3, 28, 28), np.float32))
-        with pytest.raises(TritonInputError, match=r"shape \[2, 1, 32, 32\].*\[B, 3, 32, 32\]"):
+        with pytest.raises(TritonInputError, match=r"shape \[2, 1, 32, 32\].*takes 'input' \[B, 1, 28, 28\]"):
             client.infer(np.zeros((2, 1, 32, 32), np.float32))
+        with pytest.raises(TritonInputError, match=r"shape \[2, 3, 28, 28\].*\[B, 1, 28, 28\]"):
+            client.infer(np.zeros((2, 3, 28, 28), np.float32))
         with pytest.raises(TritonInputError, match=r"without a batch axis.*x\[None\]"):
-            client.infer(np.zeros((3, 32, 32), np.float32))
+            client.infer(np.zeros((1, 28, 28), np.float32))
         with pytest.raises(TritonInputError, match=r"\[0, 1\].*divide 8-bit images by 255"):
-            client.infer(np.full((1, 3, 32, 32), 255, np.uint8))
+            client.infer(np.full((1, 1, 28, 28), 255, np.uint8))
         with pytest.raises(TritonInputError, match="empty batch"):
-            client.infer(np.zeros((0, 3, 32, 32), np.float32))
+            client.infer(np.zeros((0, 1, 28, 28), np.float32))
 
 
 def test_the_server_itself_refuses_a_wrong_shape(server):
     """As Triton with the exported config.pbtxt would: the config's dims are enforced server-side."""
     raw = tritonclient.http.InferenceServerClient(server.http_url.removeprefix("http://"))
-    request = tritonclient.http.InferInput("input", [1, 3, 28, 28], "FP32")
-    request.set_data_from_numpy(np.zeros((1, 3, 28, 28), np.float32))
+    request = tritonclient.http.InferInput("input", [1, 3, 32, 32], "FP32")
+    request.set_data_from_numpy(np.zeros((1, 3, 32, 32), np.float32))
     with pytest.raises(InferenceServerException, match=r"unexpected shape"):
         raw.infer("advmoe", [request])
     raw.close()
