@@ -25,6 +25,11 @@ def _allowance(n: int) -> int:
     return max(1, math.floor(MARGIN * n))
 
 
+def _counts(accuracy: list[float], n: int) -> list[int]:
+    """Images correct: the allowance is whole images, and float32 accuracies are not exact."""
+    return [round(a * n) for a in accuracy]
+
+
 def _check(name: str, passed: bool | None, detail: str) -> dict:
     return {"name": name, "passed": passed, "detail": detail}
 
@@ -34,9 +39,10 @@ def eps_sweep(eps: list[float], accuracy: list[float], n: int, steps: int) -> di
     name = "accuracy falls as eps grows"
     if len(eps) < 2:
         return _check(name, None, "needs at least two eps values")
-    tolerance = _allowance(n) / n
+    correct = _counts(accuracy, n)
     rises = [f"{a:g} -> {b:g}: {100 * p:.1f} % -> {100 * q:.1f} %"
-             for a, b, p, q in zip(eps, eps[1:], accuracy, accuracy[1:]) if q > p + tolerance]
+             for a, b, p, q, c, d in zip(eps, eps[1:], accuracy, accuracy[1:], correct, correct[1:])
+             if d > c + _allowance(n)]
     large = [p for e, p in zip(eps, accuracy) if e >= LARGE_EPS]
     curve = ", ".join(f"{e:.4g}: {100 * p:.1f} %" for e, p in zip(eps, accuracy))
     detail = f"PGD-{steps} on {n} examples at eps {curve}"
@@ -56,10 +62,10 @@ def more_steps(accuracy: dict[int, float], n: int) -> dict:
     if len(accuracy) < 2:
         return _check(name, None, "needs PGD with at least two step counts")
     steps = sorted(accuracy)
-    tolerance = _allowance(n) / n
+    correct = dict(zip(steps, _counts([accuracy[k] for k in steps], n)))
     curve = ", ".join(f"PGD-{k}: {100 * accuracy[k]:.1f} %" for k in steps)
     bad = [f"PGD-{a} {100 * accuracy[a]:.1f} % < PGD-{b} {100 * accuracy[b]:.1f} %"
-           for a, b in zip(steps, steps[1:]) if accuracy[b] > accuracy[a] + tolerance]
+           for a, b in zip(steps, steps[1:]) if correct[b] > correct[a] + _allowance(n)]
     return _check(name, not bad, curve + (f"; more steps helped: {'; '.join(bad)}" if bad else ""))
 
 
