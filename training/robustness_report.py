@@ -93,23 +93,28 @@ def accuracy_table(results: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
+# (reference, attack): points the attack takes off the reference, per seed (paired on the same images)
+PAIRS = (("pgd-10", "autoattack"), ("pgd-10", "robust"), ("pgd-10", "route-fixed"), ("pgd-50", "square"))
+
+
 def drops(docs: list[dict]) -> dict[str, tuple[float, float]]:
-    """Points taken off PGD-10 by AutoAttack and by the worst case, per seed (paired), mean ± std."""
-    return {key: _mean_std([100 * (d["accuracy"]["pgd-10"] - d["accuracy"][key]) for d in docs])
-            for key in ("autoattack", "robust")}
+    """Points taken off PGD-10 (PGD-50 for Square) by each attack, per seed (paired), mean ± std."""
+    return {attack: _mean_std([100 * (d["accuracy"][ref] - d["accuracy"][attack]) for d in docs])
+            for ref, attack in PAIRS if all(attack in d["accuracy"] and ref in d["accuracy"] for d in docs)}
 
 
 def drop_table(results: dict[str, list[dict]]) -> str:
-    lines = ["| method | PGD-10 - AutoAttack (points) | PGD-10 - worst case (points) | route flips under the router attack "
-             "| prediction flips given a route flip | sanity checks passed |", "|---|---|---|---|---|---|"]
+    lines = ["| method | PGD-10 - AutoAttack | PGD-10 - worst case | PGD-10 - route-fixed | PGD-50 - Square alone "
+             "| route flips under the router attack (%) | prediction flips given a route flip (%) | sanity checks passed |",
+             "|---|---|---|---|---|---|---|---|"]
     for label, docs in results.items():
         d = drops(docs)
+        cells = [f"{d[k][0]:.1f} ± {d[k][1]:.1f}" if k in d else "dense" for k in ("autoattack", "robust", "route-fixed", "square")]
         router = [x["attacks"].get("router", {}) for x in docs]
         flips = _pct([r.get("route_flip_rate") for r in router]) if any(router) else "dense"
         given = _pct([r.get("prediction_flip_given_route_flip") for r in router]) if any(router) else "dense"
         passed = sum(x["sanity"]["passed"] for x in docs)
-        lines.append(f"| {label} | {d['autoattack'][0]:.1f} ± {d['autoattack'][1]:.1f} | {d['robust'][0]:.1f} ± "
-                     f"{d['robust'][1]:.1f} | {flips} | {given} | {passed} of {len(docs)} |")
+        lines.append(f"| {label} | {' | '.join(cells)} | {flips} | {given} | {passed} of {len(docs)} |")
     return "\n".join(lines)
 
 
@@ -119,6 +124,21 @@ def aa_verdict(results: dict[str, list[dict]]) -> str:
     return (f"AutoAttack lowers AdvMoE's robust accuracy {more} the dense baseline's: by {moe:.1f} ± {moe_sd:.1f} "
             f"points from PGD-10 for AdvMoE against {dense:.1f} ± {dense_sd:.1f} for dense PGD-AT "
             f"(paired on the same images, per seed).")
+
+
+def findings(results: dict[str, list[dict]]) -> list[str]:
+    """Sentences computed from the evaluations (no number in them is typed in)."""
+    lines = [aa_verdict(results)]
+    for label, docs in results.items():
+        square = drops(docs)["square"]
+        where = "below" if square[0] > 0 else "above" if square[0] < 0 else "level with"
+        lines.append(f"{label}: gradient-free Square alone ends {abs(square[0]):.1f} ± {square[1]:.1f} points {where} "
+                     f"PGD-50{' through the straight-through router' if docs[0]['moe'] else ''}.")
+        if docs[0]["moe"]:
+            collapsed = sum(max(d["experts"]["clean_share"]) > 0.9 for d in docs)
+            lines.append(f"{label}: the router sends over 90 % of the clean images to one expert in {collapsed} of "
+                         f"{len(docs)} seeds.")
+    return lines
 
 
 def sanity_lines(results: dict[str, list[dict]]) -> list[str]:
@@ -230,10 +250,14 @@ def render(results: dict[str, list[dict]], estimate: dict, command: str, seconds
                if d["moe"] else "") for d in docs))
     flags = sorted({f for docs in results.values() for d in docs for f in d["autoattack_flags"]})
     sem = 100 * (0.5 * 0.5 / n) ** 0.5
+    aa_costs = [d["attacks"]["autoattack"]["cpu_seconds"] / d["examples"] for docs in results.values() for d in docs]
+    aa_low, aa_high = min(aa_costs), max(aa_costs)
     return f"""# Robustness of the Fashion-MNIST runs under `advmoe eval`
 
-Produced by `{command}` (training/robustness_report.py) in {seconds / 60:.0f} min on one thread
-of the shared 2-core CPU. Checkpoints: the 12 runs of reports/fmnist_methods.md (`runs/report/*/best`,
+Produced by `{command}` (training/robustness_report.py). The evaluations took
+{sum(d['seconds'] for docs in results.values() for d in docs) / 60:.0f} min of wall time and
+{sum(d['cpu_seconds'] for docs in results.values() for d in docs) / 60:.0f} min of CPU time on one thread of the shared 2-core CPU,
+niced below the other engineers' jobs (this invocation: {seconds / 60:.0f} min; it reuses an eval.json whose checkpoint and settings match). Checkpoints: the 12 runs of reports/fmnist_methods.md (`runs/report/*/best`,
 fmnist-tiny at 3 epochs of 6,000 images); each one's eval.json lies next to it. Threat model: linf
 ε = {eps:g} in [0, 1] pixels, the training ε. Images: the first {n} of the Fashion-MNIST test set, the same
 for every checkpoint. Mean ± standard deviation over seeds {', '.join(map(str, seeds))}.
@@ -247,8 +271,8 @@ router scores); Square alone on every clean-correct image. The worst case counts
 if it is classified correctly clean and under every attack. Verdicts come from the real model (sparse
 execution); every adversarial image is checked to lie within ε and [0, 1].
 
-**Sample size.** AutoAttack costs 5-10 CPU-seconds per image for these models on this CPU (table
-below), so {n} images per checkpoint is what fits the 45-minute budget. One accuracy on {n} images has a
+**Sample size.** AutoAttack costs {aa_low:.0f}-{aa_high:.0f} CPU-seconds per image for these checkpoints on this CPU
+(table below), so {n} images per checkpoint is what fits a 45-minute budget. One accuracy on {n} images has a
 standard error of up to {sem:.0f} points; the same images are used for every checkpoint, so differences
 between attacks on one checkpoint (paired) are far more precise than absolute levels or differences
 between methods. The last column (PGD-10 on 2,000 images, from the training report) shows how typical
@@ -260,9 +284,11 @@ these {n} images are.
 
 ## What the stronger attacks take off PGD-10
 
+Points, mean ± std over seeds of the per-seed differences on the same images.
+
 {drop_table(results)}
 
-{aa_verdict(results)}
+{chr(10).join('- ' + line for line in findings(results))}
 
 ## Sanity checks (thresholds fixed in training/sanity.py before any result)
 
