@@ -61,27 +61,45 @@ def _reusable(checkpoint: Path, settings: EvalSettings, n: int) -> dict | None:
     return doc if same else None
 
 
+def evaluate(best: Path, n: int, eps: float, name: str, log=print) -> dict:
+    """eval.json of a checkpoint with the default suite: reused when it matches, else made."""
+    if not (best / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{best} is missing: train the runs first (python -m training.report)")
+    doc = _reusable(best, EvalSettings(eps=eps), n)
+    if doc is None:
+        start = time.perf_counter()
+        doc = evaluate_checkpoint(best, n_examples=n, eps=eps, progress=False)
+        log(f"{name}: robust {100 * doc['robust_accuracy']:.1f} % ({time.perf_counter() - start:.0f} s)")
+    else:
+        log(f"{name}: reusing {best / 'eval.json'}")
+    doc["pgd_2000"] = read_metrics(best).get("test_pgd_accuracy")
+    return doc
+
+
 def evaluate_runs(runs: Path, seeds: list[int], n: int, eps: float, log=print) -> dict[str, list[dict]]:
-    settings = EvalSettings(eps=eps)
     results: dict[str, list[dict]] = {}
     for label, _, _, _, prefix in CONTENDERS:
         results[label] = []
         for seed in seeds:
-            best = runs / f"{prefix}-seed{seed}" / "best"
-            if not (best / "model.safetensors").is_file():
-                raise FileNotFoundError(f"{best} is missing: train the runs first (python -m training.report)")
-            doc = _reusable(best, settings, n)
-            if doc is None:
-                start = time.perf_counter()
-                doc = evaluate_checkpoint(best, n_examples=n, eps=eps, progress=False)
-                log(f"{label}, seed {seed}: robust {100 * doc['robust_accuracy']:.1f} % "
-                    f"({time.perf_counter() - start:.0f} s)")
-            else:
-                log(f"{label}, seed {seed}: reusing {best / 'eval.json'}")
+            doc = evaluate(runs / f"{prefix}-seed{seed}" / "best", n, eps, f"{label}, seed {seed}", log)
             doc["seed"] = seed
-            doc["pgd_2000"] = read_metrics(best).get("test_pgd_accuracy")
             results[label].append(doc)
     return results
+
+
+def also_section(docs: list[dict]) -> str:
+    """Other checkpoints (e.g. the shipped model), each on its own number of images."""
+    if not docs:
+        return ""
+    lines = ["## Other checkpoints", "",
+             "| checkpoint | images | " + " | ".join(name for _, name in COLUMNS) + " | PGD-10 on 2,000 | sanity |",
+             "|---" * (len(COLUMNS) + 4) + "|"]
+    for d in docs:
+        cells = ["n/a" if key not in d["accuracy"] else f"{100 * d['accuracy'][key]:.1f}" for key, _ in COLUMNS]
+        pgd = "" if d["pgd_2000"] is None else f"{100 * d['pgd_2000']:.1f}"
+        lines.append(f"| `{d['checkpoint']}` | {d['examples']} | " + " | ".join(cells)
+                     + f" | {pgd} | {'passed' if d['sanity']['passed'] else 'failed: ' + ', '.join(d['sanity']['failed'])} |")
+    return "\n".join(lines) + "\n"
 
 
 def accuracy_table(results: dict[str, list[dict]]) -> str:
@@ -223,7 +241,7 @@ def cifar_estimate(results: dict[str, list[dict]], runs: Path, seeds: list[int])
 
 
 def render(results: dict[str, list[dict]], estimate: dict, command: str, seconds: float, n: int, eps: float,
-           seeds: list[int]) -> str:
+           seeds: list[int], also: list[dict] = ()) -> str:
     first = results[ADVMOE][0]
     rate = throughput(results)
     names = {"clean": "clean", "pgd-10": "PGD-10", "pgd-50": "PGD-50", "autoattack": "AutoAttack (4 attacks)",
@@ -323,6 +341,7 @@ the router attack add {estimate['suite_extra_cpu_hours']:.0f} CPU-hours ({sum(SU
 masking check, adds about {100 * (CIFAR['clean'] - CIFAR['robust']) / CIFAR['robust']:.0f} % to Square's line at most
 (images that are not robust are usually fooled in far fewer than 5,000 queries).
 
+{also_section(list(also))}
 ## Per run (%)
 
 {chr(10).join(per_run)}
@@ -336,15 +355,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-examples", type=int, default=20)
     parser.add_argument("--eps", type=float, default=0.1)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--also", nargs="*", default=[], metavar="CHECKPOINT",
+                        help="more checkpoints to evaluate, each on --also-examples images (e.g. the shipped model)")
+    parser.add_argument("--also-examples", type=int, default=100)
     parser.add_argument("--out", default="reports/fmnist_robustness.md")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     runs = Path(args.runs)
     results = evaluate_runs(runs, args.seeds, args.n_examples, args.eps)
+    also = [evaluate(Path(p), args.also_examples, args.eps, p) for p in args.also]
     estimate = cifar_estimate(results, runs, args.seeds)
     command = "python -m training.robustness_report " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = render(results, estimate, command.strip(), time.perf_counter() - start, args.n_examples, args.eps, args.seeds)
+    text = render(results, estimate, command.strip(), time.perf_counter() - start, args.n_examples, args.eps, args.seeds,
+                  also)
     atomic_write_text(args.out, text)
     summary = {label: [{k: d[k] for k in ("seed", "checkpoint", "checkpoint_sha256", "accuracy", "robust_accuracy", "sanity",
                                           "experts", "per_example", "seconds", "cpu_seconds")}
@@ -352,7 +376,9 @@ def main(argv: list[str] | None = None) -> int:
                           "pgd_2000": d["pgd_2000"]} for d in docs] for label, docs in results.items()}
     atomic_write_text(Path(args.out).with_suffix(".json"), json.dumps(
         {"command": command.strip(), "eps": args.eps, "examples": args.n_examples, "attacks": list(ATTACKS),
-         "runs": summary, "cifar10_estimate": estimate}, indent=1) + "\n")
+         "runs": summary, "also": [{k: d[k] for k in ("checkpoint", "checkpoint_sha256", "examples", "accuracy",
+                                                       "robust_accuracy", "sanity", "pgd_2000")} for d in also],
+         "cifar10_estimate": estimate}, indent=1) + "\n")
     print(text)
     return 0
 
