@@ -63,7 +63,10 @@ class AdvMoEModel:
     model_ref = bentoml.models.BentoModel(CONFIG.model_tag)  # `bentoml build` packs this model
 
     def __init__(self):
-        self.runtime = load_runtime(stored_model(CONFIG.model_tag).path, CONFIG)
+        folder = stored_model(CONFIG.model_tag).path
+        self.runtime = load_runtime(folder, CONFIG)
+        config, _ = read_model_files(folder)
+        self.num_experts = int(config["model_args"].get("num_experts", 0))
         self.recent = deque()  # routing arrays of the last IMBALANCE_WINDOW samples
         self.recent_samples = 0
 
@@ -105,11 +108,6 @@ class AdvMoEModel:
         for layer in range(window.shape[1]):
             share = np.bincount(window[:, layer], minlength=experts).max() / len(window)
             m.imbalance.labels(str(layer)).set(float(share * experts))
-
-    @functools.cached_property
-    def num_experts(self) -> int:
-        config, _ = read_model_files(stored_model(CONFIG.model_tag).path)
-        return int(config["model_args"].get("num_experts", 0))
 
 
 @bentoml.service(name="advmoe-probe", workers=1, traffic={"timeout": CONFIG.probe_timeout_s + 30},
