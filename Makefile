@@ -1,13 +1,13 @@
 # Two commands set everything up on a fresh machine (see README.md):
 #   make run    the main job: export the small Fashion-MNIST model (shipped in checkpoints/, trained
 #               by `make train` if absent) and serve it with BentoML on http://127.0.0.1:3000
-#   make test   the test suite (what .ci/run runs)
+#   make test   the whole test suite, Triton's included (what .ci/run runs)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run serve export test train ship bench models clean
+.PHONY: install run serve export test data train ship bench models clean
 
 # pip takes torch 2.14.1 / torchvision 0.29.1 from this machine's disk (pinned in pyproject.toml).
 $(STAMP): pyproject.toml
@@ -42,7 +42,26 @@ $(CHECKPOINT)/model.safetensors:
 ship: $(RUN)/best/model.safetensors
 	rm -rf $(CHECKPOINT) && mkdir -p $(dir $(CHECKPOINT)) && cp -r $(RUN)/best $(CHECKPOINT)
 
-test: install
+# The Triton client tests run a local Triton server from a venv of its own (nvidia-pytriton pins
+# numpy 1.26): made once (about a minute), then reused.
+TRITON_STAMP := .venv-triton/.ready
+
+$(TRITON_STAMP): | install
+	$(BIN)/python -m clients.triton_server setup
+	touch $(TRITON_STAMP)
+
+# Fashion-MNIST from Debian's package (the only data set the machine can have; tests read it).
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
+data:
+	@test -f $(FASHION_MNIST) || if [ "$$(id -u)" = 0 ]; then \
+		apt-get update -q && apt-get install -y -q dataset-fashion-mnist; \
+	else \
+		echo "Fashion-MNIST is missing: sudo apt-get install dataset-fashion-mnist (its test skips without it)"; \
+	fi
+
+# The whole suite, Triton tests included.
+test: install $(TRITON_STAMP) data
 	$(BIN)/python -m pytest -q
 
 # The fmnist-tiny preset end to end (about 10 minutes on 2 cores); resumes a run that was cut off.
@@ -58,4 +77,4 @@ models: install
 	$(BIN)/advmoe models
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) .venv-triton *.egg-info .pytest_cache

@@ -2,7 +2,7 @@
 
 The forward pass uses a hard choice (one-hot for top-1); the backward pass sends the gradient
 straight to the softmax scores. Without it the router gets no gradient and neither do attacks
-through it (gradient masking), see ADVMOE.md.
+through it (gradient masking), see docs/method.md.
 """
 from __future__ import annotations
 
@@ -53,3 +53,10 @@ def route(logits: Tensor, top_k: int = 1) -> Route:
         chosen = scores.gather(1, experts)
         weights = torch.zeros_like(scores).scatter(1, experts, chosen / chosen.sum(1, keepdim=True))
     return Route(experts=experts, weights=weights, scores=scores)
+
+
+def expert_share(routing: Tensor, num_experts: int) -> list[float]:
+    """Share of the routing decisions (samples x MoE layers, `last_routing`) that went to each
+    expert: what training logs, `advmoe eval` reports and collapse checks read."""
+    counts = routing.flatten().bincount(minlength=num_experts).float()
+    return (counts / max(1, routing.numel())).tolist()

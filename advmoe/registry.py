@@ -10,7 +10,7 @@ from .models.resnet import ResNet, ResNetConfig
 from .models.vgg import VGG, VGGConfig
 from .models.wrn import WideResNet, WideResNetConfig
 
-# The reference MoE setting of ADVMOE.md: 2 experts at half width, one shared router.
+# The reference MoE setting (docs/method.md): 2 experts at half width, one shared router.
 MOE_DEFAULTS = dict(num_experts=2, expert_ratio=0.5, router="shared")
 
 

@@ -1,4 +1,4 @@
-"""Attacks on the routing of a MoE model, in pixel space like `attacks.pgd` (ADVMOE.md, Evaluation).
+"""Attacks on the routing of a MoE model, in pixel space like `attacks.pgd` (docs/method.md, Evaluation).
 
 PGD through the straight-through gate sees the route only through a surrogate gradient. Two
 attacks do not rely on it:

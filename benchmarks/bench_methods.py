@@ -19,12 +19,11 @@ import torch
 
 import advmoe
 from training.config import resolve
-from training.methods import GROUPS, METHODS, Step
-from training.trainer import attack_steps_per_batch, make_optimizers
+from training.methods import METHODS, Step
+from training.trainer import make_optimizers
 
 
-VARIANTS = [("standard", {}), ("pgd-at", {}), ("trades", {}), ("moe-at", {}), ("router-only", {}),
-            ("advmoe", {}), ("advmoe", {"recraft": False})]
+VARIANTS = [(name, {}) for name in METHODS] + [("advmoe", {"recraft": False})]
 
 
 def run(preset: str = "fmnist-tiny", batch_size: int | None = None, rounds: int = 5):
@@ -42,18 +41,18 @@ def run(preset: str = "fmnist-tiny", batch_size: int | None = None, rounds: int 
         steps[_label(method, changes)] = (Step(model, cfg, make_optimizers(cfg, model)), cfg)
     samples = {label: [] for label in steps}
     for label, (step, cfg) in steps.items():
-        METHODS[cfg.method](step, x, y)  # warm-up
+        METHODS[cfg.method].step(step, x, y)  # warm-up
     for _ in range(rounds):
         for label, (step, cfg) in steps.items():
             start = time.perf_counter()
-            METHODS[cfg.method](step, x, y)
+            METHODS[cfg.method].step(step, x, y)
             samples[label].append((time.perf_counter() - start) * 1e3)
     ms = {label: statistics.median(s) for label, s in samples.items()}
     batches = -(-(base.train_examples or 50_000) // batch_size)
     rows = []
     for label, (step, cfg) in steps.items():
-        rows.append(dict(method=label, ms_per_batch=ms[label], attack_steps=attack_steps_per_batch(cfg),
-                         optimisers=len(GROUPS[cfg.method]), relative_to_moe_at=ms[label] / ms["moe-at"],
+        rows.append(dict(method=label, ms_per_batch=ms[label], attack_steps=METHODS[cfg.method].attack_steps(cfg),
+                         optimisers=len(METHODS[cfg.method].groups), relative_to_moe_at=ms[label] / ms["moe-at"],
                          projected_epoch_seconds=ms[label] * batches / 1e3))
     return rows, base, batch_size, batches
 

@@ -1,10 +1,6 @@
-"""Shared helpers: small models (a fraction of the paper's width) that run fast on 2 cores."""
+"""Fixtures shared by the suite; plain helpers are in helpers.py."""
 from __future__ import annotations
 
-import copy
-import functools
-import gzip
-import struct
 import os
 import tempfile
 
@@ -12,74 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-import advmoe
-from advmoe.calibrate import balance_routing, calibrate_batchnorm
-
 # The tests' BentoML model store: never the user's ~/bentoml. Set before anything imports bentoml.
 os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="advmoe-tests-bentoml-")
 
-SMALL_WIDTH = 0.25
-MOE_MODELS = advmoe.list_models(moe=True)
-ALL_MODELS = advmoe.list_models()
-ROUTERS = ("shared", "per_layer")
-
-
-def model_variants(names=ALL_MODELS):
-    """(name, router) pairs: every dense model once, every MoE model with each router."""
-    return [(n, r) for n in names for r in (ROUTERS if advmoe.is_moe_model(n) else (None,))]
-
-
-def variant_id(value) -> str:
-    return "dense" if value is None else str(value)
-
-
-def small_model(name: str, router: str | None = None, **config) -> advmoe.MoENet:
-    config.setdefault("width", SMALL_WIDTH)
-    if router is not None:
-        config["router"] = router
-    return advmoe.create_model(name, **config)
-
-
-@functools.lru_cache(maxsize=None)
-def _calibrated(name: str, router: str | None, top_k: int, image_size: int, seed: int) -> advmoe.MoENet:
-    torch.manual_seed(seed)
-    extra = {"top_k": top_k} if top_k > 1 else {}
-    model = small_model(name, router, image_size=image_size, **extra)
-    x = torch.rand(64, 3, image_size, image_size)
-    calibrate_batchnorm(model, x)
-    if router is not None:
-        balance_routing(model, x)
-    return model
-
-
-def calibrated_model(name: str, router: str | None = None, top_k: int = 1, image_size: int = 32, seed: int = 0):
-    """A small model with realistic BatchNorm statistics and routers that split a random batch
-    evenly (eval mode, masked execution); a fresh copy each call, so tests may change it."""
-    return copy.deepcopy(_calibrated(name, router, top_k, image_size, seed))
+import advmoe  # noqa: E402
+from advmoe.calibrate import balance_routing, calibrate_batchnorm  # noqa: E402
+from helpers import CLASSES, SERVER_ENV, make_fashion_like, small_model  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-
-
-# -- tiny Fashion-MNIST-shaped data as idx files: training tests need no download nor the Debian
-# package. 10 classes, each a fixed random pattern plus noise, so there is something to learn.
-def write_idx(path, array: np.ndarray) -> None:
-    header = struct.pack(">HBB", 0, 0x08, array.ndim) + b"".join(struct.pack(">I", d) for d in array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
-
-
-def make_fashion_like(folder, n_train=600, n_test=100, seed=0):
-    rng = np.random.default_rng(seed)
-    patterns = rng.integers(0, 256, size=(10, 28, 28))
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        labels = rng.integers(0, 10, size=n)
-        images = np.clip(patterns[labels] * 0.7 + rng.integers(0, 77, size=(n, 28, 28)), 0, 255)
-        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", images)
-        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels)
-    return folder
 
 
 @pytest.fixture(scope="session")
@@ -89,20 +28,6 @@ def fashion_dir(tmp_path_factory):
 
 # -- a real `bentoml serve` of a small model exported in the test session (temporary BENTOML_HOME
 # above), shared by the serving and client tests; talked to over HTTP.
-CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
-TOKEN = "test-token"
-SERVER_ENV = {
-    "ADVMOE_MAX_BATCH_SIZE": "16",
-    "ADVMOE_MAX_BODY_BYTES": "200000",
-    "ADVMOE_MAX_IMAGE_PIXELS": "1000000",
-    "ADVMOE_PROBE_ENABLED": "1",
-    "ADVMOE_PROBE_TOKEN": TOKEN,
-    "ADVMOE_PROBE_MAX_STEPS": "5",
-    "ADVMOE_PROBE_MAX_BATCH_SIZE": "4",
-    "ADVMOE_PROBE_MAX_EPS": "0.1",
-}
-
-
 @pytest.fixture(scope="session")
 def exported_model(tmp_path_factory):
     """A Fashion-MNIST-shaped MoE ResNet-18 (1x28x28, 10 classes, shared router), calibrated so

@@ -1,1 +1,2 @@
-"""Training methods (standard, PGD-AT, TRADES, MoE-AT, AdvMoE), evaluation and reports: see issue 4."""
+"""Training: the methods (one table, training.methods.METHODS), TrainConfig and presets, the
+trainer (resume, DDP), per-epoch validation and the method comparison report."""

@@ -7,61 +7,71 @@ from pathlib import Path
 
 import advmoe
 from advmoe.attacks import check_eps
+from advmoe.settings import ConfigError, setting, validate_choices
+
+from .methods import METHODS
 
 PRESETS = Path(__file__).parent / "presets"
-METHODS = ("standard", "pgd-at", "trades", "moe-at", "router-only", "advmoe")
-MOE_ONLY = ("moe-at", "router-only", "advmoe")
-ROUTER_LOSSES = ("model", "reference")
+ROUTER_LOSSES = {
+    "reference": "the reference code's: alpha * CE(router(x), y mod N) + beta * KL(router(x') || router(x))",
+    "model": "the paper's bi-level view: the whole model's TRADES loss, through the straight-through gate",
+}
+ROUTERS = {"shared": "one small CNN on the input image decides for every MoE layer (the reference code)",
+           "per_layer": "a gate at each MoE layer (pooled features + linear), as in the paper"}
+AMP = {"none": "fp32", "bf16": "bfloat16 autocast", "fp16": "float16 autocast with a gradient scaler (CUDA)"}
 
 
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message names the field and what to change."""
+def _method_choices() -> dict[str, str]:
+    return {name: m.help for name, m in METHODS.items()}
 
 
 @dataclass
 class TrainConfig:
     # data
-    dataset: str = "cifar10"
-    data_dir: str | None = None
-    val_size: int = 5000  # carved from the official training set; selection never sees the test set
-    train_examples: int | None = None  # use only the first N training examples (small runs)
-    val_examples: int = 1000  # validation examples evaluated each epoch (clean and PGD)
+    dataset: str = setting("cifar10", "dataset, read from local files", choices=advmoe.list_datasets)
+    data_dir: str | None = setting(None, "folder holding the dataset's files (Fashion-MNIST: the Debian package's "
+                                         "folder by default)")
+    val_size: int = setting(5000, "validation images carved from the training set; selection never sees the test set")
+    train_examples: int | None = setting(None, "use only the first N training images (small runs)")
+    val_examples: int = setting(1000, "validation images evaluated after each epoch (clean and PGD)")
     # model
-    model: str = "moe_resnet18"
-    width: float = 1.0
-    num_experts: int = 2
-    expert_ratio: float = 0.5
-    router: str = "shared"
-    router_blocks: int = 3
-    router_width: int = 16
-    top_k: int = 1
-    # method (ADVMOE.md; reference hyper-parameters as defaults)
-    method: str = "advmoe"
-    router_loss: str = "reference"  # "model" collapsed to one expert on fmnist-tiny (reports/fmnist_methods.md)
-    beta: float = 6.0  # weight of the KL (TRADES) term
-    alpha: float = 6.0  # weight of the reference router loss's CE(router(x), y mod N)
-    balance_weight: float = 0.0  # optional load-balancing term on the router scores
-    recraft: bool = True  # AdvMoE: craft new adversarial examples for the router step
+    model: str = setting("moe_resnet18", "architecture from the registry (`advmoe models`)", choices=advmoe.list_models)
+    width: float = setting(1.0, "width multiplier of every stage (1.0: the paper's widths)")
+    num_experts: int = setting(2, "experts per MoE layer (N)")
+    expert_ratio: float = setting(0.5, "width of an expert as a fraction of the dense layer (r)")
+    router: str = setting("shared", "who decides the route", choices=ROUTERS)
+    router_blocks: int = setting(3, "basic blocks per stage of the shared router CNN (3: a ResNet-20)")
+    router_width: int = setting(16, "channels of the shared router's first stage")
+    top_k: int = setting(1, "experts each sample runs through")
+    # method (docs/method.md; the reference code's hyper-parameters as defaults)
+    method: str = setting("advmoe", "training method", choices=_method_choices)
+    # "model" collapsed to one expert on fmnist-tiny (reports/fmnist_methods.md)
+    router_loss: str = setting("reference", "AdvMoE's router-step loss", choices=ROUTER_LOSSES)
+    beta: float = setting(6.0, "weight of the KL (TRADES) term")
+    alpha: float = setting(6.0, "weight of CE(router(x), y mod N) in the reference router loss")
+    balance_weight: float = setting(0.0, "weight of a load-balancing term on the router scores (0: off)")
+    recraft: bool = setting(True, "AdvMoE: craft new adversarial examples against the updated experts for the "
+                                  "router step")
     # attack, in pixel units of [0, 1] inputs
-    eps: float = 8 / 255
-    attack_step: float = 5 / 255
-    attack_steps: int = 2
-    eval_step: float = 2 / 255
-    eval_steps: int = 10
+    eps: float = setting(8 / 255, "linf budget of the training and validation attacks, in [0, 1] pixels")
+    attack_step: float = setting(5 / 255, "step of the training attack")
+    attack_steps: int = setting(2, "PGD steps of the training attack")
+    eval_step: float = setting(2 / 255, "step of the validation PGD")
+    eval_steps: int = setting(10, "PGD steps of the validation attack (checkpoint selection)")
     # optimisation
-    epochs: int = 100
-    batch_size: int = 128
-    lr: float = 0.1
-    router_lr: float | None = None  # default: lr
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    seed: int = 0
+    epochs: int = setting(100, "epochs (cosine schedule over all of them)")
+    batch_size: int = setting(128, "images per batch (per process under torchrun)")
+    lr: float = setting(0.1, "SGD learning rate of the experts and backbone")
+    router_lr: float | None = setting(None, "SGD learning rate of the router (default: --lr)")
+    momentum: float = setting(0.9, "SGD momentum")
+    weight_decay: float = setting(5e-4, "SGD weight decay")
+    seed: int = setting(0, "seed of the weights, the data order and the attacks")
     # hardware
-    device: str = "cpu"
-    amp: str = "none"  # "bf16" or "fp16" autocast (CUDA)
-    channels_last: bool = False
-    compile: bool = False
-    workers: int = 0
+    device: str = setting("cpu", "cpu, cuda or cuda:N")
+    amp: str = setting("none", "mixed precision", choices=AMP)
+    channels_last: bool = setting(False, "channels-last memory format")
+    compile: bool = setting(False, "torch.compile the model")
+    workers: int = setting(0, "DataLoader worker processes")
 
     @property
     def is_moe(self) -> bool:
@@ -79,16 +89,9 @@ class TrainConfig:
         def bad(msg: str):
             raise ConfigError(msg)
 
-        if self.method not in METHODS:
-            bad(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.model not in advmoe.list_models():
-            bad(f"unknown model {self.model!r}; choose one of {', '.join(advmoe.list_models())}")
-        if self.dataset not in advmoe.list_datasets():
-            bad(f"unknown dataset {self.dataset!r}; choose one of {', '.join(advmoe.list_datasets())}")
-        if self.method in MOE_ONLY and not self.is_moe:
+        validate_choices(self)
+        if METHODS[self.method].moe_only and not self.is_moe:
             bad(f"method {self.method} trains a mixture of experts; use a moe_* model (e.g. moe_{self.model})")
-        if self.router_loss not in ROUTER_LOSSES:
-            bad(f"router_loss must be one of {ROUTER_LOSSES}, got {self.router_loss!r}")
         try:
             check_eps(self.eps)
         except ValueError as e:
@@ -100,8 +103,6 @@ class TrainConfig:
                 bad(f"{name}={getattr(self, name)} must be >= 1")
         if self.attack_steps < 1 or self.eval_steps < 1:
             bad("attack_steps and eval_steps must be >= 1")
-        if self.amp not in ("none", "bf16", "fp16"):
-            bad(f"amp must be none, bf16 or fp16, got {self.amp!r}")
         if self.lr <= 0:
             bad(f"lr={self.lr} must be positive")
         return self

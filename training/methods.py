@@ -1,13 +1,15 @@
-"""One optimisation step per method, on one code path (ADVMOE.md).
+"""One optimisation step per method, on one code path (docs/method.md).
 
 Each method takes the `Step` context (model, attack settings, optimisers) and a batch, and
-returns the losses it optimised. Parameter groups: "all" (one optimiser), or "experts" and
-"router" (AdvMoE's two optimisers, also used by router-only).
+returns the losses it optimised. `METHODS` is the one table of methods: each entry names its
+step, its parameter groups ("all": one optimiser; "experts" and "router": AdvMoE's two, also
+used by router-only), how many PGD runs it crafts per batch, and whether it needs a MoE model.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -15,10 +17,8 @@ from torch import Tensor, nn
 
 from advmoe.attacks import cross_entropy, kl, kl_div, pgd, router_kl
 
-from .config import TrainConfig
-
-GROUPS = {"standard": ("all",), "pgd-at": ("all",), "trades": ("all",), "moe-at": ("all",),
-          "router-only": ("experts", "router"), "advmoe": ("experts", "router")}
+if TYPE_CHECKING:  # config.py reads the method table
+    from .config import TrainConfig
 
 
 class Diverged(RuntimeError):
@@ -28,7 +28,7 @@ class Diverged(RuntimeError):
 @dataclass
 class Step:
     model: nn.Module  # the model itself: attacks and router scores
-    cfg: TrainConfig
+    cfg: "TrainConfig"
     optimizers: dict[str, torch.optim.Optimizer]
     forward: nn.Module | None = None  # what the losses run through (a DDP wrapper, or the model)
     autocast: Callable = field(default=lambda: torch.autocast("cpu", enabled=False))
@@ -150,7 +150,28 @@ def reference_router_loss(s: Step, x: Tensor, x_adv: Tensor, y: Tensor) -> Tenso
     return s.cfg.alpha * ce + s.cfg.beta * router_kl(adv, clean) + balance
 
 
-METHODS: dict[str, Callable[[Step, Tensor, Tensor], dict]] = {
-    "standard": standard, "pgd-at": pgd_at, "trades": trades, "moe-at": trades,
-    "router-only": router_only, "advmoe": advmoe,
-}
+@dataclass(frozen=True)
+class Method:
+    name: str
+    step: Callable[[Step, Tensor, Tensor], dict]
+    groups: tuple[str, ...]  # the optimisers, in the order the step updates them
+    attacks: int  # PGD runs crafted per batch
+    moe_only: bool
+    help: str
+    recrafts: bool = False  # one more PGD run for the router step, unless the config says --no-recraft
+
+    def attack_steps(self, cfg: "TrainConfig") -> int:
+        """PGD steps per training batch."""
+        return (self.attacks + (self.recrafts and cfg.recraft)) * cfg.attack_steps
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("standard", standard, ("all",), 0, False, "cross-entropy on clean inputs (no robustness)"),
+    Method("pgd-at", pgd_at, ("all",), 1, False, "Madry PGD adversarial training, one optimiser"),
+    Method("trades", trades, ("all",), 1, False, "TRADES: clean CE + beta * KL(adversarial || clean)"),
+    Method("moe-at", trades, ("all",), 1, True, "TRADES on the whole MoE model with one optimiser (the paper's MoE-AT)"),
+    Method("router-only", router_only, ("experts", "router"), 1, True,
+           "robust router, standard experts: shows routers alone are not enough"),
+    Method("advmoe", advmoe, ("experts", "router"), 1, True,
+           "AdvMoE: expert step and router step in turn, each against fresh adversarial examples", recrafts=True),
+)}

@@ -6,7 +6,7 @@ Every run uses the preset's data, attack budget (ε, PGD steps, epochs, batch) a
 architecture family: the dense twin for PGD-AT, the MoE model for MoE-AT and AdvMoE. Runs go
 to --runs (one directory each, resumed if cut off); the table reports mean ± standard deviation
 of test clean accuracy, test PGD accuracy (through the straight-through router; not the
-robust accuracy of a hard-routed model, see ADVMOE.md) and MACs per image.
+robust accuracy of a hard-routed model, see docs/evaluation.md) and MACs per image.
 """
 from __future__ import annotations
 

@@ -30,8 +30,8 @@ from advmoe.io import atomic_write_text
 
 from . import plots
 from .config import ConfigError, TrainConfig
-from .methods import GROUPS, METHODS, Diverged, Step
-from .validate import evaluate
+from .methods import METHODS, Diverged, Step
+from .validate import validate
 
 STATE = "training_state.pt"
 COLLAPSE_SHARE = 0.9
@@ -112,7 +112,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, log=functools
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             try:
-                stats = METHODS[cfg.method](step, x, y)
+                stats = METHODS[cfg.method].step(step, x, y)
             except Diverged as e:
                 last = f"{out / 'last'} (epoch {epoch})" if epoch else "none (it diverged in the first epoch)"
                 raise TrainingDiverged(f"{e} at epoch {epoch + 1}, step {i + 1}: training stopped; "
@@ -126,12 +126,12 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, log=functools
             bar.update()
         bar.close()
         seconds = time.perf_counter() - started
-        val = evaluate(model, val_set, cfg, device)
-        row = {"epoch": epoch + 1, "lr": schedulers[GROUPS[cfg.method][0]].get_last_lr()[0],
+        val = validate(model, val_set, cfg, device)
+        row = {"epoch": epoch + 1, "lr": schedulers[METHODS[cfg.method].groups[0]].get_last_lr()[0],
                **{f"train_{k}": v / max(seen, 1) for k, v in sums.items()},
                **{f"val_{k}": v for k, v in val.items() if k not in ("pgd", "examples")},
                "epoch_seconds": seconds, "samples_per_second": seen / seconds,
-               "attack_steps_per_batch": attack_steps_per_batch(cfg)}
+               "attack_steps_per_batch": METHODS[cfg.method].attack_steps(cfg)}
         history.append(row)
         shares = val.get("expert_share")
         if shares and max(shares) > COLLAPSE_SHARE:
@@ -165,7 +165,7 @@ def _final_test(cfg: TrainConfig, out: Path, device, n: int, checkpoint_config: 
     """Evaluate the best checkpoint once on the test set; its metrics.json gets the numbers."""
     best = advmoe.load_checkpoint(out / "best", map_location=device)
     test_set = advmoe.load_dataset(cfg.dataset, "test", cfg.data_dir)
-    test = evaluate(best, Subset(test_set, range(min(n, len(test_set)))), cfg, device, seed=cfg.seed)
+    test = validate(best, Subset(test_set, range(min(n, len(test_set)))), cfg, device, seed=cfg.seed)
     metrics = {**read_metrics(out / "best"), **{f"test_{k}": v for k, v in test.items()},
                "clean_accuracy": test["clean_accuracy"], "pgd_accuracy": test["pgd_accuracy"]}
     advmoe.save_checkpoint(best, out / "best", metrics=metrics, config=checkpoint_config)
@@ -203,7 +203,7 @@ def make_optimizers(cfg: TrainConfig, model) -> dict[str, torch.optim.Optimizer]
     def sgd(params, lr):
         return torch.optim.SGD(list(params), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
-    if GROUPS[cfg.method] == ("all",):
+    if METHODS[cfg.method].groups == ("all",):
         return {"all": sgd(model.parameters(), cfg.lr)}
     return {"experts": sgd(model.expert_parameters(), cfg.lr), "router": sgd(model.router_parameters(), cfg.router_lr or cfg.lr)}
 
@@ -216,11 +216,6 @@ def _loader(dataset, cfg: TrainConfig, epoch: int, world: int) -> DataLoader:
         sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(cfg.seed * 10_007 + epoch))
     return DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
                       pin_memory=cfg.device == "cuda", drop_last=False)
-
-
-def attack_steps_per_batch(cfg: TrainConfig) -> int:
-    """PGD steps per training batch: AdvMoE crafts twice (unless --no-recraft)."""
-    return {"standard": 0, "advmoe": cfg.attack_steps * (2 if cfg.recraft else 1)}.get(cfg.method, cfg.attack_steps)
 
 
 def _autocast(cfg: TrainConfig, device: torch.device):

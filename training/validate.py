@@ -1,8 +1,8 @@
 """Clean and PGD accuracy with expert usage, for checkpoint selection and the final metrics.
 
 PGD accuracy through the straight-through router is an upper bound on robust accuracy, not the
-robust accuracy of a hard-routed model (ADVMOE.md): `advmoe eval` adds AutoAttack and
-router-aware attacks. Here it only ranks epochs of one run.
+robust accuracy of a hard-routed model (docs/evaluation.md): `advmoe eval` adds AutoAttack and
+router-aware attacks. Here it only ranks the epochs of one run.
 """
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from advmoe.attacks import cross_entropy, pgd
+from advmoe.gate import expert_share
 
 from .config import TrainConfig
 
 
-def evaluate(model: nn.Module, dataset: Dataset, cfg: TrainConfig, device: torch.device, batch_size: int = 256,
+def validate(model: nn.Module, dataset: Dataset, cfg: TrainConfig, device: torch.device, batch_size: int = 256,
              seed: int = 0) -> dict:
     """Clean accuracy, PGD-k accuracy (k = cfg.eval_steps) and the share of samples each expert
     takes (over all MoE layers) on clean and on adversarial inputs."""
@@ -42,7 +43,7 @@ def evaluate(model: nn.Module, dataset: Dataset, cfg: TrainConfig, device: torch
     if routes:
         n = model.cfg.num_experts
         clean, adv = torch.cat(routes), torch.cat(adv_routes)
-        metrics["expert_share"] = (clean.flatten().bincount(minlength=n) / clean.numel()).tolist()
-        metrics["expert_share_adversarial"] = (adv.flatten().bincount(minlength=n) / adv.numel()).tolist()
+        metrics["expert_share"] = expert_share(clean, n)
+        metrics["expert_share_adversarial"] = expert_share(adv, n)
         metrics["route_flip_rate"] = (clean != adv).any(1).float().mean().item()
     return metrics

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from advmoe.cli import main
+from cli.main import main
 from clients.client import AsyncClient, Client, NotAdvMoEServer, RequestRejected, Unavailable, format_table
-from conftest import CLASSES
+from helpers import CLASSES
 
 
 def raw_predict(server, **kwargs) -> list[dict]:

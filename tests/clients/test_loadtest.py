@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from advmoe.cli import main
+from cli.main import main
 from clients.client import Client
 from clients.loadtest import expert_share, require_loopback, run_level, run_loadtest, served_work, summarize
 

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from advmoe.attacks import check_eps, cross_entropy, kl, pgd, router_kl
-from conftest import small_model
+from helpers import small_model
 
 
 def test_eps_in_pixels_instead_of_unit_range_is_refused_with_a_hint():

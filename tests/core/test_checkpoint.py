@@ -7,7 +7,7 @@ import torch
 import advmoe
 from advmoe import checkpoint as ckpt
 from advmoe.checkpoint import CheckpointError
-from conftest import calibrated_model, model_variants, variant_id
+from helpers import calibrated_model, model_variants, variant_id
 
 
 @pytest.mark.parametrize("name,router", model_variants(), ids=variant_id)

@@ -5,7 +5,7 @@ import torch
 
 import advmoe
 from advmoe.calibrate import force_routing
-from conftest import MOE_MODELS, ROUTERS, calibrated_model
+from helpers import MOE_MODELS, ROUTERS, calibrated_model
 
 TOL = 1e-5
 
@@ -41,8 +41,10 @@ def test_sparse_equals_masked(name, router, batch, routing):
 
 @pytest.mark.parametrize("router", ROUTERS)
 def test_sparse_equals_masked_top2_of_three(router):
-    model = calibrated_model("moe_resnet18", router, top_k=2)
-    assert_sparse_equals_masked(model, torch.rand(9, 3, 32, 32))
+    model = calibrated_model("moe_resnet18", router, top_k=2, num_experts=3)
+    assert model.cfg.num_experts == 3 and model.cfg.top_k == 2
+    routes = assert_sparse_equals_masked(model, torch.rand(9, 3, 32, 32))
+    assert routes.max() == 2  # the third expert is used too
 
 
 def test_sparse_equals_masked_on_an_empty_batch():

@@ -5,7 +5,7 @@ from torch import nn
 
 import advmoe
 from advmoe.macs import measure_macs
-from conftest import calibrated_model, model_variants, small_model, variant_id
+from helpers import calibrated_model, model_variants, small_model, variant_id
 
 
 def hook_macs(model, x) -> float:
@@ -62,7 +62,7 @@ def test_moe_resnet18_path_plus_router_is_at_most_036_of_dense():
 
 @pytest.mark.parametrize("name,gmacs", [("resnet18", 0.555), ("wrn28_10", 5.24), ("vgg16", 0.314)])
 def test_dense_counts_match_the_reference_architectures(name, gmacs):
-    """ADVMOE.md's table (MACs per 32x32 image): the models are the paper's."""
+    """docs/method.md's table (MACs per 32x32 image): the models are the paper's."""
     assert advmoe.count_macs(advmoe.create_model(name), (3, 32, 32)) / 1e9 == pytest.approx(gmacs, rel=0.01)
 
 

@@ -5,7 +5,7 @@ import torch
 
 import advmoe
 from advmoe.calibrate import balance_routing
-from conftest import ALL_MODELS, MOE_MODELS, model_variants, small_model, variant_id
+from helpers import ALL_MODELS, MOE_MODELS, model_variants, small_model, variant_id
 
 SIZES = [(1, 28), (3, 32), (3, 64)]  # (channels, image size): Fashion-MNIST, CIFAR, TinyImageNet
 

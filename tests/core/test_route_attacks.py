@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from advmoe.attacks import router_kl
 from advmoe.route_attacks import detached_routers, forced_route, route_fixed_pgd, router_pgd
-from conftest import calibrated_model, small_model
+from helpers import calibrated_model, small_model
 
 ROUTERS = ("shared", "per_layer")
 

@@ -9,8 +9,8 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 import advmoe
-from advmoe.cli import main as cli
-from conftest import calibrated_model
+from cli.main import main as cli
+from helpers import calibrated_model
 from export import ParityError, api, export_checkpoint
 from export.graph import onnx_runner
 
@@ -117,7 +117,7 @@ def test_onnx_parity_for_per_layer_routers_and_another_architecture(tmp_path, na
 def test_densenet_exports_with_batchnorm_on_groups_of_run_time_size(tmp_path):
     """DenseNet normalises before its convs, on expert groups whose size the tracer cannot know."""
     from advmoe.calibrate import balance_routing, calibrate_batchnorm
-    from conftest import small_model
+    from helpers import small_model
 
     model = small_model("moe_densenet40", "shared", depth=10)
     x = torch.rand(64, 3, 32, 32)

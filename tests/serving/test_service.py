@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from export.graph import onnx_runner
 from serving.launch import Server
-from conftest import CLASSES, TOKEN
+from helpers import CLASSES, TOKEN
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import calibrated_model
+from helpers import calibrated_model
 from serving.config import ConfigError, ServingConfig
 from serving.inputs import InputSpec, RequestError, decode_image, from_tensor
 from serving.probe import bounded_attack

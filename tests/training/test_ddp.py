@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_fashion_like
+from helpers import make_fashion_like
 
 
 def test_two_ranks_hold_identical_weights(tmp_path):

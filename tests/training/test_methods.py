@@ -3,9 +3,9 @@ only their own parameter group."""
 import pytest
 import torch
 
-from conftest import small_model
-from training.config import METHODS, resolve
-from training.methods import METHODS as STEPS, Step
+from helpers import small_model
+from training.config import resolve
+from training.methods import METHODS, Step
 from training.trainer import make_optimizers
 
 
@@ -28,9 +28,9 @@ def batch():
 def test_one_step_lowers_the_methods_own_loss(method):
     step, (x, y) = make_step(method), batch()
     torch.manual_seed(2)
-    before = STEPS[method](step, x, y)
+    before = METHODS[method].step(step, x, y)
     torch.manual_seed(2)  # the same attack noise: the same loss, at the updated parameters
-    after = STEPS[method](step, x, y)
+    after = METHODS[method].step(step, x, y)
     for key in before:
         assert after[key] < before[key], (key, before[key], after[key])
 
@@ -51,6 +51,6 @@ def test_router_step_moves_only_router_parameters_and_expert_step_only_experts(m
         return value
 
     step.update = recording_update
-    STEPS[method](step, *batch())
+    METHODS[method].step(step, *batch())
     assert changed_by["router"] and changed_by["router"] <= router_ids
     assert changed_by["experts"] and not changed_by["experts"] & router_ids

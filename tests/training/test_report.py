@@ -1,7 +1,7 @@
 """The comparison script: trains every contender per seed and writes a table with verdicts."""
 import pytest
 
-from conftest import make_fashion_like
+from helpers import make_fashion_like
 from training import report
 
 TINY = dict(model="moe_resnet18", width=0.125, router_blocks=1, router_width=8, val_size=100,

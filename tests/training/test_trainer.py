@@ -1,4 +1,5 @@
 """The run directory a user can trust: logs, plots, checkpoints, resume, and clear refusals."""
+import dataclasses
 import json
 import re
 
@@ -7,8 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 import advmoe
-from advmoe.cli import main as cli
-from conftest import make_fashion_like
+from cli.main import main as cli
+from helpers import make_fashion_like
 from training import trainer
 from training.config import ConfigError, resolve
 
@@ -60,18 +61,18 @@ def test_best_is_selected_on_validation(finished):
 
 def test_resume_after_an_interruption_equals_the_uninterrupted_run(data, finished, tmp_path, monkeypatch):
     calls = {"n": 0}
-    evaluate = trainer.evaluate
+    validate = trainer.validate
 
     def dies_in_epoch_two(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 2:
             raise KeyboardInterrupt  # killed after epoch 2's steps, before its checkpoint
-        return evaluate(*args, **kwargs)
+        return validate(*args, **kwargs)
 
-    monkeypatch.setattr(trainer, "evaluate", dies_in_epoch_two)
+    monkeypatch.setattr(trainer, "validate", dies_in_epoch_two)
     with pytest.raises(KeyboardInterrupt):
         run(config(data), tmp_path / "run")
-    monkeypatch.setattr(trainer, "evaluate", evaluate)
+    monkeypatch.setattr(trainer, "validate", validate)
     assert json.loads((tmp_path / "run/last/metrics.json").read_text())["epoch"] == 1
     resumed = run(config(data), tmp_path / "run", resume=True)
     expected = load_file(finished.out / "last" / "model.safetensors")
@@ -119,7 +120,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
         loss = s.clean_loss(x, y)
         return {"loss": s.update("all", loss * float("nan") if len(steps) > 6 else loss)}
 
-    monkeypatch.setitem(trainer.METHODS, "standard", standard_then_nan)
+    monkeypatch.setitem(trainer.METHODS, "standard", dataclasses.replace(trainer.METHODS["standard"], step=standard_then_nan))
     with pytest.raises(trainer.TrainingDiverged, match=r"loss is nan at epoch 2.*last good checkpoint is .*last \(epoch 1\)"):
         run(config(data, method="standard"), tmp_path / "run")
     assert json.loads((tmp_path / "run/last/metrics.json").read_text())["epoch"] == 1

@@ -1,8 +1,9 @@
 """The runs of reports/fmnist_methods.md re-evaluated with `advmoe eval`: reports/fmnist_robustness.md.
 
-    python -m training.robustness_report --runs runs/report --n-examples 20 --eps 0.1 --threads 1
+    python -m evaluation.robustness_report --runs runs/report --n-examples 20 --eps 0.1 --threads 1
 
-Every run (method x seed, training.report.CONTENDERS) has its best checkpoint evaluated with the
+Every run (a folder of --runs holding best/, trained by `python -m training.report`; named by the
+method and seed in its config) has its best checkpoint evaluated with the
 whole suite on the same first N test images; eval.json goes next to the checkpoint and is reused
 when the checkpoint, eps and settings are unchanged (a cut-off report resumes). The report gives
 mean ± standard deviation over seeds of every attack's accuracy and of the per-example worst
@@ -23,18 +24,18 @@ from pathlib import Path
 import torch
 
 import advmoe
-from advmoe.checkpoint import read_metrics
+from advmoe.checkpoint import read_config, read_metrics
 from advmoe.io import atomic_write_text
 
-from .evaluate import ATTACKS, EvalSettings, evaluate_checkpoint, file_sha256
-from .report import CONTENDERS
+from .robustness import ATTACKS, EvalSettings, evaluate_checkpoint, file_sha256
 
 COLUMNS = (("clean", "clean"), ("pgd-10", "PGD-10"), ("pgd-50", "PGD-50"), ("autoattack", "AutoAttack"),
            ("route-fixed", "route-fixed"), ("router", "router attack"), ("square", "Square alone"),
            ("robust", "worst case"))
 DENSE, ADVMOE = "dense PGD-AT", "AdvMoE"
-# A CIFAR-10 scenario for the cost estimate: clean accuracy of the third-party reference run
-# (ADVMOE.md, 85.67 %) and a robust accuracy near RobustBench's ResNet-18 anchors (43-52 %).
+METHOD_LABELS = {"pgd-at": DENSE, "moe-at": "MoE-AT", "advmoe": ADVMOE}  # in the tables' order
+# A CIFAR-10 scenario for the cost estimate: clean accuracy of a third-party run of the reference
+# code (85.67 %, docs/method.md) and a robust accuracy near RobustBench's ResNet-18 anchors (43-52 %).
 CIFAR = {"images": 10_000, "clean": 0.85, "survive_apgd_ce": 0.52, "robust": 0.48}
 
 
@@ -61,7 +62,15 @@ def _reusable(checkpoint: Path, settings: EvalSettings, n: int) -> dict | None:
     return doc if same else None
 
 
-def evaluate(best: Path, n: int, eps: float, name: str, log=print) -> dict:
+def run_label(training: dict) -> str:
+    """How the report names a run: its method, and AdvMoE's router loss when it is not the default."""
+    label = METHOD_LABELS.get(training["method"], training["method"])
+    if training["method"] == "advmoe" and training.get("router_loss") == "model":
+        label += ", router loss model"
+    return label
+
+
+def evaluate_or_reuse(best: Path, n: int, eps: float, name: str, log=print) -> dict:
     """eval.json of a checkpoint with the default suite: reused when it matches, else made."""
     if not (best / "model.safetensors").is_file():
         raise FileNotFoundError(f"{best} is missing: train the runs first (python -m training.report)")
@@ -78,12 +87,19 @@ def evaluate(best: Path, n: int, eps: float, name: str, log=print) -> dict:
 
 def evaluate_runs(runs: Path, seeds: list[int], n: int, eps: float, log=print) -> dict[str, list[dict]]:
     results: dict[str, list[dict]] = {}
-    for label, _, _, _, prefix in CONTENDERS:
-        results[label] = []
-        for seed in seeds:
-            doc = evaluate(runs / f"{prefix}-seed{seed}" / "best", n, eps, f"{label}, seed {seed}", log)
-            doc["seed"] = seed
-            results[label].append(doc)
+    found = []
+    for best in sorted(runs.glob("*/best")):
+        training = read_config(best).get("training") or {}
+        if training.get("seed") in seeds:
+            found.append((run_label(training), training["seed"], best))
+    if not found:
+        raise FileNotFoundError(f"no run of seeds {seeds} in {runs}: train the runs first (python -m training.report)")
+    order = list(METHOD_LABELS.values())
+    found.sort(key=lambda t: (order.index(t[0]) if t[0] in order else len(order), t[0], t[1]))
+    for label, seed, best in found:
+        doc = evaluate_or_reuse(best, n, eps, f"{label}, seed {seed}", log)
+        doc["seed"] = seed
+        results.setdefault(label, []).append(doc)
     return results
 
 
@@ -210,13 +226,12 @@ AA_PASSES = {"apgd-ce": (100, 0), "apgd-t": (9 * 100, 0), "fab-t": (9 * 100, 9 *
 SUITE_GRADIENT_PASSES = {"pgd-10": 10, "pgd-50": 50, "route-fixed": 2 * 50, "router": 50}
 
 
-def cifar_estimate(results: dict[str, list[dict]], runs: Path, seeds: list[int]) -> dict:
+def cifar_estimate(results: dict[str, list[dict]]) -> dict:
     """CPU cost of AutoAttack standard on CIFAR-10, MoE ResNet-18 at full width: the passes each
     component makes per attacked image (AA_PASSES) times one pass of that model measured here,
     times the images each component attacks in the CIFAR scenario. The same count applied to the
     Fashion-MNIST model says how far the measured time is above it (small batches of survivors)."""
-    prefix = dict((c[0], c[4]) for c in CONTENDERS)[ADVMOE]
-    tiny = advmoe.load_checkpoint(runs / f"{prefix}-seed{seeds[0]}" / "best")
+    tiny = advmoe.load_checkpoint(results[ADVMOE][0]["checkpoint"])
     tiny_fb, tiny_f = _pass_seconds(tiny, (1, 28, 28), batch=16)
     torch.manual_seed(0)
     cifar = advmoe.create_model("moe_resnet18", num_classes=10, in_channels=3, image_size=32, num_experts=2,
@@ -272,7 +287,7 @@ def render(results: dict[str, list[dict]], estimate: dict, command: str, seconds
     aa_low, aa_high = min(aa_costs), max(aa_costs)
     return f"""# Robustness of the Fashion-MNIST runs under `advmoe eval`
 
-Produced by `{command}` (training/robustness_report.py). The evaluations took
+Produced by `{command}` (evaluation/robustness_report.py). The evaluations took
 {sum(d['seconds'] for docs in results.values() for d in docs) / 60:.0f} min of wall time and
 {sum(d['cpu_seconds'] for docs in results.values() for d in docs) / 60:.0f} min of CPU time on one thread of the shared 2-core CPU,
 niced below the other engineers' jobs (this invocation: {seconds / 60:.0f} min; it reuses an eval.json whose checkpoint and settings match). Checkpoints: the 12 runs of reports/fmnist_methods.md (`runs/report/*/best`,
@@ -308,7 +323,7 @@ Points, mean ± std over seeds of the per-seed differences on the same images.
 
 {chr(10).join('- ' + line for line in findings(results))}
 
-## Sanity checks (thresholds fixed in training/sanity.py before any result)
+## Sanity checks (thresholds fixed in evaluation/sanity.py before any result)
 
 {chr(10).join(sanity_lines(results))}
 {chr(10).join('- AutoAttack reported: ' + f for f in flags) if flags else ''}
@@ -349,7 +364,7 @@ masking check, adds about {100 * (CIFAR['clean'] - CIFAR['robust']) / CIFAR['rob
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.robustness_report", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m evaluation.robustness_report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", default="runs/report")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--n-examples", type=int, default=20)
@@ -364,9 +379,9 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     runs = Path(args.runs)
     results = evaluate_runs(runs, args.seeds, args.n_examples, args.eps)
-    also = [evaluate(Path(p), args.also_examples, args.eps, p) for p in args.also]
-    estimate = cifar_estimate(results, runs, args.seeds)
-    command = "python -m training.robustness_report " + " ".join(argv if argv is not None else sys.argv[1:])
+    also = [evaluate_or_reuse(Path(p), args.also_examples, args.eps, p) for p in args.also]
+    estimate = cifar_estimate(results)
+    command = "python -m evaluation.robustness_report " + " ".join(argv if argv is not None else sys.argv[1:])
     text = render(results, estimate, command.strip(), time.perf_counter() - start, args.n_examples, args.eps, args.seeds,
                   also)
     atomic_write_text(args.out, text)

@@ -1,7 +1,7 @@
 """The robustness report's comparisons are computed from the evaluations, per seed and paired."""
 import pytest
 
-from training.robustness_report import ADVMOE, DENSE, aa_verdict, drops
+from evaluation.robustness_report import ADVMOE, DENSE, aa_verdict, drops
 
 
 def doc(pgd10: float, autoattack: float, robust: float) -> dict:

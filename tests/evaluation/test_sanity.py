@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from training import sanity
+from evaluation import sanity
 
 
 def f32(value: float) -> float:

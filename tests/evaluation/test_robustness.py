@@ -3,6 +3,10 @@ example, gradient masking flagged, dense models handled, and one-line refusals o
 import hashlib
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,11 +16,11 @@ import advmoe
 import advmoe.models.base as model_base
 from advmoe.attacks import cross_entropy, pgd
 from advmoe.calibrate import balance_routing, calibrate_batchnorm
-from advmoe.cli import main as cli
 from advmoe.gate import Route
-from conftest import small_model
-from training.eval_summary import summary
-from training.evaluate import EvalSettings, evaluate_model, worst_case
+from cli.main import main as cli
+from evaluation.robustness import EvalSettings, evaluate_model, worst_case
+from evaluation.summary import summary
+from helpers import small_model
 
 EPS = 0.1
 # AutoAttack's four attacks, with Square cut to 300 queries (a custom, cheaper AutoAttack)
@@ -191,3 +195,24 @@ def test_eval_writes_eval_json_and_its_summary_next_to_the_checkpoint(checkpoint
     assert (checkpoint / "eval.md").read_text() in capsys.readouterr().out
     assert not [p for p in checkpoint.iterdir() if p.name.startswith(".")]  # no temporary files left
     advmoe.load_checkpoint(checkpoint)  # still a checkpoint
+
+
+def test_two_ranks_give_the_per_example_results_of_one_process(checkpoint, fashion_dir, tmp_path):
+    """torchrun with 2 gloo processes: the units (batches) are dealt out to the ranks, rank 0
+    gathers them, and eval.json holds what one process computes, example for example."""
+    args = ["eval", str(checkpoint), "--data-dir", str(fashion_dir), "--n-examples", "20", "--batch-size", "6",
+            "--attacks", "pgd", "autoattack", "route-fixed", "router", "--pgd-steps", "2", "--route-steps", "2",
+            "--square-queries", "20", "--sweep-examples", "6", "--gradient-examples", "6", "--threads", "1"]
+    assert cli([*args, "--out", str(tmp_path / "one")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "-m", "cli", *args, "--out", str(tmp_path / "two")],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = (json.loads((tmp_path / name / "eval.json").read_text()) for name in ("one", "two"))
+    assert (one["processes"], two["processes"]) == (1, 2)
+    assert two["per_example"] == one["per_example"]
+    assert two["accuracy"] == one["accuracy"] and two["experts"] == one["experts"]
+    assert two["attacks"]["autoattack"]["components"][0]["attacked"] == one["attacks"]["autoattack"]["components"][0]["attacked"]
+    assert two["sanity"]["checks"] == one["sanity"]["checks"]
+    assert result.stdout.count("wrote ") == 1  # rank 0 alone writes and reports

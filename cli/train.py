@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import fields
 
-from .config import TrainConfig, list_presets, resolve
+from training.config import TrainConfig, list_presets, resolve
+
+from .flags import add_dataclass_flags, given_flags
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -14,24 +15,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     parser.add_argument("--max-steps", type=int, help="cap the steps per epoch (smoke tests)")
     parser.add_argument("--test-examples", type=int, default=2000, help="test examples for the final evaluation")
-    settings = parser.add_argument_group("settings (override the preset and the config file)")
-    defaults = TrainConfig()
-    for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(defaults, f.name)
-        if isinstance(default, bool):
-            settings.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
-        else:
-            kind = type(default) if default is not None else (float if f.name.endswith("lr") else str)
-            kind = int if f.name == "train_examples" else kind
-            settings.add_argument(flag, type=kind, default=None, metavar=kind.__name__.upper(), help=f"(default {default})")
+    add_dataclass_flags(parser.add_argument_group("settings (override the preset and the config file)"), TrainConfig)
 
 
 def run(args: argparse.Namespace) -> int:
-    from .trainer import train
+    from training.trainer import train
 
-    overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
-    cfg = resolve(args.preset, args.config, **overrides)
+    cfg = resolve(args.preset, args.config, **given_flags(args, TrainConfig))
     result = train(cfg, args.out, resume=args.resume, max_steps=args.max_steps, test_examples=args.test_examples)
     print(f"run directory: {result.out}; best checkpoint: {result.best}")
     return 0

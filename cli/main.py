@@ -1,4 +1,7 @@
-"""The `advmoe` command. Each sub-command is a thin wrapper over a function tests call directly."""
+"""The `advmoe` command. Each sub-command is a thin wrapper over a function of an application
+(training, evaluation, export, serving, clients, benchmarks) that tests call directly. It sits
+above the applications, as BentoML's `bentoml_cli` sits beside `bentoml`: the model core
+imports none of this."""
 from __future__ import annotations
 
 import argparse
@@ -10,8 +13,7 @@ BENCHMARKS = {"sparse": "benchmarks.bench_sparse", "export": "benchmarks.bench_e
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from .macs import count_macs
-    from .registry import create_model, list_models
+    from advmoe import count_macs, create_model, list_models
 
     names = list_models(args.pattern)
     if not names:
@@ -97,27 +99,32 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return importlib.import_module(BENCHMARKS[args.name]).main(args.args)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage error in one line that says where the help is (not the whole usage)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="advmoe", description="Robust Mixture-of-Experts CNNs (AdvMoE).")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = Parser(prog="advmoe", description="Robust Mixture-of-Experts CNNs (AdvMoE).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
 
     models = sub.add_parser("models", help="list the registered models with their parameters and MACs")
     models.add_argument("pattern", nargs="?", default="*", help="glob on model names, e.g. 'moe_*'")
     models.add_argument("--image-size", type=int, default=32)
     models.set_defaults(func=cmd_models)
 
-    from training import cli as training_cli
+    from . import evaluate, train
 
-    train = sub.add_parser("train", help="train a model (AdvMoE and its baselines); see --preset")
-    training_cli.add_arguments(train)
-    train.set_defaults(func=training_cli.run)
+    train_parser = sub.add_parser("train", help="train a model (AdvMoE and its baselines); see --preset")
+    train.add_arguments(train_parser)
+    train_parser.set_defaults(func=train.run)
 
-    from training import eval_cli
-
-    evaluate = sub.add_parser("eval", help="robustness of a checkpoint: PGD, AutoAttack, route-fixed and router "
-                                           "attacks, Square, sanity checks; writes eval.json")
-    eval_cli.add_arguments(evaluate)
-    evaluate.set_defaults(func=eval_cli.run)
+    eval_parser = sub.add_parser("eval", help="robustness of a checkpoint: PGD, AutoAttack, route-fixed and router "
+                                              "attacks, Square, sanity checks; writes eval.json (torchrun shards it)")
+    evaluate.add_arguments(eval_parser)
+    eval_parser.set_defaults(func=evaluate.run)
 
     export = sub.add_parser("export", help="export a checkpoint to ONNX, torch.export, Triton and BentoML")
     export.add_argument("checkpoint", help="checkpoint directory (config.json + model.safetensors)")
@@ -187,10 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # a usage error (2) or --help (0): callers get the code, as from a command
+        return e.code
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
+    # A user's mistake is one line; anything else (TypeError included) is a bug and keeps its traceback.
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"advmoe {args.command}: error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:  # e.g. an export whose parity check failed: nothing was written

@@ -1,7 +1,7 @@
 import subprocess
 import sys
 
-from advmoe.cli import main
+from cli.main import main
 
 
 def test_models_lists_parameters_and_macs(capsys):
@@ -18,7 +18,7 @@ def test_errors_are_one_line_with_exit_code_2(capsys):
 
 def test_console_script_runs_a_benchmark():
     result = subprocess.run(
-        [sys.executable, "-m", "advmoe.cli", "bench", "sparse", "--archs", "resnet18", "--routers", "shared",
+        [sys.executable, "-m", "cli", "bench", "sparse", "--archs", "resnet18", "--routers", "shared",
          "--batch-sizes", "1", "--width", "0.125", "--rounds", "1"],
         capture_output=True, text=True, timeout=300,
     )

@@ -1,0 +1,69 @@
+"""Settings dataclasses that describe themselves: each field carries one line of meaning and,
+where it has them, its valid choices, so that the command line, config files and error messages
+are generated from one place (as timm's train.py lists every flag with its help).
+
+    @dataclass
+    class TrainConfig:
+        method: str = setting("advmoe", "training method", choices=METHODS)
+
+`validate_choices(obj)` checks every field that declares choices; `describe(field)` gives the
+help line. The command line (cli/flags.py) turns the fields into flags.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A setting that cannot run; the message names the setting and what to change."""
+
+
+Choices = Iterable[str] | Mapping[str, str] | Callable[[], Iterable[str]]
+
+
+def setting(default: Any = None, help: str = "", choices: Choices | None = None, *, factory=None) -> Any:
+    """A dataclass field with its meaning and, optionally, its valid values: a list, a mapping
+    {value: meaning}, or a function returning the list (for registries filled at import)."""
+    metadata = {"help": help, "choices": choices}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def choices_of(field: dataclasses.Field) -> dict[str, str] | None:
+    """{value: meaning} of a field's choices (meaning "" when the field lists values only)."""
+    choices = field.metadata.get("choices")
+    if choices is None:
+        return None
+    if callable(choices):
+        choices = choices()
+    if isinstance(choices, Mapping):
+        return dict(choices)
+    return {str(c): "" for c in choices}
+
+
+def help_of(field: dataclasses.Field) -> str:
+    return field.metadata.get("help", "")
+
+
+def check_choice(name: str, value: Any, choices: Iterable[str]) -> None:
+    """A one-line ConfigError naming the setting and every valid value."""
+    choices = list(choices)
+    if value not in choices:
+        raise ConfigError(f"unknown {name.replace('_', '-')} {value!r}; choose one of: {', '.join(choices)}")
+
+
+def validate_choices(obj: Any) -> None:
+    """Check every field of the dataclass instance `obj` that declares choices."""
+    for field in dataclasses.fields(obj):
+        choices = choices_of(field)
+        value = getattr(obj, field.name)
+        if choices is None or value is None:
+            continue
+        if isinstance(value, (tuple, list)):  # "unknown attack 'x'" for a field `attacks`
+            for item in value:
+                check_choice(field.name.removesuffix("s"), item, choices)
+        else:
+            check_choice(field.name, value, choices)
