@@ -36,6 +36,19 @@ def files(path: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in path.iterdir()}
 
 
+def test_the_shipped_checkpoint_card_is_its_config_and_metrics():
+    card = ModelCard.from_files(json.loads((TINY / "config.json").read_text()),
+                                json.loads((TINY / "metrics.json").read_text()))
+    assert json.loads((TINY / CARD).read_text()) == card.to_dict()
+    assert card.architecture == "moe_resnet18" and card.input_shape == (1, 28, 28) and card.num_classes == 10
+    assert card.classes[9] == "Ankle boot" and card.dataset == "fashion_mnist" and card.training_method == "advmoe"
+    assert (card.num_experts, card.expert_ratio, card.router, card.top_k) == (2, 0.5, "shared", 1)
+    assert card.pgd_accuracy == 0.6125 and card.pgd.startswith("PGD-10 linf eps=0.1")
+    assert card.route_flip_rate == pytest.approx(0.034) and card.robust_accuracy is None
+    assert card.labels() == {"architecture": "moe_resnet18", "dataset": "fashion_mnist", "router": "shared",
+                             "framework": "advmoe"}
+
+
 def test_to_dict_and_from_dict_round_trip_through_json():
     card = read_card(TINY)
     card = replace(card, robust_accuracy=0.49, autoattack_accuracy=0.5)
