@@ -152,6 +152,12 @@ class ModelCard:
 
         return {f.name: plain(getattr(self, f.name)) for f in fields(self)}
 
+    def write(self, folder: str | os.PathLike) -> Path:
+        """Write folder/card.json (a plain write: callers write into an atomic directory)."""
+        file = Path(folder) / CARD
+        file.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return file
+
     def labels(self) -> dict[str, str]:
         """String labels for a model store (BentoML's labels): what to filter models by."""
         return {"architecture": self.architecture, "dataset": self.dataset or "unknown",

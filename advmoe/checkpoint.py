@@ -95,7 +95,7 @@ def read_card(path: str | os.PathLike) -> ModelCard:
 
 def _write_metrics(folder: Path, metrics: dict, card: ModelCard) -> None:
     _write_json(folder / METRICS, metrics)
-    _write_json(folder / CARD, card.to_dict())
+    card.write(folder)
 
 
 def _write_json(file: Path, document: dict) -> None:
