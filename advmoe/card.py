@@ -168,6 +168,8 @@ def read_card(folder: str | os.PathLike) -> ModelCard:
     """The card of a checkpoint or export directory: its card.json, or for one written before
     cards existed, the card built from its config.json and metrics.json."""
     folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: no such directory (expected a checkpoint or export folder with {CARD})")
     if (folder / CARD).is_file():
         return ModelCard.from_dict(_read_json(folder / CARD))
     if not (folder / "config.json").is_file():

@@ -62,8 +62,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats=("all",),
         raise ValueError(f"--name {name!r} is not a valid Triton model name")
     if "bento" in formats and not bento.NAME.match(name):
         raise ValueError(f"--name {name!r} is not a valid BentoML model name (lowercase, digits, . _ -)")
+    model = advmoe.load_checkpoint(checkpoint)  # first: its errors say best what is wrong with a checkpoint
     card = read_card(checkpoint)
-    model = advmoe.load_checkpoint(checkpoint)
     if execution not in ("sparse", "masked"):
         raise ValueError(f"execution {execution!r}: choose sparse (the default) or masked (a baseline)")
     # Sparse execution is what gets exported; NCHW keeps the graph free of layout copies

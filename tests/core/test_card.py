@@ -133,6 +133,8 @@ def test_update_metrics_rewrites_metrics_and_card_together(saved, model):
 
 
 def test_reading_a_card_where_there_is_none_says_so(tmp_path):
+    with pytest.raises(CheckpointError, match="missing: no such directory"):
+        advmoe.checkpoint.read_card(tmp_path / "missing")
     with pytest.raises(CheckpointError, match="neither card.json nor config.json"):
         advmoe.checkpoint.read_card(tmp_path)
     (tmp_path / CARD).write_text("{oops")
