@@ -1,4 +1,5 @@
-"""Checkpoint directories: model.safetensors + config.json + metrics.json, written atomically.
+"""Checkpoint directories: model.safetensors + config.json + metrics.json + card.json (the model
+card, advmoe/card.py, made from the other two), written atomically.
 
 Loading rebuilds the model from config.json through the registry and reads tensors with
 safetensors: no pickle on the load path, so a checkpoint cannot run code.
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +17,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ._version import __version__
+from .card import CARD, ModelCard
+from .card import read_card as _read_card
 from .io import atomic_directory
 from .macs import count_macs
 from .models.base import MoENet
@@ -51,14 +55,58 @@ def save_checkpoint(model: MoENet, path: str | os.PathLike, metrics: dict | None
         **(config or {}),
     }
     metrics = {"macs_per_image": count_macs(model, tuple(input_size)), **(metrics or {})}
+    card = ModelCard.from_files(document, metrics)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     with atomic_directory(path, may_replace=is_checkpoint) as tmp:
         save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt", "architecture": model.model_name})
-        (tmp / CONFIG).write_text(json.dumps(document, indent=2) + "\n")
-        (tmp / METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
+        _write_json(tmp / CONFIG, document)
+        _write_metrics(tmp, metrics, card)
         for name, write in (files or {}).items():
             write(tmp / name)
     return Path(path)
+
+
+def update_metrics(path: str | os.PathLike, **values) -> ModelCard:
+    """Add or replace entries of a checkpoint's metrics.json (e.g. robust_accuracy and
+    autoattack_accuracy from `advmoe eval`) and rewrite its card.json to match; returns the card.
+
+    Both files change in one atomic swap of the directory: a reader sees the old pair or the new
+    one. The other files are hard-linked into the new directory, not copied.
+    """
+    path = Path(path)
+    config = read_config(path)
+    metrics = {**read_metrics(path), **values}
+    card = ModelCard.from_files(config, metrics)  # before anything is written: a bad value changes nothing
+    with atomic_directory(path, may_replace=is_checkpoint) as tmp:
+        shutil.copytree(path, tmp, dirs_exist_ok=True, copy_function=_link_or_copy,
+                        ignore=lambda folder, names: {METRICS, CARD} if Path(folder) == path else set())
+        _write_metrics(tmp, metrics, card)
+    return card
+
+
+def read_card(path: str | os.PathLike) -> ModelCard:
+    """The checkpoint's model card: card.json, or for a checkpoint written before cards, the card
+    built from its config.json and metrics.json."""
+    try:
+        return _read_card(path)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def _write_metrics(folder: Path, metrics: dict, card: ModelCard) -> None:
+    _write_json(folder / METRICS, metrics)
+    card.write(folder)
+
+
+def _write_json(file: Path, document: dict) -> None:
+    file.write_text(json.dumps(document, indent=2) + "\n")
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:

@@ -11,7 +11,8 @@
 
 The client first waits for the server's /readyz up to a deadline (`bentoml serve` opens its port
 before its workers are up), checks that the server is an advmoe service (a `predict` API and
-/model_info), then talks to it over HTTP only: nothing from serving/, training/ or export/, no torch.
+/model_info), then talks to it over HTTP only: nothing from serving/, training/ or export/, no torch
+(/model_info is parsed by advmoe.card, which imports the standard library only).
 Batches larger than the server's max_batch_size are split. Errors say what to fix: `Unavailable`
 (no server, or not ready in time), `NotAdvMoEServer`, `RequestRejected` (the server's 4xx message,
 with file names for images[i]) and `ServerError` (5xx), all `ClientError`s.
@@ -30,6 +31,8 @@ from typing import Any, Sequence
 
 import httpx
 import numpy as np
+
+from advmoe.card import ModelCard
 
 DEFAULT_URL = "http://127.0.0.1:3000"
 START_HINT = "start one with `advmoe serve --model-tag TAG` (or `make run`), or pass the URL of a running server"
@@ -100,26 +103,28 @@ class Prediction:
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """GET /model_info, with the fields a client needs typed; `raw` has everything."""
-    architecture: str
-    classes: tuple[str, ...]
-    input_shape: tuple[int, int, int]  # C, H, W
-    num_experts: int
+    """GET /model_info: the served model's card (advmoe.card.ModelCard: classes, input shape,
+    experts, accuracies...) and how the server serves it; `raw` has everything."""
+    card: ModelCard
     max_batch_size: int
     runtime: str | None
     execution: str | None
     tag: str | None
     raw: dict = field(repr=False, compare=False)
 
+    architecture = property(lambda self: self.card.architecture)
+    classes = property(lambda self: self.card.classes)
+    input_shape = property(lambda self: self.card.input_shape)  # C, H, W
+    num_experts = property(lambda self: self.card.num_experts)
+
     @classmethod
     def from_json(cls, data: Any, url: str) -> "ModelInfo":
-        if not isinstance(data, dict) or not {"classes", "input_shape", "architecture"} <= data.keys():
-            raise NotAdvMoEServer(f"{url}/model_info does not describe an advmoe model (no classes, input_shape or "
-                                  f"architecture): is {url} the advmoe service? {START_HINT}")
-        return cls(architecture=data["architecture"], classes=tuple(data["classes"]),
-                   input_shape=tuple(int(v) for v in data["input_shape"]),
-                   num_experts=int(data.get("num_experts") or 0),
-                   max_batch_size=int(data.get("max_batch_size") or 64), runtime=data.get("runtime"),
+        try:
+            card = ModelCard.from_dict(data)
+        except ValueError as e:
+            raise NotAdvMoEServer(f"{url}/model_info does not describe an advmoe model ({e}): is {url} the advmoe "
+                                  f"service? {START_HINT}") from None
+        return cls(card=card, max_batch_size=int(data.get("max_batch_size") or 64), runtime=data.get("runtime"),
                    execution=data.get("execution"), tag=data.get("tag"), raw=data)
 
 

@@ -13,7 +13,8 @@ import onnxruntime
 import torch
 
 import advmoe
-from advmoe.checkpoint import CONFIG, METRICS, WEIGHTS, read_config, read_metrics
+from advmoe.card import CARD
+from advmoe.checkpoint import CONFIG, METRICS, WEIGHTS, read_card
 from advmoe.io import atomic_directory
 
 from . import bento, triton
@@ -48,8 +49,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats=("all",),
                       execution: str = "sparse", log=print) -> ExportResult:
     """Export `checkpoint` into the directory `out` (refused if it exists, unless force).
 
-    out/model.onnx, out/model.pt2, out/triton/<name>/..., out/config.json, out/metrics.json and
-    out/export.json (parity report); `bento` adds `<name>:<version>` to the BentoML store.
+    out/model.onnx, out/model.pt2, out/triton/<name>/..., out/config.json, out/metrics.json,
+    out/card.json and out/export.json (parity report); `bento` adds `<name>:<version>` to the BentoML store.
     The directory appears only once every parity check has passed. `execution="masked"` exports
     the reference code's way of running (every expert, then select): a baseline for benchmarks.
     """
@@ -61,8 +62,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats=("all",),
         raise ValueError(f"--name {name!r} is not a valid Triton model name")
     if "bento" in formats and not bento.NAME.match(name):
         raise ValueError(f"--name {name!r} is not a valid BentoML model name (lowercase, digits, . _ -)")
-    config, metrics = read_config(checkpoint), read_metrics(checkpoint)
-    model = advmoe.load_checkpoint(checkpoint)
+    model = advmoe.load_checkpoint(checkpoint)  # first: its errors say best what is wrong with a checkpoint
+    card = read_card(checkpoint)
     if execution not in ("sparse", "masked"):
         raise ValueError(f"execution {execution!r}: choose sparse (the default) or masked (a baseline)")
     # Sparse execution is what gets exported; NCHW keeps the graph free of layout copies
@@ -93,10 +94,11 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats=("all",),
         for source in (CONFIG, METRICS, WEIGHTS):  # the weights: for the service's eager torch runtime
             if (Path(checkpoint) / source).is_file():
                 shutil.copyfile(Path(checkpoint) / source, tmp / source)
+        card.write(tmp)  # also for a checkpoint older than cards
         (tmp / "export.json").write_text(json.dumps(report, indent=2) + "\n")
         if "bento" in formats:
             # Last, inside the block: if the store refuses, the output directory is not created.
-            stored = [tmp / f for f in ("model.onnx", "model.pt2", WEIGHTS, CONFIG, METRICS) if (tmp / f).is_file()]
-            bento_tag = bento.save_model(name, stored, config, metrics, execution)
+            stored = [tmp / f for f in ("model.onnx", "model.pt2", WEIGHTS, CONFIG, METRICS, CARD) if (tmp / f).is_file()]
+            bento_tag = bento.save_model(name, stored, card, execution)
             log(f"BentoML model {bento_tag}")
     return ExportResult(out=out, files=files, parity=report["parity"], bento_tag=bento_tag)

@@ -4,7 +4,6 @@ from its safetensors weights (sparse or masked execution), `pt2` runs the torch.
 Each maps a float32 batch [B, C, H, W] in [0, 1] to (logits [B, classes], routing [B, layers])."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -87,12 +86,3 @@ def load_runtime(folder: str | Path, config: ServingConfig) -> Runtime:
     if config.runtime == "onnxruntime":
         return OnnxRuntime(needed, threads)
     return TorchRuntime(folder, config.execution, threads, program=config.runtime == "pt2")
-
-
-def read_model_files(folder: str | Path) -> tuple[dict, dict]:
-    """(config.json, metrics.json) stored beside the exported model."""
-    folder = Path(folder)
-    config = json.loads((folder / "config.json").read_text())
-    metrics_file = folder / "metrics.json"
-    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
-    return config, metrics

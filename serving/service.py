@@ -23,10 +23,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from advmoe.card import read_card
+
 from .config import ATTACKS, ServingConfig
 from .inputs import InputSpec, RequestError, from_images, from_npy, from_tensor
 from .metrics import metrics
-from .runtimes import load_runtime, read_model_files
+from .runtimes import load_runtime
 
 CONFIG = ServingConfig.from_env()
 IMBALANCE_WINDOW = 1024  # routed samples the imbalance gauge looks back over
@@ -65,8 +67,7 @@ class AdvMoEModel:
     def __init__(self):
         folder = stored_model(CONFIG.model_tag).path
         self.runtime = load_runtime(folder, CONFIG)
-        config, _ = read_model_files(folder)
-        self.num_experts = int(config["model_args"].get("num_experts", 0))
+        self.num_experts = read_card(folder).num_experts
         self.recent = deque()  # routing arrays of the last IMBALANCE_WINDOW samples
         self.recent_samples = 0
 
@@ -177,30 +178,17 @@ class AdvMoE:
 
     def __init__(self):
         stored = stored_model(CONFIG.model_tag)
-        config, model_metrics = read_model_files(stored.path)
-        channels, size, _ = config["input_size"]
+        card = read_card(stored.path)
+        channels, size, _ = card.input_shape
         self.spec = InputSpec(channels, size, CONFIG.max_batch_size, CONFIG.max_image_pixels)
         self.probe_spec = InputSpec(channels, size, CONFIG.probe_max_batch_size, CONFIG.max_image_pixels)
-        self.num_classes = int(config["num_classes"])
-        self.classes = config.get("classes") or [str(i) for i in range(self.num_classes)]
+        self.num_classes = card.num_classes
+        self.classes = list(card.classes)
         self.probes_running = 0
-        args = config["model_args"]
+        # GET /model_info: the model card plus how this server serves it.
         self.info = {
             "tag": str(stored.tag),
-            "architecture": config["architecture"],
-            "num_experts": args.get("num_experts", 0),
-            "expert_ratio": args.get("expert_ratio", 1.0),
-            "router": args.get("router") if args.get("num_experts", 0) else None,
-            "top_k": args.get("top_k", 1),
-            "dataset": config.get("dataset"),
-            "classes": self.classes,
-            "input_shape": config["input_size"],
-            "input_range": [0.0, 1.0],
-            "clean_accuracy": model_metrics.get("clean_accuracy"),
-            "pgd_accuracy": model_metrics.get("pgd_accuracy"),
-            "pgd": model_metrics.get("test_pgd") or model_metrics.get("pgd"),
-            "robust_accuracy": model_metrics.get("robust_accuracy"),
-            "macs_per_image": model_metrics.get("macs_per_image"),
+            **card.to_dict(),
             "runtime": CONFIG.runtime,
             "execution": "sparse" if CONFIG.runtime != "torch" else CONFIG.execution,
             "max_batch_size": CONFIG.max_batch_size,

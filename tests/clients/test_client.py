@@ -4,15 +4,19 @@ from __future__ import annotations
 import asyncio
 import http.server
 import json
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
+from advmoe.card import read_card
 from cli.main import main
-from clients.client import AsyncClient, Client, NotAdvMoEServer, RequestRejected, Unavailable, format_table
+from clients.client import AsyncClient, Client, ModelInfo, NotAdvMoEServer, RequestRejected, Unavailable, format_table
 from helpers import CLASSES
 
 
@@ -58,6 +62,8 @@ def test_model_info_describes_the_served_model(client, exported_model):
     assert info.classes == tuple(CLASSES) and info.input_shape == (1, 28, 28)
     assert info.architecture == "moe_resnet18" and info.num_experts == 2 and info.max_batch_size == 16
     assert info.tag == exported_model.bento_tag and info.raw["runtime"] == "onnxruntime"
+    assert info.card == read_card(exported_model.out)
+
 
 
 def test_image_files_get_what_predict_answers_with_their_experts(client, server, pngs):
@@ -196,3 +202,23 @@ def test_advmoe_predict_fails_with_one_line_and_exit_2(server, free_url, tmp_pat
 
     assert main(["predict", "--url", server.url, str(tmp_path / "missing.png")]) == 2
     assert "missing.png" in capsys.readouterr().err
+
+
+# -- no server needed ---------------------------------------------------------------------------
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_model_info_is_the_card_plus_the_serving_fields():
+    card = read_card(ROOT / "checkpoints" / "fmnist-tiny")
+    info = ModelInfo.from_json({"tag": "advmoe:x", **card.to_dict(), "runtime": "torch", "max_batch_size": 8}, "u")
+    assert info.card == card and info.classes == card.classes and info.input_shape == (1, 28, 28)
+    assert (info.architecture, info.num_experts, info.max_batch_size, info.runtime) == ("moe_resnet18", 2, 8, "torch")
+    with pytest.raises(NotAdvMoEServer, match=r"http://h/model_info does not describe .*missing field 'architecture'"):
+        ModelInfo.from_json({"status": "ok"}, "http://h")
+    with pytest.raises(NotAdvMoEServer, match="expected a JSON object"):
+        ModelInfo.from_json(None, "http://h")
+
+
+def test_the_client_does_not_import_torch():
+    probe = "import clients.client, sys; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", probe], cwd=ROOT, check=True)

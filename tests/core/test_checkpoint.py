@@ -15,7 +15,7 @@ def test_round_trip_gives_identical_logits(tmp_path, name, router):
     model = calibrated_model(name, router)
     path = advmoe.save_checkpoint(model, tmp_path / "ck", metrics={"clean_accuracy": 0.5},
                                   config={"dataset": "cifar10"})
-    assert sorted(p.name for p in path.iterdir()) == ["config.json", "metrics.json", "model.safetensors"]
+    assert sorted(p.name for p in path.iterdir()) == ["card.json", "config.json", "metrics.json", "model.safetensors"]
     loaded = advmoe.load_checkpoint(path)
     assert not loaded.training and loaded.model_name == name and loaded.cfg == model.cfg
     x = torch.rand(5, 3, 32, 32)

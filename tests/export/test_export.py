@@ -9,6 +9,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 import advmoe
+from advmoe.card import read_card
 from cli.main import main as cli
 from helpers import calibrated_model
 from export import ParityError, api, export_checkpoint
@@ -33,7 +34,7 @@ def test_all_formats_are_written_with_a_parity_report(exported):
     _, result = exported
     out = result.out
     assert sorted(p.name for p in out.iterdir()) == [
-        "config.json", "export.json", "metrics.json", "model.onnx", "model.pt2", "model.safetensors", "triton"]
+        "card.json", "config.json", "export.json", "metrics.json", "model.onnx", "model.pt2", "model.safetensors", "triton"]
     parity = json.loads((out / "export.json").read_text())["parity"]
     assert set(parity) == {"onnxruntime", "torch.export"}
     for runtime in parity.values():
@@ -87,12 +88,16 @@ def test_bentoml_model_loads_back_by_tag_with_its_metadata(exported):
     tag = exported[1].bento_tag
     model = bentoml.models.get(tag)
     assert bentoml.models.get("advmoe:latest").tag == model.tag
-    assert model.info.labels["architecture"] == "moe_resnet18"
+    assert model.info.labels == {"architecture": "moe_resnet18", "dataset": "cifar10", "router": "shared",
+                                 "framework": "advmoe", "execution": "sparse"}
     meta = model.info.metadata
     assert meta["num_experts"] == 2 and meta["expert_ratio"] == 0.5 and meta["dataset"] == "cifar10"
     assert meta["clean_accuracy"] == 0.25 and meta["macs_per_image"] > 0
-    assert {"model.onnx", "model.pt2", "model.safetensors", "config.json"} <= {p.name for p in Path(model.path).iterdir()}
-    assert meta["execution"] == "sparse"
+    card = read_card(exported[0])
+    assert meta == {k: v for k, v in card.to_dict().items() if v is not None}  # the model card, less what is unknown
+    assert read_card(model.path) == card == read_card(exported[1].out)
+    assert {"model.onnx", "model.pt2", "model.safetensors", "config.json", "card.json"} <= {
+        p.name for p in Path(model.path).iterdir()}
 
 
 def test_masked_export_is_the_reference_way_of_running_and_says_so(tmp_path):
@@ -167,5 +172,9 @@ def test_cli_bad_input_exits_2_with_a_clear_error(tmp_path, capsys):
 def test_force_replaces_an_earlier_export(tmp_path):
     checkpoint = make_checkpoint(tmp_path / "ck")
     export_checkpoint(checkpoint, tmp_path / "out", ["onnx"], log=lambda *a: None)
+    card = read_card(checkpoint)
+    (checkpoint / "card.json").unlink()  # a checkpoint written before cards: the export still gets one
     result = export_checkpoint(checkpoint, tmp_path / "out", ["pt2"], force=True, log=lambda *a: None)
-    assert {p.name for p in result.out.iterdir()} == {"model.pt2", "model.safetensors", "config.json", "metrics.json", "export.json"}
+    assert read_card(result.out) == card
+    assert {p.name for p in result.out.iterdir()} == {"model.pt2", "model.safetensors", "config.json", "metrics.json", "card.json",
+                                                  "export.json"}

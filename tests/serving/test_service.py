@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from advmoe.card import read_card
 from export.graph import onnx_runner
 from serving.launch import Server
 from helpers import CLASSES, TOKEN
@@ -191,8 +192,10 @@ def test_model_info_reports_the_model_metadata(server, exported_model):
     assert info["tag"] == exported_model.bento_tag
     assert info["architecture"] == "moe_resnet18" and info["num_experts"] == 2 and info["expert_ratio"] == 0.5
     assert info["dataset"] == "fashion_mnist" and info["classes"] == CLASSES
-    assert info["clean_accuracy"] == 0.5 and info["macs_per_image"] > 0
+    assert info["clean_accuracy"] == 0.5 and info["macs_per_image"] > 0 and info["robust_accuracy"] is None
     assert info["runtime"] == "onnxruntime" and info["attack_probe"]["enabled"] is True
+    card = read_card(exported_model.out).to_dict()
+    assert {k: info[k] for k in card} == card  # the model card, plus how this server serves it
     for route in ("livez", "readyz"):
         assert httpx.get(f"{server.url}/{route}", timeout=10).status_code == 200
 
