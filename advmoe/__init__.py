@@ -18,6 +18,7 @@ _EXPORTS = {
     "registry": ("create_model", "dense_twin", "is_moe_model", "list_models", "register_model"),
     "data": ("DatasetNotFoundError", "get_dataset_info", "list_datasets", "load_dataset"),
     "card": ("ModelCard",),
+    "settings": ("ConfigError",),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 

@@ -11,7 +11,7 @@ import torch
 import advmoe
 from advmoe.card import CARD, ModelCard, read_card
 from advmoe.checkpoint import CheckpointError, read_config, read_metrics, update_metrics
-from conftest import small_model
+from helpers import small_model
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "checkpoints" / "fmnist-tiny"
