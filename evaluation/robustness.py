@@ -54,11 +54,13 @@ from .summary import summary
 ATTACKS = {
     "pgd": "PGD-K through the straight-through router, one run per K of --pgd-steps",
     "autoattack": "AutoAttack standard: APGD-CE, APGD-T, FAB-T, Square",
+    "apgd": "APGD-CE, then APGD-T on its survivors (AutoAttack's first two; skipped when autoattack runs)",
     "route-fixed": "PGD with every route forced to each expert in turn, judged on the real model",
     "router": "PGD on the router scores: how often the route (and the prediction) flips",
     "square": "Square alone (gradient-free): the cross-check for gradient masking",
 }
 ROUTE_ATTACKS = ("route-fixed", "router")
+APGD = ("apgd-ce", "apgd-t")
 DEFAULT_EPS = 8 / 255
 
 
@@ -204,11 +206,12 @@ class _Evaluator:
         self.is_moe = model.cfg.is_moe
         self.shared_router = model.router is not None
         self.gradient_aa = autoattack.STANDARD[:3] if "autoattack" in attacks else ()
+        self.cascades = {"autoattack": (*self.gradient_aa, "square"), "apgd": APGD}
 
     def stages_per_unit(self) -> int:
         a, s = self.attacks, self.s
         return (1 + len(set(s.pgd_steps)) * ("pgd" in a) + len(self.gradient_aa) + ("square" in a or "autoattack" in a)
-                + self.masked.cfg.num_experts * ("route-fixed" in a) + ("router" in a))
+                + len(APGD) * ("apgd" in a) + self.masked.cfg.num_experts * ("route-fixed" in a) + ("router" in a))
 
     # -- helpers --------------------------------------------------------------------------
     def stage(self, text: str) -> None:
@@ -248,7 +251,9 @@ class _Evaluator:
         if "pgd" in self.attacks:
             self.pgd(out, x, y)
         if "square" in self.attacks or "autoattack" in self.attacks:
-            self.autoattack(out, x, y)
+            self.cascade(out, x, y, "autoattack", self.gradient_aa, square=True)
+        if "apgd" in self.attacks:
+            self.cascade(out, x, y, "apgd", APGD, square=False)
         if "route-fixed" in self.attacks:
             self.route_fixed(out, x, y)
         if "router" in self.attacks:
@@ -265,44 +270,45 @@ class _Evaluator:
             self.record(out, f"pgd-{k}", x, x_adv, clock.elapsed())
             self.done()
 
-    def autoattack(self, out: Results, x: Tensor, y: Tensor) -> None:
-        """AutoAttack's gradient attacks in cascade (each on the survivors of the ones before, as
-        the package runs them), then Square once on every clean-correct example: the gradient-free
-        cross-check, and AutoAttack's last component for the examples still standing."""
+    def cascade(self, out: Results, x: Tensor, y: Tensor, name: str, parts: tuple[str, ...],
+                square: bool) -> None:
+        """AutoAttack components in cascade, each on the survivors of the ones before (as the
+        package runs them), recorded as `name`. With `square`, Square then runs once on every
+        clean-correct example: the gradient-free cross-check ("square"), and the last component
+        of the cascade for the examples still standing."""
         model = autoattack.GradientOrFast(self.masked, self.fast)
         attack = autoattack.make(model, self.s.eps, self.masked.cfg.num_classes, self.s.seed, self.s.square_queries)
         clean = out.correct("clean", y)
         alive, x_best = clean.clone(), x.clone()
 
-        def run_part(name: str, idx: Tensor) -> tuple[Tensor, tuple[float, float]]:
-            self.stage(f"AutoAttack {name.upper()}")
+        def run_part(part: str, idx: Tensor) -> tuple[Tensor, tuple[float, float]]:
+            self.stage(f"{name} {part.upper()}")
             clock, x_adv = _Clock(), x.clone()
             if len(idx):
-                x_adv[idx], messages = autoattack.run(attack, name, x[idx], y[idx], self.s.batch_size)
-                out.flags.extend(f"{name}: {m}" for m in messages if f"{name}: {m}" not in out.flags)
+                x_adv[idx], messages = autoattack.run(attack, part, x[idx], y[idx], self.s.batch_size)
+                out.flags.extend(f"{part}: {m}" for m in messages if f"{part}: {m}" not in out.flags)
             self.done()
             return x_adv, clock.elapsed()
 
-        for name in self.gradient_aa:
-            out.add(f"autoattack/{name}/attacked", alive.clone())
-            x_adv, elapsed = run_part(name, alive.nonzero().flatten())
-            fooled = (self.predict(x_adv)[0].argmax(1) != y) & alive
+        def keep(part: str, attacked: Tensor, x_adv: Tensor, fooled: Tensor, elapsed) -> None:
             x_best[fooled] = x_adv[fooled]
-            alive &= ~fooled
-            out.add(f"autoattack/{name}/alive", alive.clone())
-            out.time(f"autoattack/{name}", elapsed)
-        x_square, elapsed = run_part("square", clean.nonzero().flatten())
-        self.record(out, "square", x, x_square, elapsed)
-        if not self.gradient_aa:
-            return
-        out.add("autoattack-gradient/pred", torch.where(alive, y, -1))  # correct iff no gradient part fooled it
-        out.add("autoattack/square/attacked", clean.clone())
-        fooled = alive & ~out.correct("square", y)
-        x_best[fooled] = x_square[fooled]
-        alive &= ~fooled
-        out.add("autoattack/square/alive", alive.clone())
-        out.time("autoattack/square", elapsed)
-        self.record(out, "autoattack", x, x_best, (0.0, 0.0))  # its time is the sum of its parts
+            alive.logical_and_(~fooled)
+            out.add(f"{name}/{part}/attacked", attacked)
+            out.add(f"{name}/{part}/alive", alive.clone())
+            out.time(f"{name}/{part}", elapsed)
+
+        for part in parts:
+            attacked = alive.clone()
+            x_adv, elapsed = run_part(part, attacked.nonzero().flatten())
+            keep(part, attacked, x_adv, (self.predict(x_adv)[0].argmax(1) != y) & alive, elapsed)
+        if square:
+            x_square, elapsed = run_part("square", clean.nonzero().flatten())
+            self.record(out, "square", x, x_square, elapsed)
+            if parts:
+                out.add(f"{name}-gradient/pred", torch.where(alive, y, -1))  # correct iff no gradient part fooled it
+                keep("square", clean.clone(), x_square, alive & ~out.correct("square", y), elapsed)
+        if parts:
+            self.record(out, name, x, x_best, (0.0, 0.0))  # its time is the sum of its parts
 
     def route_fixed(self, out: Results, x: Tensor, y: Tensor) -> None:
         k, clock = self.s.route_steps, _Clock()
@@ -411,6 +417,9 @@ def evaluate_model(model: nn.Module, x: Tensor, y: Tensor, settings: EvalSetting
             if name in attacks:
                 attacks.remove(name)
                 skipped[name] = "dense model (no router): no route to fix or to attack"
+    if "apgd" in attacks and "autoattack" in attacks:
+        attacks.remove("apgd")
+        skipped["apgd"] = "AutoAttack runs APGD-CE and APGD-T already"
     rank, world = _world()
     units = _units(len(x), s.batch_size)
     mine = [u for u in range(len(units)) if u % world == rank]
@@ -436,7 +445,7 @@ def _document(ev: _Evaluator, out: Results, y: Tensor, attacks: list[str], skipp
               relative_change: Tensor | None, started: _Clock, world: int, device) -> dict:
     s, n = ev.s, len(y)
     names = ["clean"] + [k[: -len("/pred")] for k in out.rows if k.endswith("/pred") and k != "clean/pred"]
-    correct = {name: out.correct(name, y) for name in names if name != "autoattack-gradient"}
+    correct = {name: out.correct(name, y) for name in names if not name.endswith("-gradient")}
     robust = worst_case(correct)
     accuracy = {name: c.float().mean().item() for name, c in correct.items()}
     accuracy["robust"] = robust.float().mean().item()
@@ -488,17 +497,18 @@ def _attack_entry(ev: _Evaluator, out: Results, name: str, y: Tensor) -> dict:
                                 "through the straight-through router")
     elif name == "square":
         entry["description"] = f"Square (gradient-free), {s.square_queries} queries, on every clean-correct example"
-    elif name == "autoattack":
+    elif name in ev.cascades:
         parts = []
-        for part in (*ev.gradient_aa, "square"):
-            seconds = out.seconds[f"autoattack/{part}"]
-            parts.append({"name": part, **_timing(n, seconds), "attacked": int(rows[f"autoattack/{part}/attacked"].sum()),
-                          "accuracy_after": rows[f"autoattack/{part}/alive"].float().mean().item()})
+        for part in ev.cascades[name]:
+            seconds = out.seconds[f"{name}/{part}"]
+            parts.append({"name": part, **_timing(n, seconds), "attacked": int(rows[f"{name}/{part}/attacked"].sum()),
+                          "accuracy_after": rows[f"{name}/{part}/alive"].float().mean().item()})
         total = (sum(p["seconds"] for p in parts), sum(p["cpu_seconds"] for p in parts))
-        standard = ev.gradient_aa == autoattack.STANDARD[:3] and s.square_queries == 5000
+        standard = name == "autoattack" and ev.gradient_aa == autoattack.STANDARD[:3] and s.square_queries == 5000
+        kind = "AutoAttack " + ("standard" if standard else "custom") if name == "autoattack" else "APGD"
         entry.update(_timing(n, total), components=parts, standard=standard, description=(
-            f"AutoAttack {'standard' if standard else 'custom'} (pyautoattack): "
-            f"{', '.join(p['name'].upper() for p in parts)}; robust if no component fools the example"))
+            f"{kind} (pyautoattack): {', '.join(p['name'].upper() for p in parts)} in cascade; robust if no "
+            "component fools the example"))
     elif name == "route-fixed":
         experts = range(ev.masked.cfg.num_experts)
         mean = lambda key: rows[key].float().mean().item()  # noqa: E731
@@ -532,7 +542,7 @@ def _checks(out: Results, c: dict[str, Tensor], y: Tensor, sweep: dict, relative
     pgd_names = [k for k in c if k.startswith("pgd-")]
     checks.append(sanity.more_steps({int(k[4:]): c[k].float().mean().item() for k in pgd_names}, len(y)))
     # gradient attacks through the router; AutoAttack without its Square part
-    gradient = {k: c[k] for k in pgd_names}
+    gradient = {k: c[k] for k in pgd_names + ["apgd"] if k in c}
     if "autoattack-gradient/pred" in out.rows:
         gradient["autoattack-gradient"] = out.correct("autoattack-gradient", y)
     route = {k: c[k] for k in ROUTE_ATTACKS if k in c}
