@@ -23,9 +23,11 @@ from torch import Tensor, nn
 STANDARD = ("apgd-ce", "apgd-t", "fab-t", "square")
 
 
-def make(model: nn.Module, eps: float, num_classes: int, seed: int = 0, square_queries: int = 5000):
+def make(model: nn.Module, eps: float, num_classes: int, seed: int = 0, square_queries: int = 5000,
+         iterations: int = 100):
     """An AutoAttack in its standard linf configuration (fewer target classes if the model has
-    fewer than 10 classes; `square_queries` below 5,000 is no longer the standard version)."""
+    fewer than 10 classes; `square_queries` below 5,000 or `iterations` of APGD and FAB other than
+    100 are no longer the standard version)."""
     from pyautoattack import AutoAttack
 
     device = next(model.parameters()).device
@@ -34,6 +36,14 @@ def make(model: nn.Module, eps: float, num_classes: int, seed: int = 0, square_q
     attack.apgd_targeted.n_target_classes = targets
     attack.fab.n_target_classes = targets
     attack.square.n_queries = square_queries
+    if iterations != 100:
+        for part in (attack.apgd, attack.apgd_targeted, attack.fab):
+            part.n_iter = iterations
+        for apgd in (attack.apgd, attack.apgd_targeted):  # APGD's step-size checkpoints, as its __init__ sets them
+            apgd.n_iter_orig = iterations
+            apgd.n_iter_2 = max(int(0.22 * iterations), 1)
+            apgd.n_iter_min = max(int(0.06 * iterations), 1)
+            apgd.size_decr = max(int(0.03 * iterations), 1)
     return attack
 
 

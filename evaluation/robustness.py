@@ -75,6 +75,7 @@ class EvalSettings:
     step: float = setting(0.25, "PGD step as a fraction of eps")
     steer: float = setting(1.0, "weight of the push towards the forced expert in the route-fixed attack")
     square_queries: int = setting(5000, "Square's queries (5000 is AutoAttack's standard)")
+    apgd_iterations: int = setting(100, "iterations of APGD-CE, APGD-T and FAB-T (100 is AutoAttack's standard)")
     batch_size: int = setting(256, "images per unit: attacks run one unit at a time; torchrun deals units to ranks")
     seed: int = setting(0, "seed of the attacks' random starts")
     sweep: tuple[float, ...] | None = setting(None, "eps of the sanity sweep (default: eps x 1/4, 1/2, 1, 2 and 0.5)")
@@ -95,7 +96,7 @@ class EvalSettings:
             raise ConfigError(f"step is a fraction of eps in (0, 1], got {self.step}")
         if not self.pgd_steps or min(self.pgd_steps) < 1 or self.route_steps < 1:
             raise ConfigError(f"PGD steps must be >= 1, got {list(self.pgd_steps)} and route steps {self.route_steps}")
-        for name in ("batch_size", "square_queries", "sweep_examples", "gradient_examples"):
+        for name in ("batch_size", "square_queries", "apgd_iterations", "sweep_examples", "gradient_examples"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
 
@@ -277,7 +278,8 @@ class _Evaluator:
         clean-correct example: the gradient-free cross-check ("square"), and the last component
         of the cascade for the examples still standing."""
         model = autoattack.GradientOrFast(self.masked, self.fast)
-        attack = autoattack.make(model, self.s.eps, self.masked.cfg.num_classes, self.s.seed, self.s.square_queries)
+        attack = autoattack.make(model, self.s.eps, self.masked.cfg.num_classes, self.s.seed, self.s.square_queries,
+                                 self.s.apgd_iterations)
         clean = out.correct("clean", y)
         alive, x_best = clean.clone(), x.clone()
 
@@ -504,7 +506,8 @@ def _attack_entry(ev: _Evaluator, out: Results, name: str, y: Tensor) -> dict:
             parts.append({"name": part, **_timing(n, seconds), "attacked": int(rows[f"{name}/{part}/attacked"].sum()),
                           "accuracy_after": rows[f"{name}/{part}/alive"].float().mean().item()})
         total = (sum(p["seconds"] for p in parts), sum(p["cpu_seconds"] for p in parts))
-        standard = name == "autoattack" and ev.gradient_aa == autoattack.STANDARD[:3] and s.square_queries == 5000
+        standard = (name == "autoattack" and ev.gradient_aa == autoattack.STANDARD[:3] and s.square_queries == 5000
+                    and s.apgd_iterations == 100)
         kind = "AutoAttack " + ("standard" if standard else "custom") if name == "autoattack" else "APGD"
         entry.update(_timing(n, total), components=parts, standard=standard, description=(
             f"{kind} (pyautoattack): {', '.join(p['name'].upper() for p in parts)} in cascade; robust if no "

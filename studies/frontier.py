@@ -1,0 +1,446 @@
+"""The robustness-cost frontier on Fashion-MNIST: dense PGD-AT at several widths against the MoE
+methods, worst-case robust accuracy against MACs per image.
+
+    python -m studies.frontier --plan            # the rows, seeds and the estimated cost; starts nothing
+    nice python -m studies.frontier               # run (resumes: finished runs are skipped)
+    python -m studies.frontier --report-only      # the report from the results there are
+
+Each (row, seed) is one run: train (runs/frontier/ROW-seedS, resumed if cut off), evaluate its
+best checkpoint (selected on validation PGD accuracy, never on test images) on the first
+--eval-examples test images with PGD-10/50, APGD-CE + APGD-T, the route-fixed and the router
+attack, and, for the headline rows, full AutoAttack on the first --autoattack-examples. Its
+summary goes to reports/robustness_frontier/ROW-seedS.json as soon as it is done, so a study cut
+off resumes from the results that were kept (commit them as they come). The report,
+reports/robustness_frontier.md with a PNG of worst-case robust accuracy against MACs, is written
+from whatever results exist.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+import advmoe
+from advmoe.checkpoint import read_metrics
+from advmoe.io import atomic_write_text
+from evaluation.robustness import ATTACKS, evaluate_checkpoint
+from training.config import TrainConfig, resolve
+from training.methods import METHODS, Step
+from training.trainer import make_optimizers, train
+
+RESULTS = Path("reports/robustness_frontier")
+REPORT = Path("reports/robustness_frontier.md")
+MAIN_ATTACKS = ("pgd", "apgd", "route-fixed", "router")
+PGD_STEPS = (10, 50)
+ROUTE_STEPS = 50
+# Gradient passes (forward + input gradient) per image of each evaluation, at the defaults above;
+# APGD-T and AutoAttack's later parts run on the survivors only (SURVIVE of the images).
+SURVIVE = 0.6
+EVAL_PASSES = {"pgd": sum(PGD_STEPS), "apgd-ce": 100, "apgd-t": 9 * 100 * SURVIVE, "route-fixed": 2 * ROUTE_STEPS,
+               "router": ROUTE_STEPS, "sanity sweep": 5 * 10 * 200 / 1000}
+AUTOATTACK_PASSES = {"apgd-ce": 100, "apgd-t": 9 * 100 * SURVIVE, "fab-t": 2 * 9 * 100 * SURVIVE,
+                     "square": 5000 * SURVIVE / 2}  # Square: a forward per query (about half a gradient pass)
+
+
+@dataclass(frozen=True)
+class Row:
+    key: str  # run folder and result file prefix
+    label: str
+    method: str
+    model: str
+    width: float
+    seeds: tuple[int, ...]
+    headline: bool = False
+
+
+@dataclass
+class Plan:
+    """What the study trains and evaluates; the training settings start from --preset."""
+
+    preset: str = "fmnist-tiny"
+    moe_width: float = 0.5
+    epochs: int = 10
+    train_examples: int | None = None  # None: the full training set (55,000 after validation)
+    eval_examples: int = 1000
+    autoattack_examples: int = 500
+    seeds: tuple[int, ...] = (0, 1)
+    headline_seeds: tuple[int, ...] = (0, 1, 2)
+    overrides: dict = field(default_factory=dict)  # more TrainConfig settings for every run
+    attack_settings: dict = field(default_factory=dict)  # EvalSettings changes (tests: fewer steps)
+    runs: str = "runs/frontier"
+
+    def config(self, row: Row, seed: int) -> TrainConfig:
+        cfg = resolve(self.preset, **{**self.overrides, "method": row.method, "model": row.model, "width": row.width,
+                                      "seed": seed, "epochs": self.epochs})
+        return replace(cfg, train_examples=self.train_examples).validate()  # None: every training image
+
+
+def macs_per_image(model: str, width: float, cfg: TrainConfig) -> int:
+    """MACs per image of the path sparse execution runs (router included)."""
+    info = advmoe.get_dataset_info(cfg.dataset)
+    cfg = replace(cfg, model=model, width=width)
+    built = advmoe.create_model(model, **cfg.model_kwargs(info))
+    return advmoe.count_macs(built, (info.in_channels, info.image_size, info.image_size))
+
+
+def width_for_macs(target: int, model: str, cfg: TrainConfig, low: float = 0.01, high: float = 2.0) -> float:
+    """The width at which `model` costs `target` MACs per image (bisection; MACs grow with width),
+    rounded to 1/64 so that every stage keeps whole channels."""
+    for _ in range(30):
+        mid = (low + high) / 2
+        low, high = (mid, high) if macs_per_image(model, mid, cfg) < target else (low, mid)
+    return round((low + high) / 2 * 64) / 64
+
+
+def default_rows(plan: Plan) -> list[Row]:
+    """Dense PGD-AT at the MoE model's MACs, in between and at the MoE model's own width (its
+    full-width twin); MoE-AT, AdvMoE and route-aware training at the MoE width."""
+    base = resolve(plan.preset, **plan.overrides)
+    moe, dense = base.model, advmoe.dense_twin(base.model)
+    equal = width_for_macs(macs_per_image(moe, plan.moe_width, base), dense, base)
+    middle = round((equal + plan.moe_width) / 2 * 64) / 64
+    rows = [Row(f"pgd-at-w{equal:g}", f"dense PGD-AT, width {equal:g} (the MoE model's MACs)", "pgd-at", dense, equal,
+                plan.headline_seeds, headline=True),
+            Row(f"pgd-at-w{middle:g}", f"dense PGD-AT, width {middle:g}", "pgd-at", dense, middle, plan.seeds),
+            Row(f"pgd-at-w{plan.moe_width:g}", f"dense PGD-AT, width {plan.moe_width:g} (the MoE model's full-width twin)",
+                "pgd-at", dense, plan.moe_width, plan.seeds)]
+    for method, label in (("moe-at", "MoE-AT"), ("advmoe", "AdvMoE"), ("route-aware", "route-aware AT")):
+        if method in METHODS:
+            rows.append(Row(f"{method}-w{plan.moe_width:g}", f"{label}, width {plan.moe_width:g}", method, moe,
+                            plan.moe_width, plan.headline_seeds, headline=True))
+    return rows
+
+
+# -- cost -----------------------------------------------------------------------------------------
+def _step_seconds(cfg: TrainConfig, batches: int = 2) -> float:
+    """Seconds of one training step of cfg's method on random data (after a warm-up)."""
+    info = advmoe.get_dataset_info(cfg.dataset)
+    torch.manual_seed(0)
+    model = advmoe.create_model(cfg.model, **cfg.model_kwargs(info)).train()
+    step = Step(model, cfg, make_optimizers(cfg, model))
+    x = torch.rand(cfg.batch_size, info.in_channels, info.image_size, info.image_size)
+    y = torch.randint(0, info.num_classes, (cfg.batch_size,))
+    METHODS[cfg.method].step(step, x, y)
+    start = time.perf_counter()
+    for _ in range(batches):
+        METHODS[cfg.method].step(step, x, y)
+    return (time.perf_counter() - start) / batches
+
+
+def _pass_seconds(cfg: TrainConfig, batch: int = 64) -> float:
+    """Seconds per image of a forward and input-gradient pass (masked execution)."""
+    info = advmoe.get_dataset_info(cfg.dataset)
+    model = advmoe.create_model(cfg.model, **cfg.model_kwargs(info)).eval().requires_grad_(False)
+    x = torch.rand(batch, info.in_channels, info.image_size, info.image_size, requires_grad=True)
+    torch.autograd.grad(model(x).sum(), x)
+    start = time.perf_counter()
+    torch.autograd.grad(model(x).sum(), x)
+    return (time.perf_counter() - start) / batch
+
+
+def estimate(plan: Plan, rows: list[Row]) -> list[dict]:
+    """Hours per row (all its seeds): training from a measured step, evaluation from counted passes."""
+    out = []
+    for row in rows:
+        cfg = plan.config(row, row.seeds[0])
+        train_size = cfg.train_examples or len(advmoe.load_dataset(cfg.dataset, "train", cfg.data_dir, cfg.val_size))
+        batches = math.ceil(train_size / cfg.batch_size)
+        val_passes = cfg.val_examples * (1 + cfg.eval_steps)
+        per_pass = _pass_seconds(cfg)
+        train_h = cfg.epochs * (batches * _step_seconds(cfg) + val_passes * per_pass) / 3600
+        passes = {k: v for k, v in EVAL_PASSES.items() if cfg.is_moe or k not in ("route-fixed", "router")}
+        eval_h = plan.eval_examples * sum(passes.values()) * per_pass / 3600
+        if row.headline:
+            eval_h += plan.autoattack_examples * sum(AUTOATTACK_PASSES.values()) * per_pass / 3600
+        out.append({"row": row.key, "seeds": len(row.seeds), "train_hours": train_h * len(row.seeds),
+                    "eval_hours": eval_h * len(row.seeds), "macs": macs_per_image(row.model, row.width, cfg)})
+    return out
+
+
+def print_estimate(costs: list[dict], done: set[str], rows: list[Row], log=print) -> None:
+    log("| row | MACs per image | seeds | training (h) | evaluation (h) |\n|---|---|---|---|---|")
+    for c in costs:
+        log(f"| {c['row']} | {c['macs'] / 1e6:.2f} M | {c['seeds']} | {c['train_hours']:.1f} | {c['eval_hours']:.1f} |")
+    remaining = sum((c["train_hours"] + c["eval_hours"]) * sum(f"{c['row']}-seed{s}" not in done for s in r.seeds)
+                    / len(r.seeds) for c, r in zip(costs, rows))
+    total = sum(c["train_hours"] + c["eval_hours"] for c in costs)
+    log(f"\nestimated: {total:.1f} hours in all on this machine, {remaining:.1f} hours for the runs not done yet "
+        f"({len(done)} done); training from a measured step, evaluation from counted attack passes")
+
+
+# -- one run ----------------------------------------------------------------------------------------
+def run_name(row: Row, seed: int) -> str:
+    return f"{row.key}-seed{seed}"
+
+
+def result_path(results: Path, row: Row, seed: int) -> Path:
+    return results / f"{run_name(row, seed)}.json"
+
+
+def finished(results: Path, row: Row, seed: int, cfg: TrainConfig) -> dict | None:
+    path = result_path(results, row, seed)
+    if not path.is_file():
+        return None
+    doc = json.loads(path.read_text())
+    return doc if doc.get("config") == cfg.to_dict() else None
+
+
+def run_one(plan: Plan, row: Row, seed: int, results: Path, log=print) -> dict:
+    """Train, evaluate and summarise one (row, seed); the summary file is written last."""
+    cfg = plan.config(row, seed)
+    out = Path(plan.runs) / run_name(row, seed)
+    best = out / "best"
+    start = time.perf_counter()
+    if not (best / "metrics.json").is_file() or "test_pgd_accuracy" not in read_metrics(best):
+        log(f"training {run_name(row, seed)} -> {out}")
+        train(cfg, out, resume=(out / "config.json").is_file(), log=lambda *a, **k: None)
+    train_seconds = time.perf_counter() - start
+    attacks = [a for a in MAIN_ATTACKS if cfg.is_moe or a not in ("route-fixed", "router")]
+    log(f"evaluating {run_name(row, seed)} on {plan.eval_examples} test images: {', '.join(attacks)}")
+    settings = {"pgd_steps": PGD_STEPS, "route_steps": ROUTE_STEPS, **plan.attack_settings}
+    main = evaluate_checkpoint(best, data_dir=cfg.data_dir, n_examples=plan.eval_examples, out=out / "eval-main",
+                               progress=False, attacks=tuple(attacks), **settings)
+    aa = None
+    if row.headline:
+        log(f"AutoAttack on {run_name(row, seed)}, {plan.autoattack_examples} test images")
+        aa = evaluate_checkpoint(best, data_dir=cfg.data_dir, n_examples=plan.autoattack_examples,
+                                 out=out / "eval-autoattack", progress=False, attacks=("autoattack",),
+                                 **{**settings, "pgd_steps": (10,)})
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    doc = summarise(row, seed, cfg, main, aa, history)
+    doc["seconds"] = {"train": round(train_seconds, 1), "eval": round(time.perf_counter() - start - train_seconds, 1)}
+    atomic_write_text(result_path(results, row, seed), json.dumps(doc, indent=1) + "\n")
+    return doc
+
+
+def summarise(row: Row, seed: int, cfg: TrainConfig, main: dict, aa: dict | None, history: list[dict]) -> dict:
+    acc = main["accuracy"]
+    pgd = min((k for k in acc if k.startswith("pgd-")), key=lambda k: int(k[4:]))  # PGD-10 with the defaults
+    doc = {"row": asdict(row), "seed": seed, "config": cfg.to_dict(), "macs_per_image": macs_per_image(row.model, row.width, cfg),
+           "examples": main["examples"], "accuracy": acc, "worst_case": main["robust_accuracy"],
+           "pgd": pgd, "pgd_minus_worst": acc[pgd] - main["robust_accuracy"],
+           "sanity_passed": main["sanity"]["passed"], "sanity_failed": main["sanity"]["failed"],
+           "curve": [{k: r.get(k) for k in ("epoch", "val_clean_accuracy", "val_pgd_accuracy", "epoch_seconds")}
+                     for r in history]}
+    router = main["attacks"].get("router")
+    if router:
+        doc["route_flip_rate"] = router["route_flip_rate"]
+        doc["prediction_flip_given_route_flip"] = router["prediction_flip_given_route_flip"]
+        doc["expert_share"] = main["experts"]["clean_share"]
+    if aa is not None:
+        n = aa["examples"]
+        both = [a == "1" and b == "1" for a, b in zip(aa["per_example"]["robust"], main["per_example"]["robust"][:n])]
+        doc["autoattack"] = {"examples": n, "accuracy": aa["accuracy"]["autoattack"],
+                             "worst_case_with_main": sum(both) / n, "flags": aa["autoattack_flags"]}
+    return doc
+
+
+def run_study(plan: Plan, rows: list[Row], results: Path = RESULTS, report: Path = REPORT, log=print) -> list[dict]:
+    results.mkdir(parents=True, exist_ok=True)
+    docs = []
+    for row in rows:
+        for seed in row.seeds:
+            doc = finished(results, row, seed, plan.config(row, seed))
+            if doc is None:
+                doc = run_one(plan, row, seed, results, log)
+                log(f"done {run_name(row, seed)}: worst case {100 * doc['worst_case']:.1f} %; "
+                    f"{result_path(results, row, seed)} written (commit it)")
+            docs.append(doc)
+        write_report(results, report, plan)
+    return docs
+
+
+# -- the report -------------------------------------------------------------------------------------
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _pct(values: list[float]) -> str:
+    mean, std = _mean_std(values)
+    return "n/a" if mean != mean else f"{100 * mean:.1f} ± {100 * std:.1f}"
+
+
+def load_results(results: Path) -> dict[str, list[dict]]:
+    """{row key: summaries of its seeds}, in file order."""
+    grouped: dict[str, list[dict]] = {}
+    for path in sorted(results.glob("*.json")):
+        doc = json.loads(path.read_text())
+        grouped.setdefault(doc["row"]["key"], []).append(doc)
+    return dict(sorted(grouped.items(), key=lambda kv: kv[1][0]["macs_per_image"]))
+
+
+COLUMNS = (("clean", "clean"), ("pgd-10", "PGD-10"), ("pgd-50", "PGD-50"), ("apgd", "APGD-CE+T"),
+           ("route-fixed", "route-fixed"), ("router", "router attack"))
+
+
+def table(grouped: dict[str, list[dict]]) -> str:
+    lines = ["| row | MACs per image | seeds | " + " | ".join(name for _, name in COLUMNS)
+             + " | **worst case** | PGD - worst | route flips | AutoAttack (worst with the rest) |",
+             "|---" * (len(COLUMNS) + 7) + "|"]
+    for key, docs in grouped.items():
+        cells = [_pct([d["accuracy"].get(k) for d in docs]) if any(k in d["accuracy"] for d in docs) else "-"
+                 for k, _ in COLUMNS]
+        flips = _pct([d.get("route_flip_rate") for d in docs]) if "route_flip_rate" in docs[0] else "-"
+        aa = [d["autoattack"] for d in docs if "autoattack" in d]
+        aa_cell = f"{_pct([a['accuracy'] for a in aa])} ({_pct([a['worst_case_with_main'] for a in aa])})" if aa else "-"
+        lines.append(f"| {docs[0]['row']['label']} | {docs[0]['macs_per_image'] / 1e6:.2f} M | "
+                     f"{', '.join(str(d['seed']) for d in docs)} | " + " | ".join(cells)
+                     + f" | **{_pct([d['worst_case'] for d in docs])}** | {_pct([d['pgd_minus_worst'] for d in docs])} "
+                     f"| {flips} | {aa_cell} |")
+    return "\n".join(lines)
+
+
+def verdicts(grouped: dict[str, list[dict]]) -> list[str]:
+    """Sentences computed from the results (no number typed in); what the issue asks the study to show."""
+    dense = {k: d for k, d in grouped.items() if d[0]["row"]["method"] == "pgd-at"}
+    moe = {k: d for k, d in grouped.items() if d[0]["row"]["method"] != "pgd-at"}
+    if not dense or not moe:
+        return ["Not enough rows finished for a verdict yet."]
+    worst = {k: _mean_std([x["worst_case"] for x in d]) for k, d in grouped.items()}
+    best = max(moe, key=lambda k: worst[k][0])
+    b = grouped[best][0]
+    equal = min(dense, key=lambda k: abs(dense[k][0]["macs_per_image"] - b["macs_per_image"]))
+    lines = []
+
+    def compare(other: str, what: str) -> None:
+        (m, sm), (o, so) = worst[best], worst[other]
+        spread = max(sm, so)
+        beats = m - o > spread
+        lines.append(f"{b['row']['label']} (the best MoE row) {'beats' if beats else 'does not beat'} {what} "
+                     f"({grouped[other][0]['row']['label']}) on worst-case robust accuracy by more than the seed "
+                     f"spread: {100 * m:.1f} % vs {100 * o:.1f} %, difference {100 * (m - o):+.1f} points, "
+                     f"spread {100 * spread:.1f} points.")
+
+    compare(equal, "the dense model of the same MACs")
+    moe_at = [k for k in moe if grouped[k][0]["row"]["method"] == "moe-at"]
+    if moe_at and moe_at[0] != best:
+        compare(moe_at[0], "MoE-AT")
+    gap = _mean_std([x["pgd_minus_worst"] for x in grouped[best]])[0]
+    flips = _mean_std([x.get("route_flip_rate") for x in grouped[best]])[0]
+    lines.append(f"{b['row']['label']}: {b['pgd'].upper()} minus worst case {100 * gap:.1f} points (target at most 5: "
+                 f"{'met' if gap <= 0.05 else 'missed'}); route flips under the router attack {100 * flips:.1f} % "
+                 f"(target at most 10 %: {'met' if flips <= 0.10 else 'missed'}).")
+    return lines
+
+
+def plot(grouped: dict[str, list[dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (frontier, curves) = plt.subplots(1, 2, figsize=(12, 4.5))
+    dense = [(d[0]["macs_per_image"], *_mean_std([x["worst_case"] for x in d])) for d in grouped.values()
+             if d[0]["row"]["method"] == "pgd-at"]
+    if dense:
+        macs, mean, std = zip(*sorted(dense))
+        frontier.errorbar([m / 1e6 for m in macs], [100 * v for v in mean], yerr=[100 * s for s in std], fmt="o-",
+                          color="grey", capsize=3, label="dense PGD-AT")
+    for key, d in grouped.items():
+        if d[0]["row"]["method"] != "pgd-at":
+            m, s = _mean_std([x["worst_case"] for x in d])
+            frontier.errorbar([d[0]["macs_per_image"] / 1e6], [100 * m], yerr=[100 * s], fmt="s", capsize=3,
+                              label=d[0]["row"]["label"])
+    frontier.set(xlabel="MACs per image (M)", ylabel="worst-case robust accuracy (%)",
+                 title="Robustness against cost (mean ± std over seeds)")
+    frontier.grid(alpha=0.3)
+    frontier.legend(fontsize=7)
+    for key, d in grouped.items():
+        epochs = max(len(x["curve"]) for x in d)
+        mean = [statistics.mean(x["curve"][e]["val_pgd_accuracy"] for x in d if e < len(x["curve"])) for e in range(epochs)]
+        curves.plot(range(1, epochs + 1), [100 * v for v in mean], marker=".", label=d[0]["row"]["label"])
+    curves.set(xlabel="epoch", ylabel="validation PGD accuracy (%)", title="Does validation robustness level off?")
+    curves.grid(alpha=0.3)
+    curves.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def write_report(results: Path, report: Path, plan: Plan, command: str | None = None) -> str:
+    grouped = load_results(results)
+    if not grouped:
+        return ""
+    png = report.with_suffix(".png")
+    plot(grouped, png)
+    first = next(iter(grouped.values()))[0]["config"]
+    hours = sum(d["seconds"]["train"] + d["seconds"]["eval"] for docs in grouped.values() for d in docs) / 3600
+    text = f"""# Robustness against cost on Fashion-MNIST
+
+Produced by `{command or 'python -m studies.frontier'}` (studies/frontier.py) from the results in
+`{results}/` ({sum(len(d) for d in grouped.values())} runs, {hours:.1f} hours of this machine's time so far).
+linf ε = {first['eps']:g}; training: {first['epochs']} epochs, {first['train_examples'] or 'all'} training images, PGD-{first['attack_steps']}
+for the training attack; checkpoints selected on validation PGD accuracy. Evaluation on the first
+{plan.eval_examples} test images: PGD-10 and PGD-50 through the straight-through router, APGD-CE then APGD-T,
+the route-fixed and the router attack; the **worst case** counts an image only if it survives every one of
+them. Headline rows add AutoAttack (standard) on the first {plan.autoattack_examples}; in brackets, the worst case over
+AutoAttack and everything else on those images. Mean ± standard deviation over seeds.
+
+![frontier]({png.name})
+
+{table(grouped)}
+
+{chr(10).join('- ' + line for line in verdicts(grouped))}
+"""
+    atomic_write_text(report, text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m studies.frontier", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--plan", action="store_true", help="print the rows and the estimated cost, start nothing")
+    parser.add_argument("--report-only", action="store_true", help="write the report from the results there are")
+    parser.add_argument("--preset", default=Plan.preset)
+    parser.add_argument("--moe-width", type=float, default=Plan.moe_width)
+    parser.add_argument("--epochs", type=int, default=Plan.epochs)
+    parser.add_argument("--train-examples", type=int, help="default: the full training set")
+    parser.add_argument("--eval-examples", type=int, default=Plan.eval_examples)
+    parser.add_argument("--autoattack-examples", type=int, default=Plan.autoattack_examples)
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(Plan.seeds))
+    parser.add_argument("--headline-seeds", type=int, nargs="+", default=list(Plan.headline_seeds))
+    parser.add_argument("--rows", nargs="+", help="only these rows (keys from --plan)")
+    parser.add_argument("--runs", default=Plan.runs)
+    parser.add_argument("--results", default=str(RESULTS))
+    parser.add_argument("--report", default=str(REPORT))
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    plan = Plan(preset=args.preset, moe_width=args.moe_width, epochs=args.epochs, train_examples=args.train_examples,
+                eval_examples=args.eval_examples, autoattack_examples=args.autoattack_examples,
+                seeds=tuple(args.seeds), headline_seeds=tuple(args.headline_seeds), runs=args.runs)
+    rows = default_rows(plan)
+    if args.rows:
+        unknown = sorted(set(args.rows) - {r.key for r in rows})
+        if unknown:
+            parser.error(f"unknown rows {unknown}; rows: {', '.join(r.key for r in rows)}")
+        rows = [r for r in rows if r.key in args.rows]
+    results, report = Path(args.results), Path(args.report)
+    command = "python -m studies.frontier " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.report_only:
+        print(write_report(results, report, plan, command.strip()) or f"no results in {results}")
+        return 0
+    done = {p.stem for p in results.glob("*.json")}
+    print_estimate(estimate(plan, rows), done, rows)
+    if args.plan:
+        return 0
+    run_study(plan, rows, results, report)
+    write_report(results, report, plan, command.strip())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

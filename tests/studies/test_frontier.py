@@ -1,0 +1,63 @@
+"""The frontier study end to end on a tiny plan: a dense row and a MoE headline row train,
+evaluate and leave one result file each; the report, its PNG and its verdicts come from those
+files; a second call finds them and trains nothing."""
+import json
+
+import pytest
+
+from studies import frontier
+from training.config import resolve
+
+TINY = dict(preset="fmnist-tiny", moe_width=0.0625, epochs=1, train_examples=64, eval_examples=8,
+            autoattack_examples=4, seeds=(0,), headline_seeds=(0,),
+            attack_settings={"pgd_steps": (2, 3), "route_steps": 2, "square_queries": 10, "apgd_iterations": 3,
+                             "sweep_examples": 4,
+                             "gradient_examples": 4})
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, fashion_dir):
+    root = tmp_path_factory.mktemp("frontier")
+    plan = frontier.Plan(**TINY, runs=str(root / "runs"),
+                         overrides={"data_dir": str(fashion_dir), "val_size": 50, "val_examples": 8, "batch_size": 32,
+                                    "eval_steps": 2, "router_width": 4})
+    base = resolve(plan.preset, **plan.overrides)
+    rows = [frontier.Row("pgd-at-tiny", "dense PGD-AT, tiny", "pgd-at", "resnet18", 0.0625, (0,)),
+            frontier.Row("advmoe-tiny", "AdvMoE, tiny", "advmoe", base.model, 0.0625, (0,), headline=True)]
+    docs = frontier.run_study(plan, rows, root / "results", root / "frontier.md", log=lambda *a: None)
+    return plan, rows, root, docs
+
+
+def test_each_run_leaves_a_result_file_with_its_worst_case(study):
+    plan, rows, root, docs = study
+    assert sorted(p.name for p in (root / "results").glob("*.json")) == ["advmoe-tiny-seed0.json", "pgd-at-tiny-seed0.json"]
+    moe = json.loads((root / "results" / "advmoe-tiny-seed0.json").read_text())
+    assert {"pgd-2", "pgd-3", "apgd", "route-fixed", "router"} <= set(moe["accuracy"])
+    assert moe["worst_case"] <= min(moe["accuracy"].values())  # per image, so at most every attack's accuracy
+    assert moe["autoattack"]["examples"] == 4 and 0 <= moe["route_flip_rate"] <= 1
+    dense = json.loads((root / "results" / "pgd-at-tiny-seed0.json").read_text())
+    assert "route-fixed" not in dense["accuracy"] and "autoattack" not in dense
+    assert dense["macs_per_image"] > moe["macs_per_image"]  # the same width, dense: more MACs
+
+
+def test_the_report_and_its_plot_come_from_the_result_files(study):
+    plan, rows, root, docs = study
+    text = (root / "frontier.md").read_text()
+    assert "| AdvMoE, tiny |" in text and "| dense PGD-AT, tiny |" in text
+    assert "the dense model of the same MACs (dense PGD-AT, tiny)" in text and "PGD-2 minus worst case" in text
+    assert (root / "frontier.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_second_call_reuses_the_results(study, monkeypatch):
+    plan, rows, root, docs = study
+    monkeypatch.setattr(frontier, "train", lambda *a, **k: pytest.fail("trained again"))
+    monkeypatch.setattr(frontier, "evaluate_checkpoint", lambda *a, **k: pytest.fail("evaluated again"))
+    again = frontier.run_study(plan, rows, root / "results", root / "frontier.md", log=lambda *a: None)
+    assert [d["worst_case"] for d in again] == [d["worst_case"] for d in docs]
+
+
+def test_the_dense_row_of_equal_macs_costs_what_the_moe_model_costs():
+    cfg = resolve("fmnist-tiny")
+    target = frontier.macs_per_image(cfg.model, 0.5, cfg)
+    width = frontier.width_for_macs(target, "resnet18", cfg)
+    assert abs(frontier.macs_per_image("resnet18", width, cfg) / target - 1) < 0.15
