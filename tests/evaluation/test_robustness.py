@@ -96,6 +96,16 @@ def test_autoattack_and_route_fixed_are_at_least_as_strong_as_pgd10(full):
     routes = full["attacks"]["route-fixed"]["routes"]
     assert [r["expert"] for r in routes] == [0, 1]
     assert set(full["experts"]["per_route"]) == {"0", "1"}
+    assert "AutoAttack runs APGD-CE and APGD-T already" in full["skipped"]["apgd"]
+
+
+def test_apgd_alone_is_autoattacks_first_two_in_cascade(trained, full):
+    model, x, y = trained
+    doc = evaluate_model(model, x, y, EvalSettings(**{**FAST, "attacks": ("apgd",), "apgd_iterations": 20}), progress=False)
+    apgd = doc["attacks"]["apgd"]
+    assert [c["name"] for c in apgd["components"]] == ["apgd-ce", "apgd-t"]
+    assert apgd["components"][1]["attacked"] <= apgd["components"][0]["attacked"]  # APGD-T attacks the survivors
+    assert doc["accuracy"]["apgd"] == apgd["components"][1]["accuracy_after"] <= doc["accuracy"]["clean"]
 
 
 def test_the_worst_case_is_taken_per_example(full):
