@@ -26,6 +26,7 @@ import torch
 import advmoe
 from advmoe.checkpoint import read_config, read_metrics
 from advmoe.io import atomic_write_text
+from advmoe.stats import mean_std, percent
 
 from .robustness import ATTACKS, EvalSettings, evaluate_checkpoint, file_sha256
 
@@ -37,18 +38,6 @@ METHOD_LABELS = {"pgd-at": DENSE, "moe-at": "MoE-AT", "advmoe": ADVMOE}  # in th
 # A CIFAR-10 scenario for the cost estimate: clean accuracy of a third-party run of the reference
 # code (85.67 %, docs/method.md) and a robust accuracy near RobustBench's ResNet-18 anchors (43-52 %).
 CIFAR = {"images": 10_000, "clean": 0.85, "survive_apgd_ce": 0.52, "robust": 0.48}
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    values = [v for v in values if v is not None]
-    if not values:
-        return float("nan"), float("nan")
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def _pct(values: list[float]) -> str:
-    mean, std = _mean_std(values)
-    return "n/a" if mean != mean else f"{100 * mean:.1f} ± {100 * std:.1f}"
 
 
 def _reusable(checkpoint: Path, settings: EvalSettings, n: int) -> dict | None:
@@ -122,8 +111,8 @@ def accuracy_table(results: dict[str, list[dict]]) -> str:
     lines = ["| method | " + " | ".join(name for _, name in COLUMNS) + " | PGD-10 on 2,000 (training report) |",
              "|---" * (len(COLUMNS) + 2) + "|"]
     for label, docs in results.items():
-        cells = [_pct([d["accuracy"].get(key) for d in docs]) for key, _ in COLUMNS]
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {_pct([d['pgd_2000'] for d in docs])} |")
+        cells = [percent([d["accuracy"].get(key) for d in docs]) for key, _ in COLUMNS]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {percent([d['pgd_2000'] for d in docs])} |")
     return "\n".join(lines)
 
 
@@ -133,7 +122,7 @@ PAIRS = (("pgd-10", "autoattack"), ("pgd-10", "robust"), ("pgd-10", "route-fixed
 
 def drops(docs: list[dict]) -> dict[str, tuple[float, float]]:
     """Points taken off PGD-10 (PGD-50 for Square) by each attack, per seed (paired), mean ± std."""
-    return {attack: _mean_std([100 * (d["accuracy"][ref] - d["accuracy"][attack]) for d in docs])
+    return {attack: mean_std([100 * (d["accuracy"][ref] - d["accuracy"][attack]) for d in docs])
             for ref, attack in PAIRS if all(attack in d["accuracy"] and ref in d["accuracy"] for d in docs)}
 
 
@@ -145,8 +134,8 @@ def drop_table(results: dict[str, list[dict]]) -> str:
         d = drops(docs)
         cells = [f"{d[k][0]:.1f} ± {d[k][1]:.1f}" if k in d else "dense" for k in ("autoattack", "robust", "route-fixed", "square")]
         router = [x["attacks"].get("router", {}) for x in docs]
-        flips = _pct([r.get("route_flip_rate") for r in router]) if any(router) else "dense"
-        given = _pct([r.get("prediction_flip_given_route_flip") for r in router]) if any(router) else "dense"
+        flips = percent([r.get("route_flip_rate") for r in router]) if any(router) else "dense"
+        given = percent([r.get("prediction_flip_given_route_flip") for r in router]) if any(router) else "dense"
         passed = sum(x["sanity"]["passed"] for x in docs)
         lines.append(f"| {label} | {' | '.join(cells)} | {flips} | {given} | {passed} of {len(docs)} |")
     return "\n".join(lines)

@@ -30,6 +30,7 @@ import torch
 import advmoe
 from advmoe.checkpoint import read_metrics
 from advmoe.io import atomic_write_text
+from advmoe.stats import mean_std, percent
 from evaluation.robustness import ATTACKS, evaluate_checkpoint
 from training.config import TrainConfig, resolve
 from training.methods import METHODS, Step
@@ -258,18 +259,6 @@ def run_study(plan: Plan, rows: list[Row], results: Path = RESULTS, report: Path
 
 
 # -- the report -------------------------------------------------------------------------------------
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    values = [v for v in values if v is not None]
-    if not values:
-        return float("nan"), float("nan")
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def _pct(values: list[float]) -> str:
-    mean, std = _mean_std(values)
-    return "n/a" if mean != mean else f"{100 * mean:.1f} ± {100 * std:.1f}"
-
-
 def load_results(results: Path) -> dict[str, list[dict]]:
     """{row key: summaries of its seeds}, in file order."""
     grouped: dict[str, list[dict]] = {}
@@ -288,14 +277,14 @@ def table(grouped: dict[str, list[dict]]) -> str:
              + " | **worst case** | PGD - worst | route flips | AutoAttack (worst with the rest) |",
              "|---" * (len(COLUMNS) + 7) + "|"]
     for key, docs in grouped.items():
-        cells = [_pct([d["accuracy"].get(k) for d in docs]) if any(k in d["accuracy"] for d in docs) else "-"
+        cells = [percent([d["accuracy"].get(k) for d in docs]) if any(k in d["accuracy"] for d in docs) else "-"
                  for k, _ in COLUMNS]
-        flips = _pct([d.get("route_flip_rate") for d in docs]) if "route_flip_rate" in docs[0] else "-"
+        flips = percent([d.get("route_flip_rate") for d in docs]) if "route_flip_rate" in docs[0] else "-"
         aa = [d["autoattack"] for d in docs if "autoattack" in d]
-        aa_cell = f"{_pct([a['accuracy'] for a in aa])} ({_pct([a['worst_case_with_main'] for a in aa])})" if aa else "-"
+        aa_cell = f"{percent([a['accuracy'] for a in aa])} ({percent([a['worst_case_with_main'] for a in aa])})" if aa else "-"
         lines.append(f"| {docs[0]['row']['label']} | {docs[0]['macs_per_image'] / 1e6:.2f} M | "
                      f"{', '.join(str(d['seed']) for d in docs)} | " + " | ".join(cells)
-                     + f" | **{_pct([d['worst_case'] for d in docs])}** | {_pct([d['pgd_minus_worst'] for d in docs])} "
+                     + f" | **{percent([d['worst_case'] for d in docs])}** | {percent([d['pgd_minus_worst'] for d in docs])} "
                      f"| {flips} | {aa_cell} |")
     return "\n".join(lines)
 
@@ -306,7 +295,7 @@ def verdicts(grouped: dict[str, list[dict]]) -> list[str]:
     moe = {k: d for k, d in grouped.items() if d[0]["row"]["method"] != "pgd-at"}
     if not dense or not moe:
         return ["Not enough rows finished for a verdict yet."]
-    worst = {k: _mean_std([x["worst_case"] for x in d]) for k, d in grouped.items()}
+    worst = {k: mean_std([x["worst_case"] for x in d]) for k, d in grouped.items()}
     best = max(moe, key=lambda k: worst[k][0])
     b = grouped[best][0]
     equal = min(dense, key=lambda k: abs(dense[k][0]["macs_per_image"] - b["macs_per_image"]))
@@ -325,8 +314,8 @@ def verdicts(grouped: dict[str, list[dict]]) -> list[str]:
     moe_at = [k for k in moe if grouped[k][0]["row"]["method"] == "moe-at"]
     if moe_at and moe_at[0] != best:
         compare(moe_at[0], "MoE-AT")
-    gap = _mean_std([x["pgd_minus_worst"] for x in grouped[best]])[0]
-    flips = _mean_std([x.get("route_flip_rate") for x in grouped[best]])[0]
+    gap = mean_std([x["pgd_minus_worst"] for x in grouped[best]])[0]
+    flips = mean_std([x.get("route_flip_rate") for x in grouped[best]])[0]
     lines.append(f"{b['row']['label']}: {b['pgd'].upper()} minus worst case {100 * gap:.1f} points (target at most 5: "
                  f"{'met' if gap <= 0.05 else 'missed'}); route flips under the router attack {100 * flips:.1f} % "
                  f"(target at most 10 %: {'met' if flips <= 0.10 else 'missed'}).")
@@ -340,7 +329,7 @@ def plot(grouped: dict[str, list[dict]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (frontier, curves) = plt.subplots(1, 2, figsize=(12, 4.5))
-    dense = [(d[0]["macs_per_image"], *_mean_std([x["worst_case"] for x in d])) for d in grouped.values()
+    dense = [(d[0]["macs_per_image"], *mean_std([x["worst_case"] for x in d])) for d in grouped.values()
              if d[0]["row"]["method"] == "pgd-at"]
     if dense:
         macs, mean, std = zip(*sorted(dense))
@@ -348,7 +337,7 @@ def plot(grouped: dict[str, list[dict]], path: Path) -> None:
                           color="grey", capsize=3, label="dense PGD-AT")
     for key, d in grouped.items():
         if d[0]["row"]["method"] != "pgd-at":
-            m, s = _mean_std([x["worst_case"] for x in d])
+            m, s = mean_std([x["worst_case"] for x in d])
             frontier.errorbar([d[0]["macs_per_image"] / 1e6], [100 * m], yerr=[100 * s], fmt="s", capsize=3,
                               label=d[0]["row"]["label"])
     frontier.set(xlabel="MACs per image (M)", ylabel="worst-case robust accuracy (%)",

@@ -19,6 +19,7 @@ from pathlib import Path
 import advmoe
 from advmoe.checkpoint import read_metrics
 from advmoe.io import atomic_write_text
+from advmoe.stats import mean_std
 
 from .config import resolve
 from .trainer import train
@@ -54,16 +55,12 @@ def run_all(preset: str, seeds: list[int], runs: Path, overrides: dict, log=prin
     return results
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def table(results: dict[str, list[dict]]) -> str:
     lines = ["| method | model | seeds | test clean accuracy | test PGD accuracy | MACs per image | s per epoch |",
              "|---|---|---|---|---|---|---|"]
     for label, _, dense, _, _ in CONTENDERS:
         rows = results[label]
-        clean, pgd = _mean_std([r["clean"] for r in rows]), _mean_std([r["pgd"] for r in rows])
+        clean, pgd = mean_std([r["clean"] for r in rows]), mean_std([r["pgd"] for r in rows])
         lines.append(f"| {label} | {'dense twin' if dense else 'MoE'} | {len(rows)} | {100 * clean[0]:.1f} ± {100 * clean[1]:.1f} % "
                      f"| {100 * pgd[0]:.1f} ± {100 * pgd[1]:.1f} % | {rows[0]['macs'] / 1e6:.2f} M "
                      f"| {statistics.mean(r['epoch_seconds'] for r in rows):.0f} |")
@@ -71,7 +68,7 @@ def table(results: dict[str, list[dict]]) -> str:
 
 
 def verdict(results: dict[str, list[dict]], first: str = "AdvMoE", second: str = "MoE-AT") -> str:
-    (a, sa), (m, sm) = (_mean_std([r["pgd"] for r in results[k]]) for k in (first, second))
+    (a, sa), (m, sm) = (mean_std([r["pgd"] for r in results[k]]) for k in (first, second))
     diff = 100 * (a - m)
     spread = 100 * max(sa, sm)
     word = "beats" if diff > 0 else "does not beat"
