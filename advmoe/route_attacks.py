@@ -9,7 +9,8 @@ attacks do not rely on it:
   also one the real model routes to e. Whether it fools the real model is decided by the caller
   on the unforced model: an example made for a forced route is not an attack on the real model
   until the real router has been run on it.
-- router attack: maximise KL(router(x) || router(x')), the change of the route itself.
+- router attack: maximise KL(router(x) || router(x')), the change of the route itself (from the
+  router logits, so a saturated router still gives a gradient).
 
 `detached_routers` runs the usual routes with no gradient through the routers (plain argmax):
 the model that masks gradients, for the sanity check that the straight-through gate passes one.
@@ -103,10 +104,10 @@ def router_pgd(model: nn.Module, x: Tensor, eps: float, step: float, steps: int)
     _checked_routers(model)
     with torch.no_grad():
         model(x)
-        clean = model.router_scores.detach()
+        clean = model.router_logits.detach()
 
     def objective(m, x_adv):
         m(x_adv)
-        return router_kl(m.router_scores, clean)
+        return router_kl(m.router_logits, clean)
 
     return pgd(model, x, objective, eps, step, steps)

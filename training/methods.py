@@ -83,11 +83,11 @@ class Step:
         return self.cfg.balance_weight * n * (share * flat.mean(0)).sum()
 
     def clean_targets(self, x: Tensor, with_router: bool) -> tuple[Tensor, Tensor | None]:
-        """Softmax outputs (and router scores) on clean inputs: the attack's KL anchors."""
+        """Softmax outputs (and router logits) on clean inputs: the attack's KL anchors."""
         self.model.eval()
         with torch.no_grad():
             p = F.softmax(self.model(x), 1)
-            router = self.model.router_scores if with_router else None
+            router = self.model.router_logits if with_router else None
         self.model.train()
         return p, router
 
@@ -136,17 +136,17 @@ def reference_router_loss(s: Step, x: Tensor, x_adv: Tensor, y: Tensor) -> Tenso
     """The reference code's: alpha * CE(router(x), y mod N) + beta * KL(router(x') || router(x))."""
     with s.autocast():
         logits = s.forward(x)
-        clean = s.model.router_scores
+        clean = s.model.router_logits
         balance = s.balance_loss()
         logits_adv = s.forward(x_adv)
-        adv = s.model.router_scores
+        adv = s.model.router_logits
     # The loss does not use the logits; a zero term on them gives every parameter a (zero)
     # gradient, which DistributedDataParallel expects after a forward through it.
     balance = balance + 0.0 * (logits.sum() + logits_adv.sum())
     n = clean.shape[-1]
     flat = clean.reshape(len(y), -1, n)  # [B, decisions, N]
     target = (y % n)[:, None].expand(-1, flat.shape[1]).reshape(-1)
-    ce = F.nll_loss(flat.reshape(-1, n).clamp_min(1e-12).log(), target)
+    ce = F.cross_entropy(flat.reshape(-1, n), target)
     return s.cfg.alpha * ce + s.cfg.beta * router_kl(adv, clean) + balance
 
 

@@ -67,15 +67,15 @@ def test_router_attack_moves_the_router_scores():
     x, eps = torch.rand(8, 3, 32, 32), 8 / 255
     with torch.no_grad():
         model(x)
-        clean = model.router_scores.clone()
+        clean = model.router_logits.clone()
         torch.manual_seed(0)
         noise = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1)
         model(noise)
-        random_kl = router_kl(model.router_scores, clean)
+        random_kl = router_kl(model.router_logits, clean)
     x_adv = router_pgd(model, x, eps, eps / 4, 10)
     with torch.no_grad():
         model(x_adv)
-        attacked_kl = router_kl(model.router_scores, clean)
+        attacked_kl = router_kl(model.router_logits, clean)
     assert attacked_kl > 10 * random_kl
 
 
