@@ -36,6 +36,18 @@ def test_forced_route_sends_every_sample_to_the_expert_and_is_undone(router, exp
 
 
 @pytest.mark.parametrize("router", ROUTERS)
+def test_forced_route_per_sample_sends_each_sample_to_its_own_expert(router):
+    model = calibrated_model("moe_resnet18", router)
+    x, experts = torch.rand(6, 3, 32, 32), torch.tensor([1, 0, 0, 1, 1, 0])
+    with torch.no_grad(), forced_route(model, experts):
+        model(x)
+    assert torch.equal(model.last_routing, experts[:, None].expand_as(model.last_routing))
+    with pytest.raises(ValueError, match="out of range"):
+        with forced_route(model, torch.tensor([0, 2])):
+            pass
+
+
+@pytest.mark.parametrize("router", ROUTERS)
 def test_detached_routers_keep_the_routes_and_remove_the_router_gradient(router):
     model = calibrated_model("moe_resnet18", router)
     x, y = torch.rand(4, 3, 32, 32, requires_grad=True), torch.arange(4)
