@@ -41,7 +41,8 @@ class Step:
         """Adversarial examples of the current model, crafted in eval mode (BatchNorm running
         statistics, as TRADES does), through the straight-through router."""
         self.model.eval()
-        x_adv = pgd(self.model, x, objective, self.cfg.eps, self.cfg.attack_step, self.cfg.attack_steps)
+        x_adv = pgd(self.model, x, objective, self.cfg.eps, self.cfg.attack_step, self.cfg.attack_steps,
+                    start=self.cfg.attack_start)
         self.model.train()
         return x_adv
 
