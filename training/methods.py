@@ -7,15 +7,18 @@ used by router-only), how many PGD runs it crafts per batch, and whether it need
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from advmoe.attacks import cross_entropy, kl, kl_div, pgd, router_kl
+from advmoe.calibrate import routers
 
 if TYPE_CHECKING:  # config.py reads the method table
     from .config import TrainConfig
@@ -33,9 +36,11 @@ class Step:
     forward: nn.Module | None = None  # what the losses run through (a DDP wrapper, or the model)
     autocast: Callable = field(default=lambda: torch.autocast("cpu", enabled=False))
     scaler: torch.amp.GradScaler | None = None
+    distributed: bool = False  # several processes: `forward` is DistributedDataParallel
 
     def __post_init__(self):
         self.forward = self.forward or self.model
+        self.params = {g: [p for group in o.param_groups for p in group["params"]] for g, o in self.optimizers.items()}
 
     def attack(self, x: Tensor, objective) -> Tensor:
         """Adversarial examples of the current model, crafted in eval mode (BatchNorm running
@@ -46,17 +51,31 @@ class Step:
         self.model.train()
         return x_adv
 
-    def update(self, group: str, loss: Tensor) -> float:
+    def update(self, group: str, loss: Tensor, through_forward: bool = True) -> float:
+        """One optimiser step of `group` on `loss`.
+
+        One process: the backward runs only as far as the group's parameters need (the expert
+        step does not backpropagate into the router, the router step computes no expert weight
+        gradients). Under DDP the backward is complete, as DDP expects a gradient for every
+        parameter of a forward through it; a loss that did not run through the DDP wrapper
+        (through_forward=False: the shared router alone) has its gradients averaged here."""
         if not torch.isfinite(loss):
             raise Diverged(f"the {group} loss is {loss.item()}")
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
+        scaled = self.scaler.scale(loss) if self.scaler is not None else loss
+        if self.distributed and through_forward:
+            scaled.backward()
+        else:
+            params = self.params[group]
+            for p, g in zip(params, torch.autograd.grad(scaled, params, allow_unused=True)):
+                p.grad = g
+            if self.distributed:
+                _average_across_processes(params)
         if self.scaler is not None:
-            self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizers[group])
             self.scaler.update()
         else:
-            loss.backward()
             self.optimizers[group].step()
         return loss.item()
 
@@ -72,10 +91,12 @@ class Step:
             balance = self.balance_loss()
             return F.cross_entropy(logits, y) + self.cfg.beta * kl_div(self.forward(x_adv), F.softmax(logits, 1)) + balance
 
-    def balance_loss(self) -> Tensor:
-        """Switch-Transformer load balancing on the scores of the last forward: N * sum_e
-        (share of samples routed to e) * (mean score of e); 1 when balanced."""
-        scores = self.model.router_scores if self.cfg.balance_weight else None
+    def balance_loss(self, scores: Tensor | None = None) -> Tensor:
+        """Switch-Transformer load balancing on router scores (default: those of the last
+        forward): N * sum_e (share of samples routed to e) * (mean score of e); 1 when balanced."""
+        if not self.cfg.balance_weight:
+            return torch.zeros(())
+        scores = self.model.router_scores if scores is None else scores
         if scores is None:
             return torch.zeros(())
         n = scores.shape[-1]
@@ -91,6 +112,32 @@ class Step:
             router = self.model.router_logits if with_router else None
         self.model.train()
         return p, router
+
+    @contextmanager
+    def backbone_statistics_kept(self) -> Iterator[None]:
+        """The backbone's BatchNorm layers normalise with batch statistics but leave their
+        running statistics alone: a router step, which runs the backbone only to reach the
+        gates, must not move the experts' state onto its adversarial inputs. The shared
+        router's own BatchNorm keeps training as usual."""
+        in_routers = {id(m) for r in routers(self.model) for m in r.modules()}
+        norms = [m for m in self.model.modules()
+                 if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and id(m) not in in_routers]
+        for m in norms:
+            m.track_running_stats = False  # train mode: batch statistics, running ones not passed, not updated
+        try:
+            yield
+        finally:
+            for m in norms:
+                m.track_running_stats = True
+
+
+def _average_across_processes(params: list[nn.Parameter]) -> None:
+    world = dist.get_world_size()
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad /= world
 
 
 def standard(s: Step, x: Tensor, y: Tensor) -> dict:
@@ -114,7 +161,9 @@ def router_only(s: Step, x: Tensor, y: Tensor) -> dict:
     expert_loss = s.update("experts", s.clean_loss(x, y))
     p, r = s.clean_targets(x, with_router=True)
     x_adv = s.attack(x, kl(p, r))
-    return {"loss": expert_loss, "router_loss": s.update("router", s.trades_loss(x, x_adv, y))}
+    with s.backbone_statistics_kept():
+        router_loss = s.trades_loss(x, x_adv, y)
+    return {"loss": expert_loss, "router_loss": s.update("router", router_loss)}
 
 
 def advmoe(s: Step, x: Tensor, y: Tensor) -> dict:
@@ -127,28 +176,38 @@ def advmoe(s: Step, x: Tensor, y: Tensor) -> dict:
         p, r = s.clean_targets(x, with_router=True)
         x_adv = s.attack(x, kl(p, r))
     if s.cfg.router_loss == "model":
-        router_loss = s.trades_loss(x, x_adv, y)  # reaches the router through the straight-through gate
+        with s.backbone_statistics_kept():  # reaches the router through the straight-through gate
+            router_loss = s.update("router", s.trades_loss(x, x_adv, y))
     else:
-        router_loss = reference_router_loss(s, x, x_adv, y)
-    return {"loss": expert_loss, "router_loss": s.update("router", router_loss)}
+        router_loss = reference_router_step(s, x, x_adv, y)
+    return {"loss": expert_loss, "router_loss": router_loss}
 
 
-def reference_router_loss(s: Step, x: Tensor, x_adv: Tensor, y: Tensor) -> Tensor:
-    """The reference code's: alpha * CE(router(x), y mod N) + beta * KL(router(x') || router(x))."""
-    with s.autocast():
-        logits = s.forward(x)
-        clean = s.model.router_logits
-        balance = s.balance_loss()
-        logits_adv = s.forward(x_adv)
-        adv = s.model.router_logits
-    # The loss does not use the logits; a zero term on them gives every parameter a (zero)
-    # gradient, which DistributedDataParallel expects after a forward through it.
-    balance = balance + 0.0 * (logits.sum() + logits_adv.sum())
+def reference_router_step(s: Step, x: Tensor, x_adv: Tensor, y: Tensor) -> float:
+    """The reference code's router loss, alpha * CE(router(x), y mod N) + beta * KL(router(x') ||
+    router(x)), from the router logits. The shared router runs alone on x and x', as in the
+    reference code: no backbone forward, so no backbone BatchNorm update. Per-layer gates sit
+    inside the backbone, which runs to reach them with its running statistics kept."""
+    if s.model.router is not None:
+        with s.autocast():
+            clean, adv = s.model.shared_router_logits(x), s.model.shared_router_logits(x_adv)
+        balance = s.balance_loss(clean.softmax(1))
+    else:
+        with s.autocast(), s.backbone_statistics_kept():
+            logits = s.forward(x)
+            clean = s.model.router_logits
+            balance = s.balance_loss()
+            logits_adv = s.forward(x_adv)
+            adv = s.model.router_logits
+        # The loss does not use the logits; a zero term on them gives every parameter a (zero)
+        # gradient, which DistributedDataParallel expects after a forward through it.
+        balance = balance + 0.0 * (logits.sum() + logits_adv.sum())
     n = clean.shape[-1]
     flat = clean.reshape(len(y), -1, n)  # [B, decisions, N]
     target = (y % n)[:, None].expand(-1, flat.shape[1]).reshape(-1)
     ce = F.cross_entropy(flat.reshape(-1, n), target)
-    return s.cfg.alpha * ce + s.cfg.beta * router_kl(adv, clean) + balance
+    loss = s.cfg.alpha * ce + s.cfg.beta * router_kl(adv, clean) + balance
+    return s.update("router", loss, through_forward=s.model.router is None)
 
 
 @dataclass(frozen=True)

@@ -84,7 +84,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, log=functools
     total = cfg.epochs * steps_per_epoch
     schedulers = {g: torch.optim.lr_scheduler.LambdaLR(o, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, total) / total)))
                   for g, o in optimizers.items()}
-    step = Step(model, cfg, optimizers, forward, _autocast(cfg, device), _scaler(cfg))
+    step = Step(model, cfg, optimizers, forward, _autocast(cfg, device), _scaler(cfg), distributed=world > 1)
 
     start_epoch, best_score, history = 0, -1.0, []
     if resume and (out / "last" / STATE).is_file():

@@ -3,9 +3,10 @@ only their own parameter group."""
 import pytest
 import torch
 
+from advmoe.calibrate import routers
 from helpers import small_model
 from training.config import resolve
-from training.methods import METHODS, Step
+from training.methods import METHODS, Step, reference_router_step
 from training.trainer import make_optimizers
 
 
@@ -31,7 +32,9 @@ def test_one_step_lowers_the_methods_own_loss(method):
     before = METHODS[method].step(step, x, y)
     torch.manual_seed(2)  # the same attack noise: the same loss, at the updated parameters
     after = METHODS[method].step(step, x, y)
-    for key in before:
+    losses = [key for key in before if key.endswith("loss")]
+    assert losses
+    for key in losses:
         assert after[key] < before[key], (key, before[key], after[key])
 
 
@@ -44,9 +47,9 @@ def test_router_step_moves_only_router_parameters_and_expert_step_only_experts(m
     changed_by = {}
     update = step.update
 
-    def recording_update(group, loss):
+    def recording_update(group, loss, **kwargs):
         before = {id(p): p.detach().clone() for p in model.parameters()}
-        value = update(group, loss)
+        value = update(group, loss, **kwargs)
         changed_by[group] = {i for i, p in ((id(p), p) for p in model.parameters()) if not torch.equal(before[i], p)}
         return value
 
@@ -54,3 +57,25 @@ def test_router_step_moves_only_router_parameters_and_expert_step_only_experts(m
     METHODS[method].step(step, *batch())
     assert changed_by["router"] and changed_by["router"] <= router_ids
     assert changed_by["experts"] and not changed_by["experts"] & router_ids
+
+
+def backbone_statistics(model):
+    in_router = {id(m) for r in routers(model) for m in r.modules()}
+    return {name: b.clone() for name, m in model.named_modules() if id(m) not in in_router
+            for b_name, b in m.named_buffers(recurse=False) if "running" in b_name}
+
+
+@pytest.mark.parametrize("router", ["shared", "per_layer"])
+def test_the_reference_router_step_leaves_the_backbone_statistics_and_runs_only_the_shared_router(router):
+    step, (x, y) = make_step("advmoe", router, "reference"), batch()
+    model = step.model
+    before = backbone_statistics(model)
+    calls = []
+    handle = model.stem.register_forward_hook(lambda *args: calls.append(1))
+    router_before = [p.clone() for p in model.router_parameters()]
+    reference_router_step(step, x, (x + 0.05 * torch.randn_like(x)).clamp(0, 1), y)
+    handle.remove()
+    after = backbone_statistics(model)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert len(calls) == (0 if router == "shared" else 2)  # the backbone runs only to reach per-layer gates
+    assert any(not torch.equal(a, b) for a, b in zip(router_before, model.router_parameters()))
