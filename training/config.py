@@ -58,8 +58,10 @@ class TrainConfig:
     beta: float = setting(6.0, "weight of the KL (TRADES) term")
     alpha: float = setting(6.0, "weight of CE(router(x), y mod N) in the reference router loss")
     balance_weight: float = setting(0.0, "weight of a load-balancing term on the router scores (0: off)")
-    recraft: bool = setting(True, "AdvMoE: craft new adversarial examples against the updated experts for the "
-                                  "router step")
+    recraft: bool = setting(True, "AdvMoE, route-aware: craft new adversarial examples against the updated "
+                                  "experts for the router step")
+    steer: float = setting(1.0, "route-aware: weight of the push of the real router towards the forced route in the "
+                                "route-fixed candidate attack")
     # attack, in pixel units of [0, 1] inputs
     eps: float = setting(8 / 255, "linf budget of the training and validation attacks, in [0, 1] pixels")
     attack_step: float = setting(5 / 255, "step of the training attack")

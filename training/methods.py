@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from advmoe.attacks import cross_entropy, kl, kl_div, pgd, router_kl
 from advmoe.calibrate import routers
+from advmoe.route_attacks import forced_route, steered
 
 if TYPE_CHECKING:  # config.py reads the method table
     from .config import TrainConfig
@@ -169,18 +170,58 @@ def router_only(s: Step, x: Tensor, y: Tensor) -> dict:
 def advmoe(s: Step, x: Tensor, y: Tensor) -> dict:
     """Router-expert alternating adversarial training: an expert step, then a router step,
     each against adversarial examples of the current model (outputs and routing)."""
+    return alternate(s, x, y, advmoe_attack)
+
+
+def advmoe_attack(s: Step, x: Tensor) -> tuple[Tensor, dict]:
+    """AdvMoE's training attack: the perturbation that moves outputs and routing most."""
     p, r = s.clean_targets(x, with_router=True)
-    x_adv = s.attack(x, kl(p, r))
+    return s.attack(x, kl(p, r)), {}
+
+
+def route_aware(s: Step, x: Tensor, y: Tensor) -> dict:
+    """AdvMoE whose training attack a change of route cannot hide (docs/method.md)."""
+    return alternate(s, x, y, route_aware_attack)
+
+
+def route_aware_attack(s: Step, x: Tensor) -> tuple[Tensor, dict]:
+    """Per example, the worse of two candidates on the real model (the larger KL(f(x) || f(x')),
+    the term the expert step minimises): AdvMoE's attack through the router, and a route-fixed
+    attack that forces the route each example's router would switch to first (its runner-up
+    expert), maximises the KL of that sub-network, and steers the real router there."""
+    p, r = s.clean_targets(x, with_router=True)
+    through = s.attack(x, kl(p, r))
+    preference = F.log_softmax(r, -1)
+    if preference.dim() == 3:  # per-layer gates: the expert they prefer second on average
+        preference = preference.mean(1)
+    runner_up = preference.topk(2, dim=1).indices[:, 1]
+    with forced_route(s.model, runner_up) as real:
+        flipped = s.attack(x, steered(kl(p), runner_up, real, s.cfg.steer))
+    s.model.eval()
+    with torch.no_grad():
+        through_kl, flipped_kl = (kl_per_example(s.model(c), p) for c in (through, flipped))
+    s.model.train()
+    worse = flipped_kl > through_kl
+    return torch.where(worse[:, None, None, None], flipped, through), {"route_fixed_share": worse.float().mean().item()}
+
+
+def kl_per_example(logits: Tensor, p: Tensor) -> Tensor:
+    return F.kl_div(F.log_softmax(logits, 1), p, reduction="none").sum(1)
+
+
+def alternate(s: Step, x: Tensor, y: Tensor, craft: Callable[[Step, Tensor], tuple[Tensor, dict]]) -> dict:
+    """The expert step, then the router step, on adversarial examples from `craft` (crafted
+    again against the updated experts for the router step, unless --no-recraft)."""
+    x_adv, stats = craft(s, x)
     expert_loss = s.update("experts", s.trades_loss(x, x_adv, y))
     if s.cfg.recraft:  # the reference re-crafts against the updated experts
-        p, r = s.clean_targets(x, with_router=True)
-        x_adv = s.attack(x, kl(p, r))
+        x_adv, _ = craft(s, x)
     if s.cfg.router_loss == "model":
         with s.backbone_statistics_kept():  # reaches the router through the straight-through gate
             router_loss = s.update("router", s.trades_loss(x, x_adv, y))
     else:
         router_loss = reference_router_step(s, x, x_adv, y)
-    return {"loss": expert_loss, "router_loss": router_loss}
+    return {"loss": expert_loss, "router_loss": router_loss, **stats}
 
 
 def reference_router_step(s: Step, x: Tensor, x_adv: Tensor, y: Tensor) -> float:
@@ -218,11 +259,11 @@ class Method:
     attacks: int  # PGD runs crafted per batch
     moe_only: bool
     help: str
-    recrafts: bool = False  # one more PGD run for the router step, unless the config says --no-recraft
+    recrafts: int = 0  # more PGD runs for the router step, unless the config says --no-recraft
 
     def attack_steps(self, cfg: "TrainConfig") -> int:
         """PGD steps per training batch."""
-        return (self.attacks + (self.recrafts and cfg.recraft)) * cfg.attack_steps
+        return (self.attacks + (self.recrafts if cfg.recraft else 0)) * cfg.attack_steps
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
@@ -233,5 +274,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("router-only", router_only, ("experts", "router"), 1, True,
            "robust router, standard experts: shows routers alone are not enough"),
     Method("advmoe", advmoe, ("experts", "router"), 1, True,
-           "AdvMoE: expert step and router step in turn, each against fresh adversarial examples", recrafts=True),
+           "AdvMoE: expert step and router step in turn, each against fresh adversarial examples", recrafts=1),
+    Method("route-aware", route_aware, ("experts", "router"), 2, True,
+           "AdvMoE on the worse per example of its attack and a route-fixed attack on the runner-up route",
+           recrafts=2),
 )}

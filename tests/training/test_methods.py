@@ -6,7 +6,7 @@ import torch
 from advmoe.calibrate import routers
 from helpers import small_model
 from training.config import resolve
-from training.methods import METHODS, Step, reference_router_step
+from training.methods import METHODS, Step, advmoe_attack, kl_per_example, reference_router_step, route_aware_attack
 from training.trainer import make_optimizers
 
 
@@ -39,7 +39,8 @@ def test_one_step_lowers_the_methods_own_loss(method):
 
 
 @pytest.mark.parametrize("router", ["shared", "per_layer"])
-@pytest.mark.parametrize("method,router_loss", [("advmoe", "model"), ("advmoe", "reference"), ("router-only", "model")])
+@pytest.mark.parametrize("method,router_loss", [("advmoe", "model"), ("advmoe", "reference"), ("router-only", "model"),
+                                                ("route-aware", "reference")])
 def test_router_step_moves_only_router_parameters_and_expert_step_only_experts(method, router_loss, router):
     step = make_step(method, router, router_loss)
     model = step.model
@@ -79,3 +80,17 @@ def test_the_reference_router_step_leaves_the_backbone_statistics_and_runs_only_
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert len(calls) == (0 if router == "shared" else 2)  # the backbone runs only to reach per-layer gates
     assert any(not torch.equal(a, b) for a, b in zip(router_before, model.router_parameters()))
+
+
+def test_the_route_aware_attack_keeps_per_example_the_worse_candidate():
+    step, (x, _) = make_step("route-aware", "shared", "reference"), batch()
+    torch.manual_seed(3)
+    chosen, stats = route_aware_attack(step, x)
+    torch.manual_seed(3)
+    through, _ = advmoe_attack(step, x)  # the same noise: the first candidate again
+    assert (chosen - x).abs().max() <= step.cfg.eps + 1e-6 and chosen.min() >= 0 and chosen.max() <= 1
+    assert 0 <= stats["route_fixed_share"] <= 1
+    p, _ = step.clean_targets(x, with_router=False)
+    model = step.model.eval()
+    with torch.no_grad():
+        assert (kl_per_example(model(chosen), p) >= kl_per_example(model(through), p) - 1e-6).all()
