@@ -13,6 +13,11 @@ from torch import Tensor, nn
 
 Objective = Callable[[nn.Module, Tensor], Tensor]  # (model, x_adv) -> scalar to maximise
 NORMS = ("linf", "l2")
+STARTS = {
+    "uniform": "uniform in the eps-ball (Madry; what evaluation uses)",
+    "normal": "x + 0.001 * N(0, 1), as TRADES and the reference code's training attack",
+}
+NORMAL_START_STD = 0.001
 
 
 def check_eps(eps: float, norm: str = "linf") -> None:
@@ -26,13 +31,22 @@ def check_eps(eps: float, norm: str = "linf") -> None:
 
 
 def pgd(model: nn.Module, x: Tensor, objective: Objective, eps: float, step: float, steps: int,
-        norm: str = "linf", random_start: bool = True) -> Tensor:
+        norm: str = "linf", random_start: bool = True, start: str = "uniform") -> Tensor:
     """Projected gradient ascent on `objective` within the eps-ball around x, kept in [0, 1].
-    Only the input gets gradients; the model's parameter gradients are left untouched."""
+    Only the input gets gradients; the model's parameter gradients are left untouched.
+
+    random_start=False starts at x itself; otherwise `start` (see STARTS): "uniform" in the ball,
+    or "normal", TRADES' x + 0.001 * N(0, 1), which starts next to x so that the first steps
+    (of sign size `step`) move every pixel the same distance."""
     check_eps(eps, norm)
+    if start not in STARTS:
+        raise ValueError(f"start must be one of {tuple(STARTS)}, got {start!r}")
     x = x.detach()
     delta = torch.zeros_like(x)
-    if random_start:
+    if random_start and start == "normal":
+        delta = NORMAL_START_STD * torch.randn_like(x)
+        delta = delta.clamp(-eps, eps) if norm == "linf" else _project_l2(delta, torch.full_like(x[:, 0, 0, 0], eps))
+    elif random_start:
         if norm == "linf":
             delta.uniform_(-eps, eps)
         else:
@@ -67,13 +81,13 @@ def cross_entropy(y: Tensor) -> Objective:
 
 
 def kl(p_clean: Tensor, router_clean: Tensor | None = None) -> Objective:
-    """TRADES: maximise KL(f(x) || f(x')); with `router_clean`, also the router's KL
-    (AdvMoE: the perturbation that moves outputs and routing most)."""
+    """TRADES: maximise KL(f(x) || f(x')); with `router_clean` (the router logits at x), also
+    the router's KL (AdvMoE: the perturbation that moves outputs and routing most)."""
 
     def objective(model, x_adv):
         loss = kl_div(model(x_adv), p_clean)
         if router_clean is not None:
-            loss = loss + router_kl(model.router_scores, router_clean)
+            loss = loss + router_kl(model.router_logits, router_clean)
         return loss
 
     return objective
@@ -84,11 +98,14 @@ def kl_div(logits_adv: Tensor, p_clean: Tensor) -> Tensor:
     return F.kl_div(F.log_softmax(logits_adv, dim=1), p_clean, reduction="batchmean")
 
 
-def router_kl(scores_adv: Tensor, scores_clean: Tensor) -> Tensor:
-    """KL between router score distributions ([B, N] or [B, layers, N]), averaged per decision."""
-    n = scores_adv.shape[-1]
-    adv, clean = scores_adv.reshape(-1, n), scores_clean.reshape(-1, n)
-    return F.kl_div(adv.clamp_min(1e-12).log(), clean, reduction="batchmean")
+def router_kl(logits_adv: Tensor, logits_clean: Tensor) -> Tensor:
+    """KL(softmax(logits_clean) || softmax(logits_adv)) between router decisions ([B, N] or
+    [B, layers, N] router logits, `model.router_logits`), averaged per decision. Computed from
+    log_softmax: its gradient does not vanish when a router is saturated (a confident route),
+    where the log of a clamped softmax has none."""
+    n = logits_adv.shape[-1]
+    adv, clean = logits_adv.reshape(-1, n), logits_clean.reshape(-1, n)
+    return F.kl_div(F.log_softmax(adv, 1), F.log_softmax(clean, 1), reduction="batchmean", log_target=True)
 
 
 @torch.no_grad()

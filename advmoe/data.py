@@ -24,16 +24,24 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 __all__ = [
+    "AUGMENTATIONS",
     "DATASETS",
     "DatasetInfo",
     "DatasetNotFoundError",
     "SPLITS",
+    "augment",
     "get_dataset_info",
     "list_datasets",
     "load_dataset",
 ]
 
 SPLITS = ("train", "val", "test")
+AUGMENTATIONS = {
+    "none": "no augmentation",
+    "crop": "random crop from the image zero-padded by 4 pixels per side",
+    "crop-flip": "random crop (padding 4) and horizontal flip with probability 1/2",
+}
+CROP_PADDING = 4
 PathLike = str | os.PathLike
 
 
@@ -52,6 +60,7 @@ class DatasetInfo:
     classes: tuple[str, ...]
     files: str  # human description of the expected on-disk files
     default_val_size: int  # images carved out of the official train set for "val"
+    augmentation: str = "crop"  # the dataset's standard training augmentation (AUGMENTATIONS)
 
 
 # Tiny ImageNet labels are indices into the sorted wnids (ImageFolder order).
@@ -115,6 +124,9 @@ DATASETS: dict[str, DatasetInfo] = {
             files="{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz] "
             "(default: /usr/share/datasets/fashion-mnist from Debian's dataset-fashion-mnist)",
             default_val_size=5000,
+            # Mirroring keeps every class (clothes are near-symmetric, a mirrored shoe is the
+            # same shoe), unlike digits; docs/method.md.
+            augmentation="crop-flip",
         ),
         DatasetInfo(
             name="cifar10",
@@ -128,6 +140,7 @@ DATASETS: dict[str, DatasetInfo] = {
             files="cifar-10-batches-py/{data_batch_1..5,test_batch} "
             "(the 'python version' from the CIFAR-10 site)",
             default_val_size=5000,
+            augmentation="crop-flip",  # the reference code's
         ),
         DatasetInfo(
             name="cifar100",
@@ -139,6 +152,7 @@ DATASETS: dict[str, DatasetInfo] = {
             classes=_CIFAR100_CLASSES,
             files="cifar-100-python/{train,test} (the 'python version' from the CIFAR-100 site)",
             default_val_size=5000,
+            augmentation="crop-flip",
         ),
         DatasetInfo(
             name="svhn",
@@ -150,6 +164,7 @@ DATASETS: dict[str, DatasetInfo] = {
             classes=tuple(str(d) for d in range(10)),
             files="{train,test}_32x32.mat (SVHN format 2, cropped digits) in DIR or DIR/svhn",
             default_val_size=5000,
+            augmentation="crop",  # digits: a mirrored 2, 3 or 7 is no digit
         ),
         DatasetInfo(
             name="tiny_imagenet",
@@ -162,6 +177,7 @@ DATASETS: dict[str, DatasetInfo] = {
             files="tiny-imagenet-200/{wnids.txt, train/<wnid>/images/*.JPEG, "
             "val/images/*.JPEG, val/val_annotations.txt}",
             default_val_size=10000,
+            augmentation="crop-flip",
         ),
     ]
 }
@@ -176,6 +192,31 @@ def get_dataset_info(name: str) -> DatasetInfo:
         return DATASETS[name]
     except KeyError:
         raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}") from None
+
+
+# --------------------------------------------------------------------------- augmentation
+
+
+def augment(x: torch.Tensor, kind: str, generator: torch.Generator, padding: int = CROP_PADDING) -> torch.Tensor:
+    """Standard training augmentation of a batch [B, C, H, W], one draw per image, on tensors
+    (no PIL round trip): torchvision's RandomCrop(size, padding) with zero fill, then for
+    "crop-flip" RandomHorizontalFlip. The draws come from `generator` (a CPU generator; the
+    batch may live on any device), so a seeded generator repeats them exactly."""
+    if kind not in AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation {kind!r}; choose one of {', '.join(AUGMENTATIONS)}")
+    if kind == "none" or len(x) == 0:
+        return x
+    b, c, h, w = x.shape
+    offsets = torch.randint(0, 2 * padding + 1, (2, b), generator=generator).to(x.device)
+    padded = torch.nn.functional.pad(x, (padding, padding, padding, padding))
+    rows = offsets[0, :, None] + torch.arange(h, device=x.device)  # [B, H] rows of the padded image
+    cols = offsets[1, :, None] + torch.arange(w, device=x.device)
+    out = padded.gather(2, rows[:, None, :, None].expand(b, c, h, w + 2 * padding))
+    out = out.gather(3, cols[:, None, None, :].expand(b, c, h, w))
+    if kind == "crop-flip":
+        flip = (torch.rand(b, generator=generator) < 0.5).to(x.device)
+        out = torch.where(flip[:, None, None, None], out.flip(3), out)
+    return out
 
 
 # --------------------------------------------------------------------------- datasets

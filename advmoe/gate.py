@@ -1,8 +1,15 @@
 """Top-k gating with a straight-through estimator.
 
 The forward pass uses a hard choice (one-hot for top-1); the backward pass sends the gradient
-straight to the softmax scores. Without it the router gets no gradient and neither do attacks
-through it (gradient masking), see docs/method.md.
+straight through to the router, in one of two ways (`GATE_GRADS`, docs/method.md):
+
+- "softmax" (our default): the gradient of every expert's gate weight goes to the softmax
+  scores, and through the softmax to every logit;
+- "chosen" (the reference code's): only the chosen expert's gate weight passes its gradient,
+  to the chosen expert's logit, unchanged; the other logits get none.
+
+Without it the router gets no gradient and neither do attacks through it (gradient masking).
+Both send the same forward pass, so masked and sparse execution agree under either.
 """
 from __future__ import annotations
 
@@ -11,6 +18,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+GATE_GRADS = {
+    "softmax": "straight through to the softmax scores: every expert's logit gets a gradient (ours)",
+    "chosen": "straight through to the chosen expert's logit only (the reference code)",
+}
+
 
 @dataclass
 class Route:
@@ -18,7 +30,8 @@ class Route:
 
     experts: Tensor  # LongTensor [B, k]: chosen experts, best first
     weights: Tensor  # [B, N]: gate weights, zero for unchosen experts; differentiable
-    scores: Tensor  # [B, N]: softmax of the router logits (what router losses and attacks use)
+    scores: Tensor  # [B, N]: softmax of the router logits
+    logits: Tensor | None = None  # [B, N]: the router logits (router losses and attacks take log_softmax of these)
 
     @property
     def top1(self) -> Tensor:
@@ -26,33 +39,53 @@ class Route:
 
 
 class _StraightThroughOneHot(torch.autograd.Function):
-    """Forward: exact one-hot of `index`. Backward: the gradient goes to `scores` unchanged."""
+    """Forward: exact one-hot of `index`. Backward: the gradient goes to `source` unchanged."""
 
     @staticmethod
-    def forward(ctx, scores: Tensor, index: Tensor) -> Tensor:
-        return torch.zeros_like(scores).scatter_(1, index, 1.0)
+    def forward(ctx, source: Tensor, index: Tensor) -> Tensor:
+        return torch.zeros_like(source).scatter_(1, index, 1.0)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         return grad, None
 
 
-def route(logits: Tensor, top_k: int = 1) -> Route:
+class _ChosenOnlyOneHot(torch.autograd.Function):
+    """Forward: exact one-hot of `index`. Backward: the chosen entry's gradient goes to the same
+    entry of `source`; the other entries get zero."""
+
+    @staticmethod
+    def forward(ctx, source: Tensor, index: Tensor) -> Tensor:
+        ctx.save_for_backward(index)
+        return torch.zeros_like(source).scatter_(1, index, 1.0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        index, = ctx.saved_tensors
+        return torch.zeros_like(grad).scatter_(1, index, grad.gather(1, index)), None
+
+
+def route(logits: Tensor, top_k: int = 1, grad: str = "softmax") -> Route:
     """Choose `top_k` experts per sample from router logits [B, N].
 
     The choice is made on the logits, not on the softmax, so that masked and sparse execution
-    (which skips the softmax) break near-ties the same way.
+    (which skips the softmax) break near-ties the same way. `grad` (top-1 only) is where the
+    straight-through gradient goes: see `GATE_GRADS`.
     """
+    if grad not in GATE_GRADS:
+        raise ValueError(f"gate grad must be one of {tuple(GATE_GRADS)}, got {grad!r}")
     experts = logits.topk(top_k, dim=1).indices
     scores = logits.softmax(dim=1)
-    if top_k == 1:
+    if top_k == 1 and grad == "chosen":
+        weights = _ChosenOnlyOneHot.apply(logits, experts)
+    elif top_k == 1:
         weights = _StraightThroughOneHot.apply(scores, experts)
     else:
         # Gate-weighted sum of the chosen experts; weights renormalised to sum to one, which
         # keeps BatchNorm folding exact (see MoEConv2d).
         chosen = scores.gather(1, experts)
         weights = torch.zeros_like(scores).scatter(1, experts, chosen / chosen.sum(1, keepdim=True))
-    return Route(experts=experts, weights=weights, scores=scores)
+    return Route(experts=experts, weights=weights, scores=scores, logits=logits)
 
 
 def expert_share(routing: Tensor, num_experts: int) -> list[float]:

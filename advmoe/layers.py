@@ -127,9 +127,10 @@ class MoEConv2d(_ConvUnit):
         num_experts: int = 2,
         top_k: int = 1,
         gate: bool = False,
+        gate_grad: str = "softmax",
     ):
         super().__init__(in_channels, out_channels, kernel_size, stride, norm)
-        self.num_experts, self.top_k = num_experts, top_k
+        self.num_experts, self.top_k, self.gate_grad = num_experts, top_k, gate_grad
         self.weight = nn.Parameter(torch.empty(num_experts * out_channels, in_channels, kernel_size, kernel_size))
         self.gate = LayerGate(in_channels, num_experts) if gate else None
         self.last_route: Route | None = None
@@ -150,7 +151,7 @@ class MoEConv2d(_ConvUnit):
                 raise RuntimeError("a fixed expert needs sparse execution (set_execution(model, 'sparse'))")
             return self._conv(x, *self.folded[route])
         if self.gate is not None:
-            route = make_route(self.gate(x), self.top_k)
+            route = make_route(self.gate(x), self.top_k, self.gate_grad)
         if route is None:
             raise ValueError("MoEConv2d needs a route: pass one or build the layer with gate=True")
         self.last_route = route

@@ -9,7 +9,8 @@ attacks do not rely on it:
   also one the real model routes to e. Whether it fools the real model is decided by the caller
   on the unforced model: an example made for a forced route is not an attack on the real model
   until the real router has been run on it.
-- router attack: maximise KL(router(x) || router(x')), the change of the route itself.
+- router attack: maximise KL(router(x) || router(x')), the change of the route itself (from the
+  router logits, so a saturated router still gives a gradient).
 
 `detached_routers` runs the usual routes with no gradient through the routers (plain argmax):
 the model that masks gradients, for the sanity check that the straight-through gate passes one.
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attacks import Objective, pgd, router_kl
+from .attacks import Objective, cross_entropy, pgd, router_kl
 from .calibrate import routers
 
 FORCED_LOGIT = 30.0  # softmax(+-30) is one-hot to float precision: no gradient reaches the route
@@ -51,19 +52,26 @@ def _router_hook(model: nn.Module, hook) -> Iterator[None]:
 
 
 @contextmanager
-def forced_route(model: nn.Module, expert: int) -> Iterator[list[Tensor]]:
-    """While the block runs, every router sends every sample to `expert`. Yields a list that
-    receives, at each router call, the logits the router computed (with their gradient), so an
-    objective can use where the real model would have routed; the caller clears it."""
+def forced_route(model: nn.Module, expert: int | Tensor) -> Iterator[list[Tensor]]:
+    """While the block runs, every router sends every sample to `expert`: one expert for the
+    whole batch (an int), or one per sample (a LongTensor [B], e.g. the route each sample's
+    router would switch to first). Yields a list that receives, at each router call, the logits
+    the router computed (with their gradient), so an objective can use where the real model
+    would have routed; the caller clears it."""
     n = _checked_routers(model)[0].fc.out_features
-    if not 0 <= expert < n:
+    per_sample = isinstance(expert, Tensor)
+    out_of_range = bool(((expert < 0) | (expert >= n)).any()) if per_sample else not 0 <= expert < n
+    if out_of_range:
         raise ValueError(f"expert {expert} out of range for {n} experts")
     real: list[Tensor] = []
 
     def hook(module, args, logits):
         real.append(logits)
         forced = torch.full_like(logits, -FORCED_LOGIT).detach()
-        forced[:, expert] = FORCED_LOGIT
+        if per_sample:
+            forced.scatter_(1, expert.view(-1, 1).to(logits.device), FORCED_LOGIT)
+        else:
+            forced[:, expert] = FORCED_LOGIT
         return forced
 
     with _router_hook(model, hook):
@@ -77,18 +85,29 @@ def detached_routers(model: nn.Module) -> Iterator[None]:
         yield
 
 
-def route_fixed_objective(y: Tensor, expert: int, real_logits: list[Tensor], steer: float = 1.0) -> Objective:
-    """Cross-entropy of the model with its route forced to `expert` (inside `forced_route`),
-    plus `steer` times the mean log-probability that the real routers choose `expert`."""
+def steered(objective: Objective, expert: int | Tensor, real_logits: list[Tensor], steer: float = 1.0) -> Objective:
+    """`objective` on the model with its route forced to `expert` (inside `forced_route`, whose
+    list is `real_logits`), plus `steer` times the mean log-probability that the real routers
+    choose `expert`: the example it makes should also be one the real model routes there."""
 
-    def objective(model, x_adv):
+    def steered_objective(model, x_adv):
         real_logits.clear()
-        loss = F.cross_entropy(model(x_adv), y)
+        loss = objective(model, x_adv)
         if steer:
-            loss = loss + steer * torch.stack([F.log_softmax(l, 1)[:, expert].mean() for l in real_logits]).mean()
+            loss = loss + steer * torch.stack([_log_prob(l, expert).mean() for l in real_logits]).mean()
         return loss
 
-    return objective
+    return steered_objective
+
+
+def _log_prob(logits: Tensor, expert: int | Tensor) -> Tensor:
+    log_p = F.log_softmax(logits, 1)
+    return log_p[:, expert] if not isinstance(expert, Tensor) else log_p.gather(1, expert.view(-1, 1)).squeeze(1)
+
+
+def route_fixed_objective(y: Tensor, expert: int | Tensor, real_logits: list[Tensor], steer: float = 1.0) -> Objective:
+    """Cross-entropy of the model with its route forced to `expert`, steered (see `steered`)."""
+    return steered(cross_entropy(y), expert, real_logits, steer)
 
 
 def route_fixed_pgd(model: nn.Module, x: Tensor, y: Tensor, expert: int, eps: float, step: float, steps: int,
@@ -103,10 +122,10 @@ def router_pgd(model: nn.Module, x: Tensor, eps: float, step: float, steps: int)
     _checked_routers(model)
     with torch.no_grad():
         model(x)
-        clean = model.router_scores.detach()
+        clean = model.router_logits.detach()
 
     def objective(m, x_adv):
         m(x_adv)
-        return router_kl(m.router_scores, clean)
+        return router_kl(m.router_logits, clean)
 
     return pgd(model, x, objective, eps, step, steps)

@@ -1,12 +1,13 @@
 """Wall-clock of one training step of each method, side by side, on the fmnist-tiny setting.
 
-    python -m benchmarks.bench_methods            # or: advmoe bench methods
+    python -m benchmarks.bench_methods            # or: advmoe bench methods --width 0.25
 
 Every method trains its own copy of the same model on the same batches; the steps are timed in
 interleaved rounds (median), so machine noise hits all methods alike. Printed: ms per batch,
-PGD steps per batch, the cost relative to MoE-AT, and the projected seconds per epoch of the
-preset. AdvMoE with --no-recraft reuses the expert step's adversarial examples for the router
-step (one attack per batch instead of two).
+samples per second, PGD steps per batch, the cost relative to MoE-AT, and the projected
+seconds per epoch of the preset. The methods that re-craft their attack for the router step
+(AdvMoE, route-aware) are timed with --no-recraft too, which reuses the expert step's
+adversarial examples.
 """
 from __future__ import annotations
 
@@ -23,11 +24,14 @@ from training.methods import METHODS, Step
 from training.trainer import make_optimizers
 
 
-VARIANTS = [(name, {}) for name in METHODS] + [("advmoe", {"recraft": False})]
+VARIANTS = [(name, {}) for name in METHODS] + [(name, {"recraft": False}) for name, m in METHODS.items() if m.recrafts]
 
 
-def run(preset: str = "fmnist-tiny", batch_size: int | None = None, rounds: int = 5):
-    base = resolve(preset)
+def run(preset: str = "fmnist-tiny", batch_size: int | None = None, rounds: int = 5, width: float | None = None,
+        methods: list[str] | None = None):
+    """methods: time these only (MoE-AT, the reference of the relative cost, always)."""
+    size = {"width": width} if width is not None else {}
+    base = resolve(preset, **size)
     batch_size = batch_size or base.batch_size
     info = advmoe.get_dataset_info(base.dataset)
     g = torch.Generator().manual_seed(0)
@@ -35,7 +39,9 @@ def run(preset: str = "fmnist-tiny", batch_size: int | None = None, rounds: int 
     y = torch.randint(0, info.num_classes, (batch_size,), generator=g)
     steps = {}
     for method, changes in VARIANTS:
-        cfg = resolve(preset, method=method, **changes)
+        if methods and method not in {*methods, "moe-at"}:
+            continue
+        cfg = resolve(preset, method=method, **changes, **size)
         torch.manual_seed(0)
         model = advmoe.create_model(cfg.model, **cfg.model_kwargs(info)).train()
         steps[_label(method, changes)] = (Step(model, cfg, make_optimizers(cfg, model)), cfg)
@@ -51,7 +57,8 @@ def run(preset: str = "fmnist-tiny", batch_size: int | None = None, rounds: int 
     batches = -(-(base.train_examples or 50_000) // batch_size)
     rows = []
     for label, (step, cfg) in steps.items():
-        rows.append(dict(method=label, ms_per_batch=ms[label], attack_steps=METHODS[cfg.method].attack_steps(cfg),
+        rows.append(dict(method=label, ms_per_batch=ms[label], samples_per_second=batch_size * 1e3 / ms[label],
+                         attack_steps=METHODS[cfg.method].attack_steps(cfg),
                          optimisers=len(METHODS[cfg.method].groups), relative_to_moe_at=ms[label] / ms["moe-at"],
                          projected_epoch_seconds=ms[label] * batches / 1e3))
     return rows, base, batch_size, batches
@@ -65,18 +72,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="advmoe bench methods", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="fmnist-tiny")
     parser.add_argument("--batch-size", type=int, help="default: the preset's")
+    parser.add_argument("--width", type=float, help="model width multiplier (default: the preset's)")
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), help="time these only (and MoE-AT)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (median taken)")
     args = parser.parse_args(argv)
-    if args.rounds < 1 or (args.batch_size is not None and args.batch_size < 1):
-        parser.error("--rounds and --batch-size must be positive")
-    rows, cfg, batch_size, batches = run(args.preset, args.batch_size, args.rounds)
+    if args.rounds < 1 or (args.batch_size is not None and args.batch_size < 1) or (args.width is not None and args.width <= 0):
+        parser.error("--rounds, --batch-size and --width must be positive")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows, cfg, batch_size, batches = run(args.preset, args.batch_size, args.rounds, args.width, args.methods)
     print(f"# advmoe {advmoe.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads; preset "
           f"{args.preset}: {cfg.model} width {cfg.width}, {cfg.dataset}, batch {batch_size}, {batches} batches per "
           f"epoch, PGD-{cfg.attack_steps} for training; {args.rounds} rounds\n")
-    print("| method | ms per batch | PGD steps per batch | optimisers | relative to MoE-AT | projected s per epoch |\n"
-          "|---|---|---|---|---|---|")
+    print("| method | ms per batch | samples/s | PGD steps per batch | optimisers | relative to MoE-AT | projected s per epoch |\n"
+          "|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['method']} | {r['ms_per_batch']:.0f} | {r['attack_steps']} | {r['optimisers']} "
+        print(f"| {r['method']} | {r['ms_per_batch']:.0f} | {r['samples_per_second']:.0f} | {r['attack_steps']} | {r['optimisers']} "
               f"| {r['relative_to_moe_at']:.2f}x | {r['projected_epoch_seconds']:.0f} |")
     return 0
 

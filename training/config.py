@@ -6,7 +6,9 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import advmoe
-from advmoe.attacks import check_eps
+from advmoe.attacks import STARTS, check_eps
+from advmoe.data import AUGMENTATIONS
+from advmoe.gate import GATE_GRADS
 from advmoe.settings import ConfigError, setting, validate_choices
 
 from .methods import METHODS
@@ -19,6 +21,8 @@ ROUTER_LOSSES = {
 ROUTERS = {"shared": "one small CNN on the input image decides for every MoE layer (the reference code)",
            "per_layer": "a gate at each MoE layer (pooled features + linear), as in the paper"}
 AMP = {"none": "fp32", "bf16": "bfloat16 autocast", "fp16": "float16 autocast with a gradient scaler (CUDA)"}
+AUGMENT = {"standard": "the dataset's usual one, recorded as what it resolves to (CIFAR-10/100, Tiny ImageNet, "
+                       "Fashion-MNIST: crop-flip; SVHN: crop)", **AUGMENTATIONS}
 
 
 def _method_choices() -> dict[str, str]:
@@ -34,6 +38,8 @@ class TrainConfig:
     val_size: int = setting(5000, "validation images carved from the training set; selection never sees the test set")
     train_examples: int | None = setting(None, "use only the first N training images (small runs)")
     val_examples: int = setting(1000, "validation images evaluated after each epoch (clean and PGD)")
+    augment: str = setting("standard", "training-image augmentation, drawn per image and per epoch from the seed "
+                                       "(validation and test images are never augmented)", choices=AUGMENT)
     # model
     model: str = setting("moe_resnet18", "architecture from the registry (`advmoe models`)", choices=advmoe.list_models)
     width: float = setting(1.0, "width multiplier of every stage (1.0: the paper's widths)")
@@ -43,6 +49,8 @@ class TrainConfig:
     router_blocks: int = setting(3, "basic blocks per stage of the shared router CNN (3: a ResNet-20)")
     router_width: int = setting(16, "channels of the shared router's first stage")
     top_k: int = setting(1, "experts each sample runs through")
+    gate_grad: str = setting("softmax", "where the straight-through gate sends the gradient (top-1); this is also "
+                                        "what attacks through the router see", choices=GATE_GRADS)
     # method (docs/method.md; the reference code's hyper-parameters as defaults)
     method: str = setting("advmoe", "training method", choices=_method_choices)
     # "model" collapsed to one expert on fmnist-tiny (reports/fmnist_methods.md)
@@ -50,12 +58,16 @@ class TrainConfig:
     beta: float = setting(6.0, "weight of the KL (TRADES) term")
     alpha: float = setting(6.0, "weight of CE(router(x), y mod N) in the reference router loss")
     balance_weight: float = setting(0.0, "weight of a load-balancing term on the router scores (0: off)")
-    recraft: bool = setting(True, "AdvMoE: craft new adversarial examples against the updated experts for the "
-                                  "router step")
+    recraft: bool = setting(True, "AdvMoE, route-aware: craft new adversarial examples against the updated "
+                                  "experts for the router step")
+    steer: float = setting(1.0, "route-aware: weight of the push of the real router towards the forced route in the "
+                                "route-fixed candidate attack")
     # attack, in pixel units of [0, 1] inputs
     eps: float = setting(8 / 255, "linf budget of the training and validation attacks, in [0, 1] pixels")
     attack_step: float = setting(5 / 255, "step of the training attack")
     attack_steps: int = setting(2, "PGD steps of the training attack")
+    attack_start: str = setting("normal", "start of the training attack (validation and `advmoe eval` start uniform)",
+                                choices=STARTS)
     eval_step: float = setting(2 / 255, "step of the validation PGD")
     eval_steps: int = setting(10, "PGD steps of the validation attack (checkpoint selection)")
     # optimisation
@@ -82,7 +94,8 @@ class TrainConfig:
                       mean=info.mean, std=info.std, width=self.width)
         if self.is_moe:
             kwargs.update(num_experts=self.num_experts, expert_ratio=self.expert_ratio, router=self.router,
-                          router_blocks=self.router_blocks, router_width=self.router_width, top_k=self.top_k)
+                          router_blocks=self.router_blocks, router_width=self.router_width, top_k=self.top_k,
+                          gate_grad=self.gate_grad)
         return kwargs
 
     def validate(self) -> "TrainConfig":
@@ -90,6 +103,8 @@ class TrainConfig:
             raise ConfigError(msg)
 
         validate_choices(self)
+        if self.augment == "standard":  # the config records what the run did
+            self.augment = advmoe.get_dataset_info(self.dataset).augmentation
         if METHODS[self.method].moe_only and not self.is_moe:
             bad(f"method {self.method} trains a mixture of experts; use a moe_* model (e.g. moe_{self.model})")
         try:

@@ -7,15 +7,19 @@ used by router-only), how many PGD runs it crafts per batch, and whether it need
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from advmoe.attacks import cross_entropy, kl, kl_div, pgd, router_kl
+from advmoe.calibrate import routers
+from advmoe.route_attacks import forced_route, steered
 
 if TYPE_CHECKING:  # config.py reads the method table
     from .config import TrainConfig
@@ -33,29 +37,46 @@ class Step:
     forward: nn.Module | None = None  # what the losses run through (a DDP wrapper, or the model)
     autocast: Callable = field(default=lambda: torch.autocast("cpu", enabled=False))
     scaler: torch.amp.GradScaler | None = None
+    distributed: bool = False  # several processes: `forward` is DistributedDataParallel
 
     def __post_init__(self):
         self.forward = self.forward or self.model
+        self.params = {g: [p for group in o.param_groups for p in group["params"]] for g, o in self.optimizers.items()}
 
     def attack(self, x: Tensor, objective) -> Tensor:
         """Adversarial examples of the current model, crafted in eval mode (BatchNorm running
         statistics, as TRADES does), through the straight-through router."""
         self.model.eval()
-        x_adv = pgd(self.model, x, objective, self.cfg.eps, self.cfg.attack_step, self.cfg.attack_steps)
+        x_adv = pgd(self.model, x, objective, self.cfg.eps, self.cfg.attack_step, self.cfg.attack_steps,
+                    start=self.cfg.attack_start)
         self.model.train()
         return x_adv
 
-    def update(self, group: str, loss: Tensor) -> float:
+    def update(self, group: str, loss: Tensor, through_forward: bool = True) -> float:
+        """One optimiser step of `group` on `loss`.
+
+        One process: the backward runs only as far as the group's parameters need (the expert
+        step does not backpropagate into the router, the router step computes no expert weight
+        gradients). Under DDP the backward is complete, as DDP expects a gradient for every
+        parameter of a forward through it; a loss that did not run through the DDP wrapper
+        (through_forward=False: the shared router alone) has its gradients averaged here."""
         if not torch.isfinite(loss):
             raise Diverged(f"the {group} loss is {loss.item()}")
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
+        scaled = self.scaler.scale(loss) if self.scaler is not None else loss
+        if self.distributed and through_forward:
+            scaled.backward()
+        else:
+            params = self.params[group]
+            for p, g in zip(params, torch.autograd.grad(scaled, params, allow_unused=True)):
+                p.grad = g
+            if self.distributed:
+                _average_across_processes(params)
         if self.scaler is not None:
-            self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizers[group])
             self.scaler.update()
         else:
-            loss.backward()
             self.optimizers[group].step()
         return loss.item()
 
@@ -71,10 +92,12 @@ class Step:
             balance = self.balance_loss()
             return F.cross_entropy(logits, y) + self.cfg.beta * kl_div(self.forward(x_adv), F.softmax(logits, 1)) + balance
 
-    def balance_loss(self) -> Tensor:
-        """Switch-Transformer load balancing on the scores of the last forward: N * sum_e
-        (share of samples routed to e) * (mean score of e); 1 when balanced."""
-        scores = self.model.router_scores if self.cfg.balance_weight else None
+    def balance_loss(self, scores: Tensor | None = None) -> Tensor:
+        """Switch-Transformer load balancing on router scores (default: those of the last
+        forward): N * sum_e (share of samples routed to e) * (mean score of e); 1 when balanced."""
+        if not self.cfg.balance_weight:
+            return torch.zeros(())
+        scores = self.model.router_scores if scores is None else scores
         if scores is None:
             return torch.zeros(())
         n = scores.shape[-1]
@@ -83,13 +106,39 @@ class Step:
         return self.cfg.balance_weight * n * (share * flat.mean(0)).sum()
 
     def clean_targets(self, x: Tensor, with_router: bool) -> tuple[Tensor, Tensor | None]:
-        """Softmax outputs (and router scores) on clean inputs: the attack's KL anchors."""
+        """Softmax outputs (and router logits) on clean inputs: the attack's KL anchors."""
         self.model.eval()
         with torch.no_grad():
             p = F.softmax(self.model(x), 1)
-            router = self.model.router_scores if with_router else None
+            router = self.model.router_logits if with_router else None
         self.model.train()
         return p, router
+
+    @contextmanager
+    def backbone_statistics_kept(self) -> Iterator[None]:
+        """The backbone's BatchNorm layers normalise with batch statistics but leave their
+        running statistics alone: a router step, which runs the backbone only to reach the
+        gates, must not move the experts' state onto its adversarial inputs. The shared
+        router's own BatchNorm keeps training as usual."""
+        in_routers = {id(m) for r in routers(self.model) for m in r.modules()}
+        norms = [m for m in self.model.modules()
+                 if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and id(m) not in in_routers]
+        for m in norms:
+            m.track_running_stats = False  # train mode: batch statistics, running ones not passed, not updated
+        try:
+            yield
+        finally:
+            for m in norms:
+                m.track_running_stats = True
+
+
+def _average_across_processes(params: list[nn.Parameter]) -> None:
+    world = dist.get_world_size()
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad /= world
 
 
 def standard(s: Step, x: Tensor, y: Tensor) -> dict:
@@ -113,41 +162,93 @@ def router_only(s: Step, x: Tensor, y: Tensor) -> dict:
     expert_loss = s.update("experts", s.clean_loss(x, y))
     p, r = s.clean_targets(x, with_router=True)
     x_adv = s.attack(x, kl(p, r))
-    return {"loss": expert_loss, "router_loss": s.update("router", s.trades_loss(x, x_adv, y))}
+    with s.backbone_statistics_kept():
+        router_loss = s.trades_loss(x, x_adv, y)
+    return {"loss": expert_loss, "router_loss": s.update("router", router_loss)}
 
 
 def advmoe(s: Step, x: Tensor, y: Tensor) -> dict:
     """Router-expert alternating adversarial training: an expert step, then a router step,
     each against adversarial examples of the current model (outputs and routing)."""
+    return alternate(s, x, y, advmoe_attack)
+
+
+def advmoe_attack(s: Step, x: Tensor) -> tuple[Tensor, dict]:
+    """AdvMoE's training attack: the perturbation that moves outputs and routing most."""
     p, r = s.clean_targets(x, with_router=True)
-    x_adv = s.attack(x, kl(p, r))
+    return s.attack(x, kl(p, r)), {}
+
+
+def route_aware(s: Step, x: Tensor, y: Tensor) -> dict:
+    """AdvMoE whose training attack a change of route cannot hide (docs/method.md)."""
+    return alternate(s, x, y, route_aware_attack)
+
+
+def route_aware_attack(s: Step, x: Tensor) -> tuple[Tensor, dict]:
+    """Per example, the worse of two candidates on the real model (the larger KL(f(x) || f(x')),
+    the term the expert step minimises): AdvMoE's attack through the router, and a route-fixed
+    attack that forces the route each example's router would switch to first (its runner-up
+    expert), maximises the KL of that sub-network, and steers the real router there."""
+    p, r = s.clean_targets(x, with_router=True)
+    through = s.attack(x, kl(p, r))
+    preference = F.log_softmax(r, -1)
+    if preference.dim() == 3:  # per-layer gates: the expert they prefer second on average
+        preference = preference.mean(1)
+    runner_up = preference.topk(2, dim=1).indices[:, 1]
+    with forced_route(s.model, runner_up) as real:
+        flipped = s.attack(x, steered(kl(p), runner_up, real, s.cfg.steer))
+    s.model.eval()
+    with torch.no_grad():
+        through_kl, flipped_kl = (kl_per_example(s.model(c), p) for c in (through, flipped))
+    s.model.train()
+    worse = flipped_kl > through_kl
+    return torch.where(worse[:, None, None, None], flipped, through), {"route_fixed_share": worse.float().mean().item()}
+
+
+def kl_per_example(logits: Tensor, p: Tensor) -> Tensor:
+    return F.kl_div(F.log_softmax(logits, 1), p, reduction="none").sum(1)
+
+
+def alternate(s: Step, x: Tensor, y: Tensor, craft: Callable[[Step, Tensor], tuple[Tensor, dict]]) -> dict:
+    """The expert step, then the router step, on adversarial examples from `craft` (crafted
+    again against the updated experts for the router step, unless --no-recraft)."""
+    x_adv, stats = craft(s, x)
     expert_loss = s.update("experts", s.trades_loss(x, x_adv, y))
     if s.cfg.recraft:  # the reference re-crafts against the updated experts
-        p, r = s.clean_targets(x, with_router=True)
-        x_adv = s.attack(x, kl(p, r))
+        x_adv, _ = craft(s, x)
     if s.cfg.router_loss == "model":
-        router_loss = s.trades_loss(x, x_adv, y)  # reaches the router through the straight-through gate
+        with s.backbone_statistics_kept():  # reaches the router through the straight-through gate
+            router_loss = s.update("router", s.trades_loss(x, x_adv, y))
     else:
-        router_loss = reference_router_loss(s, x, x_adv, y)
-    return {"loss": expert_loss, "router_loss": s.update("router", router_loss)}
+        router_loss = reference_router_step(s, x, x_adv, y)
+    return {"loss": expert_loss, "router_loss": router_loss, **stats}
 
 
-def reference_router_loss(s: Step, x: Tensor, x_adv: Tensor, y: Tensor) -> Tensor:
-    """The reference code's: alpha * CE(router(x), y mod N) + beta * KL(router(x') || router(x))."""
-    with s.autocast():
-        logits = s.forward(x)
-        clean = s.model.router_scores
-        balance = s.balance_loss()
-        logits_adv = s.forward(x_adv)
-        adv = s.model.router_scores
-    # The loss does not use the logits; a zero term on them gives every parameter a (zero)
-    # gradient, which DistributedDataParallel expects after a forward through it.
-    balance = balance + 0.0 * (logits.sum() + logits_adv.sum())
+def reference_router_step(s: Step, x: Tensor, x_adv: Tensor, y: Tensor) -> float:
+    """The reference code's router loss, alpha * CE(router(x), y mod N) + beta * KL(router(x') ||
+    router(x)), from the router logits. The shared router runs alone on x and x', as in the
+    reference code: no backbone forward, so no backbone BatchNorm update. Per-layer gates sit
+    inside the backbone, which runs to reach them with its running statistics kept."""
+    if s.model.router is not None:
+        with s.autocast():
+            clean, adv = s.model.shared_router_logits(x), s.model.shared_router_logits(x_adv)
+        balance = s.balance_loss(clean.softmax(1))
+    else:
+        with s.autocast(), s.backbone_statistics_kept():
+            logits = s.forward(x)
+            clean = s.model.router_logits
+            balance = s.balance_loss()
+            logits_adv = s.forward(x_adv)
+            adv = s.model.router_logits
+        # The loss does not use the logits; a zero term on them gives every parameter a (zero)
+        # gradient, which DistributedDataParallel expects after a forward through it.
+        balance = balance + 0.0 * (logits.sum() + logits_adv.sum())
     n = clean.shape[-1]
     flat = clean.reshape(len(y), -1, n)  # [B, decisions, N]
     target = (y % n)[:, None].expand(-1, flat.shape[1]).reshape(-1)
-    ce = F.nll_loss(flat.reshape(-1, n).clamp_min(1e-12).log(), target)
-    return s.cfg.alpha * ce + s.cfg.beta * router_kl(adv, clean) + balance
+    ce = F.cross_entropy(flat.reshape(-1, n), target)
+    loss = s.cfg.alpha * ce + s.cfg.beta * router_kl(adv, clean) + balance
+    return s.update("router", loss, through_forward=s.model.router is None)
 
 
 @dataclass(frozen=True)
@@ -158,11 +259,11 @@ class Method:
     attacks: int  # PGD runs crafted per batch
     moe_only: bool
     help: str
-    recrafts: bool = False  # one more PGD run for the router step, unless the config says --no-recraft
+    recrafts: int = 0  # more PGD runs for the router step, unless the config says --no-recraft
 
     def attack_steps(self, cfg: "TrainConfig") -> int:
         """PGD steps per training batch."""
-        return (self.attacks + (self.recrafts and cfg.recraft)) * cfg.attack_steps
+        return (self.attacks + (self.recrafts if cfg.recraft else 0)) * cfg.attack_steps
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
@@ -173,5 +274,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("router-only", router_only, ("experts", "router"), 1, True,
            "robust router, standard experts: shows routers alone are not enough"),
     Method("advmoe", advmoe, ("experts", "router"), 1, True,
-           "AdvMoE: expert step and router step in turn, each against fresh adversarial examples", recrafts=True),
+           "AdvMoE: expert step and router step in turn, each against fresh adversarial examples", recrafts=1),
+    Method("route-aware", route_aware, ("experts", "router"), 2, True,
+           "AdvMoE on the worse per example of its attack and a route-fixed attack on the runner-up route",
+           recrafts=2),
 )}

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 import advmoe
 from advmoe.checkpoint import read_metrics
+from advmoe.data import augment
 from advmoe.io import atomic_write_text
 
 from . import plots
@@ -83,7 +84,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, log=functools
     total = cfg.epochs * steps_per_epoch
     schedulers = {g: torch.optim.lr_scheduler.LambdaLR(o, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, total) / total)))
                   for g, o in optimizers.items()}
-    step = Step(model, cfg, optimizers, forward, _autocast(cfg, device), _scaler(cfg))
+    step = Step(model, cfg, optimizers, forward, _autocast(cfg, device), _scaler(cfg), distributed=world > 1)
 
     start_epoch, best_score, history = 0, -1.0, []
     if resume and (out / "last" / STATE).is_file():
@@ -102,6 +103,8 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, log=functools
         # what the uninterrupted run would have done.
         torch.manual_seed(cfg.seed * 10_007 + epoch)
         loader = _loader(train_set, cfg, epoch, world)
+        # Augmentation draws from a generator of its own: the attack noise is the same with or without it.
+        augmentation = torch.Generator().manual_seed((cfg.seed * 10_007 + epoch) * 65_537 + rank + 1)
         model.train()
         started, seen, sums = time.perf_counter(), 0, {}
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=quiet, unit="batch")
@@ -109,6 +112,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, log=functools
             if i == steps_per_epoch:
                 break
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x = augment(x, cfg.augment, augmentation)
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             try:

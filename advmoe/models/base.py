@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ..dispatch import dispatch
-from ..gate import route
+from ..gate import GATE_GRADS, route
 from ..layers import ConvNorm2d, LayerGate, MoEConv2d, Normalize, _ConvUnit
 from ..routers import ResNetRouter
 
@@ -30,6 +30,7 @@ class ModelConfig:
     top_k: int = 1
     router_width: int = 16
     router_blocks: int = 3  # blocks per stage of the shared router: 3 = ResNet-20 (reference)
+    gate_grad: str = "softmax"  # where the straight-through gradient goes (gate.GATE_GRADS); top-1 only
     mean: tuple[float, ...] = (0.5,)
     std: tuple[float, ...] = (0.5,)
 
@@ -69,6 +70,8 @@ class ModelConfig:
                 bad(f"top_k={self.top_k} must be between 1 and num_experts={self.num_experts}")
             if self.router_width < 1 or self.router_blocks < 1:
                 bad("router_width and router_blocks must be >= 1")
+            if self.gate_grad not in GATE_GRADS:
+                bad(f"gate_grad={self.gate_grad!r}; choose one of {tuple(GATE_GRADS)}")
         elif self.expert_ratio != 1:
             bad(f"expert_ratio={self.expert_ratio} needs experts; the dense twin has num_experts=0")
         for name in ("mean", "std"):
@@ -111,7 +114,7 @@ class MoENet(nn.Module):
             return ConvNorm2d(in_channels, out_channels, kernel_size, stride, norm)
         return MoEConv2d(
             in_channels, out_channels, kernel_size, stride, norm,
-            num_experts=cfg.num_experts, top_k=cfg.top_k, gate=cfg.router == "per_layer",
+            num_experts=cfg.num_experts, top_k=cfg.top_k, gate=cfg.router == "per_layer", gate_grad=cfg.gate_grad,
         )
 
     def init_weights(self) -> None:
@@ -169,18 +172,35 @@ class MoENet(nn.Module):
             logits = dispatch(x, experts, self.cfg.num_experts, self.forward_backbone)
             self.last_route = None
             return logits, experts.expand(-1, n_layers)
-        gate = self.last_route = route(router_logits, self.cfg.top_k)
+        gate = self.last_route = route(router_logits, self.cfg.top_k, self.cfg.gate_grad)
         return self.forward_backbone(x, gate), gate.top1[:, None].expand(-1, n_layers)
 
     @property
     def router_scores(self) -> Tensor | None:
         """Softmax scores of the routers in the last masked forward: [B, N] for the shared
-        router, [B, n_moe_layers, N] for per-layer gates (what router losses and attacks use)."""
+        router, [B, n_moe_layers, N] for per-layer gates."""
+        return self._last_routes("scores")
+
+    @property
+    def router_logits(self) -> Tensor | None:
+        """Logits of the routers in the last masked forward, shaped as `router_scores`. Router
+        losses and attacks take their log_softmax: the log of a saturated softmax clamped away
+        from zero has no gradient, exactly where a confident route needs one."""
+        return self._last_routes("logits")
+
+    def _last_routes(self, attr: str) -> Tensor | None:
         if not self.cfg.is_moe:
             return None
         if self.router is None:
-            return torch.stack([m.last_route.scores for m in self.moe_layers], 1)
-        return self.last_route.scores if self.last_route is not None else None
+            return torch.stack([getattr(m.last_route, attr) for m in self.moe_layers], 1)
+        return getattr(self.last_route, attr) if self.last_route is not None else None
+
+    def shared_router_logits(self, x: Tensor) -> Tensor:
+        """The shared router's logits [B, N] for raw pixels x, without running the backbone
+        (AdvMoE's router step: the router alone on x and x')."""
+        if self.router is None:
+            raise ValueError("the model has no shared router (per-layer gates need the backbone)")
+        return self.router(self.normalize(x))
 
     def _prepare_sparse(self) -> None:
         if self.training:

@@ -32,9 +32,9 @@ def test_the_router_passes_gradients_to_the_attack():
     model = small_model("moe_resnet18").eval()
     x = torch.rand(4, 3, 32, 32, requires_grad=True)
     model(x.detach())
-    clean = model.router_scores.detach()
+    clean = model.router_logits.detach()
     model(x)
-    grad, = torch.autograd.grad(router_kl(model.router_scores, clean) + model.router_scores[:, 0].sum(), x)
+    grad, = torch.autograd.grad(router_kl(model.router_logits, clean) + model.router_scores[:, 0].sum(), x)
     assert grad.abs().sum() > 0
 
 
@@ -69,7 +69,37 @@ def test_kl_objective_uses_the_router_scores_when_given():
     x = torch.rand(3, 3, 32, 32)
     with torch.no_grad():
         p = F.softmax(model(x), 1)
-        r = model.router_scores
+        r = model.router_logits
     assert r.shape == (3, len(model.moe_layers), 2)
     assert kl(p, r)(model, x).item() == pytest.approx(0.0, abs=1e-5)
     assert kl(p, r)(model, (x + 0.2).clamp(0, 1)).item() > 0
+
+
+def test_router_kl_keeps_its_gradient_when_the_router_is_saturated():
+    """A confidently flipped route (clean logits favour expert 1, adversarial ones expert 0 by
+    a margin of 60): the KL is large and so must its gradient be. The log of a softmax clamped
+    at 1e-12 has none there."""
+    adv = torch.tensor([[30.0, -30.0]] * 4, requires_grad=True)
+    clean = torch.tensor([[-30.0, 30.0]] * 4)
+    loss = router_kl(adv, clean)
+    grad, = torch.autograd.grad(loss, adv)
+    assert loss.item() > 50
+    torch.testing.assert_close(grad, torch.tensor([[0.25, -0.25]] * 4))  # (softmax(adv) - softmax(clean)) / B
+    clamped = F.kl_div(adv.softmax(1).clamp_min(1e-12).log(), clean.softmax(1), reduction="batchmean")
+    assert torch.autograd.grad(clamped, adv)[0].abs().max() < 1e-6  # what the old form gave
+
+
+def test_pgd_starts_next_to_x_with_the_normal_start_and_anywhere_in_the_ball_with_uniform():
+    x = torch.full((64, 1, 8, 8), 0.5)
+    starts = {}
+    for start in ("normal", "uniform"):
+        starts[start] = pgd(nn_identity_model(), x, lambda m, xa: xa.sum() * 0, 0.1, 0.05, 0, start=start) - x
+    assert starts["normal"].abs().max() < 0.01 and starts["normal"].std() == pytest.approx(0.001, rel=0.1)
+    assert starts["uniform"].abs().max() > 0.09 and starts["uniform"].abs().max() <= 0.1 + 1e-6
+    assert torch.equal(pgd(nn_identity_model(), x, lambda m, xa: xa.sum(), 0.1, 0.05, 0, random_start=False), x)
+    with pytest.raises(ValueError, match="start must be one of"):
+        pgd(nn_identity_model(), x, lambda m, xa: xa.sum(), 0.1, 0.05, 1, start="zero")
+
+
+def nn_identity_model():
+    return torch.nn.Identity()

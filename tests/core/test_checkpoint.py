@@ -32,6 +32,15 @@ def saved(tmp_path):
     return advmoe.save_checkpoint(calibrated_model("moe_resnet18", "shared"), tmp_path / "ck")
 
 
+def test_checkpoints_without_a_gate_grad_load_with_the_default_and_a_chosen_one_round_trips(saved, tmp_path):
+    config = json.loads((saved / "config.json").read_text())
+    del config["model_args"]["gate_grad"]  # what checkpoints written before the setting hold
+    (saved / "config.json").write_text(json.dumps(config))
+    assert advmoe.load_checkpoint(saved).cfg.gate_grad == "softmax"
+    model = advmoe.create_model("moe_resnet18", width=0.125, gate_grad="chosen")
+    assert advmoe.load_checkpoint(advmoe.save_checkpoint(model, tmp_path / "chosen")).cfg.gate_grad == "chosen"
+
+
 def test_truncated_weights_are_reported(saved):
     weights = saved / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])

@@ -14,8 +14,10 @@ import pytest
 import torch
 
 from advmoe.data import (
+    AUGMENTATIONS,
     DATASETS,
     DatasetNotFoundError,
+    augment,
     get_dataset_info,
     list_datasets,
     load_dataset,
@@ -363,3 +365,37 @@ def test_real_debian_fashion_mnist():
     assert label == first_label
     assert image.shape == (1, 28, 28) and image.dtype == torch.float32
     assert 0.0 <= image.min() and image.max() <= 1.0
+
+
+# --------------------------------------------------------------------------- augmentation
+
+
+def test_every_dataset_names_a_standard_augmentation_and_digits_are_not_flipped():
+    assert all(info.augmentation in AUGMENTATIONS for info in DATASETS.values())
+    assert get_dataset_info("svhn").augmentation == "crop"
+    assert get_dataset_info("cifar10").augmentation == "crop-flip"
+
+
+@pytest.mark.parametrize("kind", ["crop", "crop-flip"])
+def test_augment_crops_windows_of_the_zero_padded_image_and_repeats_with_the_seed(kind):
+    x = torch.rand(64, 3, 10, 12)
+    out = augment(x, kind, torch.Generator().manual_seed(5))
+    assert out.shape == x.shape
+    assert torch.equal(out, augment(x, kind, torch.Generator().manual_seed(5)))  # seeded: resume repeats it
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    flipped = 0
+    for image, source in zip(out, padded):
+        windows = [source[:, i:i + 10, j:j + 12] for i in range(9) for j in range(9)]
+        if any(torch.equal(image, w) for w in windows):
+            continue
+        assert kind == "crop-flip" and any(torch.equal(image.flip(2), w) for w in windows)
+        flipped += 1
+    assert (kind == "crop") == (flipped == 0)
+    assert not torch.equal(out, x)
+
+
+def test_no_augmentation_returns_the_batch_and_an_unknown_one_is_refused():
+    x = torch.rand(4, 1, 8, 8)
+    assert augment(x, "none", torch.Generator()) is x
+    with pytest.raises(ValueError, match="unknown augmentation"):
+        augment(x, "rotate", torch.Generator())

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import advmoe
-from advmoe.calibrate import force_routing
-from helpers import MOE_MODELS, ROUTERS, calibrated_model
+from advmoe.calibrate import balance_routing, calibrate_batchnorm, force_routing
+from helpers import MOE_MODELS, ROUTERS, calibrated_model, small_model
 
 TOL = 1e-5
 
@@ -37,6 +37,16 @@ def test_sparse_equals_masked(name, router, batch, routing):
         assert (routes == int(routing[-1])).all()  # the other expert receives no sample
     elif batch == 64:
         assert set(routes.flatten().tolist()) == {0, 1}  # the dispatch really splits the batch
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_sparse_equals_masked_with_the_chosen_gate_gradient(router):
+    torch.manual_seed(0)
+    model = small_model("moe_resnet18", router, gate_grad="chosen")
+    x = torch.rand(16, 3, 32, 32)
+    balance_routing(calibrate_batchnorm(model, x), x)
+    routes = assert_sparse_equals_masked(model, x)
+    assert set(routes.flatten().tolist()) == {0, 1}
 
 
 @pytest.mark.parametrize("router", ROUTERS)

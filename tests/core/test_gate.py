@@ -20,6 +20,26 @@ def test_top1_backward_goes_straight_to_the_softmax_scores():
     assert logits.grad.abs().sum() > 0
 
 
+def test_chosen_gate_grad_goes_to_the_chosen_logit_only():
+    logits = torch.randn(5, 3, requires_grad=True)
+    upstream = torch.randn(5, 3)
+    r = route(logits, 1, grad="chosen")
+    assert torch.equal(r.weights, route(logits.detach(), 1).weights)  # the same forward pass
+    (r.weights * upstream).sum().backward()
+    chosen = torch.zeros(5, 3, dtype=torch.bool).scatter(1, r.experts, True)
+    torch.testing.assert_close(logits.grad[chosen], upstream[chosen])
+    assert (logits.grad[~chosen] == 0).all()
+    with pytest.raises(ValueError, match="gate grad must be one of"):
+        route(logits, 1, grad="none")
+
+
+def test_route_keeps_the_logits_for_router_losses():
+    logits = torch.randn(4, 2)
+    r = route(logits)
+    assert r.logits is logits
+    torch.testing.assert_close(r.scores, logits.softmax(1))
+
+
 @pytest.mark.parametrize("top_k", [2, 3])
 def test_top_k_weights_sum_to_one_over_the_chosen_experts(top_k):
     logits = torch.randn(6, 4, requires_grad=True)

@@ -36,6 +36,18 @@ def test_forced_route_sends_every_sample_to_the_expert_and_is_undone(router, exp
 
 
 @pytest.mark.parametrize("router", ROUTERS)
+def test_forced_route_per_sample_sends_each_sample_to_its_own_expert(router):
+    model = calibrated_model("moe_resnet18", router)
+    x, experts = torch.rand(6, 3, 32, 32), torch.tensor([1, 0, 0, 1, 1, 0])
+    with torch.no_grad(), forced_route(model, experts):
+        model(x)
+    assert torch.equal(model.last_routing, experts[:, None].expand_as(model.last_routing))
+    with pytest.raises(ValueError, match="out of range"):
+        with forced_route(model, torch.tensor([0, 2])):
+            pass
+
+
+@pytest.mark.parametrize("router", ROUTERS)
 def test_detached_routers_keep_the_routes_and_remove_the_router_gradient(router):
     model = calibrated_model("moe_resnet18", router)
     x, y = torch.rand(4, 3, 32, 32, requires_grad=True), torch.arange(4)
@@ -67,15 +79,15 @@ def test_router_attack_moves_the_router_scores():
     x, eps = torch.rand(8, 3, 32, 32), 8 / 255
     with torch.no_grad():
         model(x)
-        clean = model.router_scores.clone()
+        clean = model.router_logits.clone()
         torch.manual_seed(0)
         noise = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1)
         model(noise)
-        random_kl = router_kl(model.router_scores, clean)
+        random_kl = router_kl(model.router_logits, clean)
     x_adv = router_pgd(model, x, eps, eps / 4, 10)
     with torch.no_grad():
         model(x_adv)
-        attacked_kl = router_kl(model.router_scores, clean)
+        attacked_kl = router_kl(model.router_logits, clean)
     assert attacked_kl > 10 * random_kl
 
 

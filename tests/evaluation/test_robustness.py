@@ -126,11 +126,12 @@ def test_worst_case_combines_examples_not_accuracies():
     assert worst_case({"clean": clean, "a": first}).tolist() == first.tolist()
 
 
-def plain_argmax_route(logits, top_k=1):
+def plain_argmax_route(logits, top_k=1, grad="softmax"):
     """The gate without the straight-through estimator: hard one-hot, no gradient to the router."""
     experts = logits.topk(top_k, dim=1).indices
     scores = logits.softmax(dim=1)
-    return Route(experts=experts, weights=torch.zeros_like(scores).scatter(1, experts, 1.0), scores=scores)
+    return Route(experts=experts, weights=torch.zeros_like(scores).scatter(1, experts, 1.0), scores=scores,
+                 logits=logits)
 
 
 def test_a_plain_argmax_router_is_flagged_as_gradient_masking(trained, full, monkeypatch):

@@ -3,9 +3,10 @@ only their own parameter group."""
 import pytest
 import torch
 
+from advmoe.calibrate import routers
 from helpers import small_model
 from training.config import resolve
-from training.methods import METHODS, Step
+from training.methods import METHODS, Step, advmoe_attack, kl_per_example, reference_router_step, route_aware_attack
 from training.trainer import make_optimizers
 
 
@@ -31,12 +32,15 @@ def test_one_step_lowers_the_methods_own_loss(method):
     before = METHODS[method].step(step, x, y)
     torch.manual_seed(2)  # the same attack noise: the same loss, at the updated parameters
     after = METHODS[method].step(step, x, y)
-    for key in before:
+    losses = [key for key in before if key.endswith("loss")]
+    assert losses
+    for key in losses:
         assert after[key] < before[key], (key, before[key], after[key])
 
 
 @pytest.mark.parametrize("router", ["shared", "per_layer"])
-@pytest.mark.parametrize("method,router_loss", [("advmoe", "model"), ("advmoe", "reference"), ("router-only", "model")])
+@pytest.mark.parametrize("method,router_loss", [("advmoe", "model"), ("advmoe", "reference"), ("router-only", "model"),
+                                                ("route-aware", "reference")])
 def test_router_step_moves_only_router_parameters_and_expert_step_only_experts(method, router_loss, router):
     step = make_step(method, router, router_loss)
     model = step.model
@@ -44,9 +48,9 @@ def test_router_step_moves_only_router_parameters_and_expert_step_only_experts(m
     changed_by = {}
     update = step.update
 
-    def recording_update(group, loss):
+    def recording_update(group, loss, **kwargs):
         before = {id(p): p.detach().clone() for p in model.parameters()}
-        value = update(group, loss)
+        value = update(group, loss, **kwargs)
         changed_by[group] = {i for i, p in ((id(p), p) for p in model.parameters()) if not torch.equal(before[i], p)}
         return value
 
@@ -54,3 +58,39 @@ def test_router_step_moves_only_router_parameters_and_expert_step_only_experts(m
     METHODS[method].step(step, *batch())
     assert changed_by["router"] and changed_by["router"] <= router_ids
     assert changed_by["experts"] and not changed_by["experts"] & router_ids
+
+
+def backbone_statistics(model):
+    in_router = {id(m) for r in routers(model) for m in r.modules()}
+    return {name: b.clone() for name, m in model.named_modules() if id(m) not in in_router
+            for b_name, b in m.named_buffers(recurse=False) if "running" in b_name}
+
+
+@pytest.mark.parametrize("router", ["shared", "per_layer"])
+def test_the_reference_router_step_leaves_the_backbone_statistics_and_runs_only_the_shared_router(router):
+    step, (x, y) = make_step("advmoe", router, "reference"), batch()
+    model = step.model
+    before = backbone_statistics(model)
+    calls = []
+    handle = model.stem.register_forward_hook(lambda *args: calls.append(1))
+    router_before = [p.clone() for p in model.router_parameters()]
+    reference_router_step(step, x, (x + 0.05 * torch.randn_like(x)).clamp(0, 1), y)
+    handle.remove()
+    after = backbone_statistics(model)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert len(calls) == (0 if router == "shared" else 2)  # the backbone runs only to reach per-layer gates
+    assert any(not torch.equal(a, b) for a, b in zip(router_before, model.router_parameters()))
+
+
+def test_the_route_aware_attack_keeps_per_example_the_worse_candidate():
+    step, (x, _) = make_step("route-aware", "shared", "reference"), batch()
+    torch.manual_seed(3)
+    chosen, stats = route_aware_attack(step, x)
+    torch.manual_seed(3)
+    through, _ = advmoe_attack(step, x)  # the same noise: the first candidate again
+    assert (chosen - x).abs().max() <= step.cfg.eps + 1e-6 and chosen.min() >= 0 and chosen.max() <= 1
+    assert 0 <= stats["route_fixed_share"] <= 1
+    p, _ = step.clean_targets(x, with_router=False)
+    model = step.model.eval()
+    with torch.no_grad():
+        assert (kl_per_example(model(chosen), p) >= kl_per_example(model(through), p) - 1e-6).all()

@@ -50,7 +50,19 @@ def test_run_directory_holds_checkpoints_logs_and_plots(finished):
     assert {"clean_accuracy", "pgd_accuracy", "macs_per_image", "test_expert_share"} <= set(metrics)
     config = json.loads((out / "best" / "config.json").read_text())
     assert config["training"]["method"] == "advmoe" and config["dataset"] == "fashion_mnist"
+    assert config["training"]["augment"] == "crop-flip" and config["training"]["attack_start"] == "normal"
     assert advmoe.load_checkpoint(out / "best").cfg.in_channels == 1
+
+
+def test_settings_default_to_the_reference_and_the_config_records_the_resolved_augmentation():
+    assert resolve(dataset="svhn").augment == "crop" and resolve(dataset="cifar100").augment == "crop-flip"
+    assert resolve("fmnist-tiny", augment="none").augment == "none"
+    cifar = resolve("cifar10-resnet18")
+    assert (cifar.amp, cifar.augment, cifar.attack_start) == ("none", "crop-flip", "normal")
+    info = advmoe.get_dataset_info("fashion_mnist")
+    assert resolve("fmnist-tiny", gate_grad="chosen").model_kwargs(info)["gate_grad"] == "chosen"
+    with pytest.raises(ConfigError, match="unknown attack-start 'zero'"):
+        resolve("fmnist-tiny", attack_start="zero")
 
 
 def test_best_is_selected_on_validation(finished):
