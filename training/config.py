@@ -15,8 +15,10 @@ from .methods import METHODS
 
 PRESETS = Path(__file__).parent / "presets"
 ROUTER_LOSSES = {
-    "reference": "the reference code's: alpha * CE(router(x), y mod N) + beta * KL(router(x') || router(x))",
-    "model": "the paper's bi-level view: the whole model's TRADES loss, through the straight-through gate",
+    "reference": "the reference code's: alpha * CE(router(x), y mod N) + beta * KL(router(x') || router(x)); "
+                 "a shared router runs alone",
+    "model": "the paper's bi-level view: the whole model's TRADES loss, through the straight-through gate "
+             "(backbone BatchNorm statistics kept)",
 }
 ROUTERS = {"shared": "one small CNN on the input image decides for every MoE layer (the reference code)",
            "per_layer": "a gate at each MoE layer (pooled features + linear), as in the paper"}
@@ -54,7 +56,7 @@ class TrainConfig:
     # method (docs/method.md; the reference code's hyper-parameters as defaults)
     method: str = setting("advmoe", "training method", choices=_method_choices)
     # "model" collapsed to one expert on fmnist-tiny (reports/fmnist_methods.md)
-    router_loss: str = setting("reference", "AdvMoE's router-step loss", choices=ROUTER_LOSSES)
+    router_loss: str = setting("reference", "router-step loss of AdvMoE and route-aware", choices=ROUTER_LOSSES)
     beta: float = setting(6.0, "weight of the KL (TRADES) term")
     alpha: float = setting(6.0, "weight of CE(router(x), y mod N) in the reference router loss")
     balance_weight: float = setting(0.0, "weight of a load-balancing term on the router scores (0: off)")
