@@ -1,9 +1,10 @@
-"""`advmoe export`: a checkpoint to ONNX, torch.export, a Triton repository and the BentoML
-model store, each checked against eager sparse execution before anything is kept."""
+"""`advmoe export`: a checkpoint to ONNX, torch.export, TorchScript, a Triton repository and the
+BentoML model store, each checked against eager sparse execution before anything is kept."""
 from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,11 +20,12 @@ from advmoe.io import atomic_directory
 from . import bento, triton
 from .graph import OPSET, eager_runner, export_onnx, export_program, onnx_runner, program_runner
 from .parity import ATOL, check_parity, parity_batches
+from .torchscript import DEPRECATION, export_torchscript, torchscript_runner
 
-FORMATS = ("onnx", "pt2", "triton", "bento")
-ALIASES = {"all": FORMATS, "torchscript": ("pt2",)}
-TORCHSCRIPT_NOTE = ("note: TorchScript is deprecated in torch 2.14 and cannot script the data-dependent expert "
-                    "dispatch; writing model.pt2 (torch.export), which keeps it (see docs/export.md)")
+FORMATS = ("onnx", "pt2", "torchscript", "triton", "bento")
+ALIASES = {"all": FORMATS}
+CHOICES = FORMATS + tuple(ALIASES)  # what `advmoe export --format` accepts
+FORMAT_HELP = "what to write (default: all; torchscript writes model.pt for LibTorch, see docs/export.md)"
 
 
 @dataclass
@@ -37,8 +39,8 @@ class ExportResult:
 def resolve_formats(formats: list[str] | tuple[str, ...]) -> tuple[str, ...]:
     chosen = []
     for f in formats:
-        if f not in FORMATS and f not in ALIASES:
-            raise ValueError(f"unknown export format {f!r}; choose from {', '.join(FORMATS + tuple(ALIASES))}")
+        if f not in CHOICES:
+            raise ValueError(f"unknown export format {f!r}; choose from {', '.join(CHOICES)}")
         chosen += ALIASES.get(f, (f,))
     return tuple(f for f in FORMATS if f in chosen)
 
@@ -48,23 +50,29 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats=("all",),
                       execution: str = "sparse", log=print) -> ExportResult:
     """Export `checkpoint` into the directory `out` (refused if it exists, unless force).
 
-    out/model.onnx, out/model.pt2, out/triton/<name>/..., out/config.json, out/metrics.json and
-    out/export.json (parity report); `bento` adds `<name>:<version>` to the BentoML store.
+    out/model.onnx, out/model.pt2, out/model.pt (TorchScript), out/triton/<name>/...,
+    out/config.json, out/metrics.json and out/export.json (parity report); `bento` adds
+    `<name>:<version>` to the BentoML store.
     The directory appears only once every parity check has passed. `execution="masked"` exports
-    the reference code's way of running (every expert, then select): a baseline for benchmarks.
+    the reference code's way of running (every expert, then select): a baseline for benchmarks,
+    in every format but TorchScript.
     """
     formats = resolve_formats(formats)
     out = Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists; pass --force to replace it")
+    if execution not in ("sparse", "masked"):
+        raise ValueError(f"execution {execution!r}: choose sparse (the default) or masked (a baseline)")
+    if execution == "masked" and "torchscript" in formats:
+        raise ValueError("--format torchscript writes sparse execution only; --execution masked (a baseline) "
+                         "exports to onnx, pt2, triton and bento")
+    torchscript = "torchscript" in formats
     if "triton" in formats and not triton.NAME.match(name):
         raise ValueError(f"--name {name!r} is not a valid Triton model name")
     if "bento" in formats and not bento.NAME.match(name):
         raise ValueError(f"--name {name!r} is not a valid BentoML model name (lowercase, digits, . _ -)")
     config, metrics = read_config(checkpoint), read_metrics(checkpoint)
     model = advmoe.load_checkpoint(checkpoint)
-    if execution not in ("sparse", "masked"):
-        raise ValueError(f"execution {execution!r}: choose sparse (the default) or masked (a baseline)")
     # Sparse execution is what gets exported; NCHW keeps the graph free of layout copies
     # (onnxruntime picks its own layout).
     advmoe.set_execution(model, execution, channels_last=False)
@@ -87,6 +95,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats=("all",),
             export_and_check("onnxruntime", tmp / "model.onnx", lambda m, f: export_onnx(m, f, opset), onnx_runner)
         if {"pt2", "bento"} & set(formats):
             export_and_check("torch.export", tmp / "model.pt2", export_program, program_runner)
+        if torchscript:
+            print(DEPRECATION, file=sys.stderr)  # instead of torch's warning on every TorchScript call
+            export_and_check("torchscript", tmp / "model.pt", export_torchscript, torchscript_runner)
         if "triton" in formats:
             folder = triton.write_repository(tmp / "triton", name, tmp / "model.onnx", model, max_batch_size)
             files.append(out / "triton" / folder.name)

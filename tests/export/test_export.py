@@ -1,5 +1,8 @@
 """Export keeps the sparse dispatch in the graph and checks parity before writing anything."""
 import json
+import subprocess
+import sys
+import warnings
 from pathlib import Path
 
 import onnx
@@ -33,9 +36,10 @@ def test_all_formats_are_written_with_a_parity_report(exported):
     _, result = exported
     out = result.out
     assert sorted(p.name for p in out.iterdir()) == [
-        "config.json", "export.json", "metrics.json", "model.onnx", "model.pt2", "model.safetensors", "triton"]
+        "config.json", "export.json", "metrics.json", "model.onnx", "model.pt", "model.pt2", "model.safetensors",
+        "triton"]  # no AOTInductor package: `all` leaves its slow compile out
     parity = json.loads((out / "export.json").read_text())["parity"]
-    assert set(parity) == {"onnxruntime", "torch.export"}
+    assert set(parity) == {"onnxruntime", "torch.export", "torchscript"}
     for runtime in parity.values():
         assert len(runtime) == 4 and max(runtime.values()) <= 1e-4
         assert any("only expert" in label for label in runtime)
@@ -77,6 +81,31 @@ def test_triton_config_parses_and_names_the_onnx_tensors(exported):
     assert config.dynamic_batching.max_queue_delay_microseconds > 0
 
 
+def test_torchscript_model_runs_in_a_python_without_advmoe(exported, tmp_path):
+    """LibTorch needs only model.pt: load it where advmoe and this repository cannot be imported."""
+    checkpoint, result = exported
+    x = torch.rand(5, 3, 32, 32)
+    torch.save(x, tmp_path / "x.pt")
+    probe = ("import sys, warnings\n"
+             "for name in ('advmoe', 'export', 'serving', 'training', 'clients', 'benchmarks'):\n"
+             "    sys.modules[name] = None  # any import of them fails\n"
+             "warnings.simplefilter('ignore', FutureWarning)\n"
+             "import torch\n"
+             f"module = torch.jit.load({str(result.out / 'model.pt')!r})\n"
+             f"with torch.no_grad():\n"
+             f"    logits, routing = module(torch.load({str(tmp_path / 'x.pt')!r}))\n"
+             f"torch.save((logits, routing), {str(tmp_path / 'y.pt')!r})\n"
+             "print(sorted(m for m, v in sys.modules.items() if v is not None and m.split('.')[0] in ('advmoe', 'export')))\n")
+    done = subprocess.run([sys.executable, "-I", "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+    logits, routing = torch.load(tmp_path / "y.pt")
+    model = advmoe.set_execution(advmoe.load_checkpoint(checkpoint), "sparse")
+    with torch.no_grad():
+        expected, expected_routing = model.forward_with_routing(x)
+    assert torch.equal(routing, expected_routing) and (logits - expected).abs().max() <= 1e-4
+
+
 def test_bentoml_model_loads_back_by_tag_with_its_metadata(exported):
     import os
 
@@ -105,6 +134,9 @@ def test_masked_export_is_the_reference_way_of_running_and_says_so(tmp_path):
     assert "NonZero" not in ops and "ScatterND" not in ops  # no dispatch: every expert runs
     with pytest.raises(ValueError, match="sparse .* or masked"):
         export_checkpoint(checkpoint, tmp_path / "out2", ["onnx"], execution="dense", log=lambda *a: None)
+    with pytest.raises(ValueError, match="torchscript writes sparse execution only"):
+        export_checkpoint(checkpoint, tmp_path / "out2", ["torchscript"], execution="masked", log=lambda *a: None)
+    assert not (tmp_path / "out2").exists()
 
 
 @pytest.mark.parametrize("name,router", [("moe_resnet18", "per_layer"), ("moe_vgg16", "shared")])
