@@ -29,7 +29,7 @@ from .graph import example_input, module_runner, prepared_model
 
 DEPRECATION = ("note: TorchScript (model.pt) is deprecated in torch and will be removed; it is written for "
                "LibTorch and Triton's pytorch_libtorch backend while they need it. Its successors are "
-               "--format pt2 (torch.export) and onnx; see docs/export.md")
+               "--format aoti (AOTInductor package), pt2 (torch.export) and onnx; see docs/export.md")
 _JIT_WARNING = r"`torch\.jit\.\w+` is (deprecated|not supported)"
 
 
@@ -272,7 +272,7 @@ def script_module(model: MoENet) -> torch.jit.ScriptModule:
     except Exception as e:  # one line instead of a traceback from inside torch.jit
         reason = str(e) if isinstance(e, _FrozenTrace) else f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
         raise TorchScriptError(f"{name} cannot be exported to TorchScript ({reason}); "
-                               "the onnx and pt2 formats export it") from e
+                               "the onnx, pt2 and aoti formats export it") from e
 
 
 def export_torchscript(model: MoENet, path: str | Path) -> Path:

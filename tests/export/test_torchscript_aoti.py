@@ -1,5 +1,6 @@
-"""TorchScript (model.pt): the sparse dispatch in TorchScript code, under the same parity gate
-as ONNX. Small 1x28x28 models."""
+"""TorchScript (model.pt) and the AOTInductor package (model.aoti.pt2): the sparse dispatch in
+both, under the same parity gate as ONNX. Small 1x28x28 models: AOTInductor's C++ compile
+dominates these tests, one per model."""
 import torch
 import pytest
 
@@ -9,6 +10,7 @@ from advmoe.cli import main as cli
 from advmoe.models.resnet import ResNet, ResNetConfig
 from conftest import small_model
 from export import export_checkpoint
+from export.aoti import aoti_runner
 from export.graph import eager_runner, module_runner
 from export.parity import check_parity, parity_batches
 from export.torchscript import TorchScriptError, quiet_jit, script_module, torchscript_runner
@@ -31,22 +33,23 @@ def exported(request, tmp_path_factory):
     name, router, config = request.param
     root = tmp_path_factory.mktemp(f"{name}-{router}")
     checkpoint = advmoe.save_checkpoint(calibrated(name, router, **config), root / "ck")
-    return checkpoint, export_checkpoint(checkpoint, root / "out", ["torchscript"], log=lambda *a: None)
+    return checkpoint, export_checkpoint(checkpoint, root / "out", ["torchscript", "aoti"], log=lambda *a: None)
 
 
-def test_torchscript_passes_the_parity_gate(exported):
+def test_both_formats_pass_the_parity_gate(exported):
     _, result = exported
-    assert {p.name for p in result.files} == {"model.pt"}
-    assert set(result.parity) == {"torchscript"}
+    assert {p.name for p in result.files} == {"model.pt", "model.aoti.pt2"}
+    assert set(result.parity) == {"torchscript", "aotinductor"}
     for runtime in result.parity.values():
         assert len(runtime) == 4 and max(runtime.values()) <= 1e-4
         assert any("only expert" in label for label in runtime)
 
 
-def test_it_matches_eager_sparse_on_new_batches_and_keeps_the_dispatch(exported):
+def test_both_match_eager_sparse_on_new_batches_and_keep_the_dispatch(exported):
     checkpoint, result = exported
     model = advmoe.set_execution(advmoe.load_checkpoint(checkpoint), "sparse")
-    runners = {"torchscript": torchscript_runner(result.out / "model.pt")}
+    runners = {"torchscript": torchscript_runner(result.out / "model.pt"),
+               "aotinductor": aoti_runner(result.out / "model.aoti.pt2")}
     for batch in (2, 5, 33):
         x = torch.rand(batch, 1, 28, 28)
         with torch.no_grad():
@@ -65,7 +68,7 @@ def test_cli_says_once_that_torchscript_is_deprecated(tmp_path, capfd):
     assert cli(["export", str(checkpoint), "--out", str(tmp_path / "out"), "--format", "torchscript"]) == 0
     err = capfd.readouterr().err
     assert [line for line in err.splitlines() if "TorchScript" in line] == [err.strip()]
-    assert "deprecated in torch" in err and "Warning" not in err
+    assert "deprecated in torch" in err and "aoti" in err and "Warning" not in err
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "config.json", "export.json", "metrics.json", "model.pt", "model.safetensors"]
 
@@ -96,4 +99,4 @@ def test_a_model_the_trace_would_freeze_fails_in_one_line_that_names_it():
     assert "\n" not in message and message.startswith("moe_branchy cannot be exported to TorchScript (the trace would "
                                                       "freeze a value of the example batch: Converting a tensor to a "
                                                       "Python boolean")
-    assert message.endswith("the onnx and pt2 formats export it")
+    assert message.endswith("the onnx, pt2 and aoti formats export it")
