@@ -29,8 +29,8 @@ FORMATS = ("onnx", "pt2", "torchscript", "aoti", "triton", "bento")
 # would double the export that `make run` does.
 ALIASES = {"all": ("onnx", "pt2", "torchscript", "triton", "bento")}
 CHOICES = FORMATS + tuple(ALIASES)  # what `advmoe export --format` accepts
-FORMAT_HELP = ("what to write (default: all = every format but aoti; torchscript writes model.pt for LibTorch, "
-               "aoti an AOTInductor package; see docs/export.md)")
+FORMAT_HELP = ("what to write (default: all = every format but aoti; torchscript writes model.pt for LibTorch and "
+               "Triton, aoti an AOTInductor package; see docs/export.md)")
 
 
 @dataclass
@@ -56,8 +56,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats=("all",),
     """Export `checkpoint` into the directory `out` (refused if it exists, unless force).
 
     out/model.onnx, out/model.pt2, out/model.pt (TorchScript), out/model.aoti.pt2 (AOTInductor),
-    out/triton/<name>/..., out/config.json, out/metrics.json and out/export.json (parity
-    report); `bento` adds `<name>:<version>` to the BentoML store.
+    out/triton/<name>/... and out/triton/<name>_libtorch/..., out/config.json, out/metrics.json
+    and out/export.json (parity report); `bento` adds `<name>:<version>` to the BentoML store.
     The directory appears only once every parity check has passed. `execution="masked"` exports
     the reference code's way of running (every expert, then select): a baseline for benchmarks,
     in every format but TorchScript.
@@ -70,10 +70,12 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats=("all",),
         raise ValueError(f"execution {execution!r}: choose sparse (the default) or masked (a baseline)")
     if execution == "masked" and "torchscript" in formats:
         raise ValueError("--format torchscript writes sparse execution only; --execution masked (a baseline) "
-                         "exports to onnx, pt2, aoti, triton and bento")
-    torchscript = "torchscript" in formats
-    if "triton" in formats and not triton.NAME.match(name):
-        raise ValueError(f"--name {name!r} is not a valid Triton model name")
+                         "exports to onnx, pt2, aoti, triton (its ONNX model) and bento")
+    # The TorchScript model of a Triton repository holds sparse execution only.
+    torchscript = "torchscript" in formats or ("triton" in formats and execution == "sparse")
+    if "triton" in formats:
+        for kind in ("onnx", "torchscript") if torchscript else ("onnx",):
+            triton.model_name(name, kind)  # a clear error before any work
     if "bento" in formats and not bento.NAME.match(name):
         raise ValueError(f"--name {name!r} is not a valid BentoML model name (lowercase, digits, . _ -)")
     config, metrics = read_config(checkpoint), read_metrics(checkpoint)
@@ -106,8 +108,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats=("all",),
         if "aoti" in formats:
             export_and_check("aotinductor", tmp / "model.aoti.pt2", export_aoti, aoti_runner)
         if "triton" in formats:
-            folder = triton.write_repository(tmp / "triton", name, tmp / "model.onnx", model, max_batch_size)
-            files.append(out / "triton" / folder.name)
+            exported = {"onnx": tmp / "model.onnx"} | ({"torchscript": tmp / "model.pt"} if torchscript else {})
+            for folder in triton.write_repository(tmp / "triton", name, exported, model, max_batch_size):
+                files.append(out / "triton" / folder.name)
         for source in (CONFIG, METRICS, WEIGHTS):  # the weights: for the service's eager torch runtime
             if (Path(checkpoint) / source).is_file():
                 shutil.copyfile(Path(checkpoint) / source, tmp / source)

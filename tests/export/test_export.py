@@ -81,6 +81,27 @@ def test_triton_config_parses_and_names_the_onnx_tensors(exported):
     assert config.dynamic_batching.max_queue_delay_microseconds > 0
 
 
+def test_triton_libtorch_config_parses_and_names_the_torchscript_module_tensors(exported):
+    out = exported[1].out
+    assert sorted(p.name for p in (out / "triton").iterdir()) == ["advmoe", "advmoe_libtorch"]
+    folder = out / "triton/advmoe_libtorch"
+    config = text_format.Parse((folder / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert config.name == "advmoe_libtorch" and config.platform == "pytorch_libtorch" and not config.backend
+    assert config.max_batch_size == 64 and config.dynamic_batching.max_queue_delay_microseconds > 0
+    assert (folder / "1/model.pt").read_bytes() == (out / "model.pt").read_bytes()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is deprecated
+        module = torch.jit.load(out / "model.pt")
+        x = torch.rand(2, *config.input[0].dims)
+        outputs = module(x)
+    # The PyTorch backend binds the input by forward()'s argument name, the outputs by position.
+    assert [i.name for i in config.input] == [a.name for a in module.forward.schema.arguments[1:]] == ["input"]
+    assert [o.name for o in config.output] == ["logits", "routing"] and len(outputs) == 2
+    for spec, tensor in zip(config.output, outputs):
+        assert list(spec.dims) == list(tensor.shape[1:])
+        assert spec.data_type == {torch.float32: model_config_pb2.TYPE_FP32, torch.int64: model_config_pb2.TYPE_INT64}[tensor.dtype]
+
+
 def test_torchscript_model_runs_in_a_python_without_advmoe(exported, tmp_path):
     """LibTorch needs only model.pt: load it where advmoe and this repository cannot be imported."""
     checkpoint, result = exported
