@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from advmoe import ConvNorm2d, MoENet, MoEConv2d, Route, route
+from advmoe.dispatch import group_rows, place
 
 from .graph import example_input, module_runner, prepared_model
 
@@ -57,7 +58,8 @@ class FoldedConv(nn.Module):
 class ExpertGroup(nn.Module):
     """`advmoe.dispatch.dispatch` in TorchScript: group the rows of x by expert, run each
     non-empty group through its expert only, put the results back in batch order (weighted
-    sum for top-k). The same operations in the same order, so the logits are the eager ones."""
+    sum for top-k), with the core's own `group_rows` and `place`, in the same order, so the
+    logits are the eager ones."""
 
     def __init__(self, experts: list[nn.Module]):
         super().__init__()
@@ -68,23 +70,14 @@ class ExpertGroup(nn.Module):
         out: Optional[Tensor] = None
         e = 0
         for expert in self.experts:
-            rows = (experts == e).any(1).nonzero().squeeze(1)
+            rows = group_rows(experts, e)
             n = rows.numel()
             if n > 0:
                 y = expert(x if n == batch else x.index_select(0, rows))
                 if weights is None and n == batch:
                     out = y  # top-1: the whole batch took this expert, no other group is non-empty
                 else:
-                    if weights is not None:
-                        y = y * weights.index_select(0, rows)[:, e].view([-1] + [1] * (y.dim() - 1))
-                    if out is None:
-                        out = torch.empty([batch] + y.shape[1:], dtype=y.dtype, device=y.device)
-                        if weights is not None:
-                            out.zero_()
-                    if weights is None:
-                        out.index_copy_(0, rows, y)
-                    else:
-                        out.index_add_(0, rows, y)
+                    out = place(out, rows, y, batch, e, weights)
             e += 1
         if out is None:  # an empty batch
             out = self.experts[0](x)
