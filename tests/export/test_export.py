@@ -16,6 +16,7 @@ from advmoe.cli import main as cli
 from conftest import calibrated_model
 from export import ParityError, api, export_checkpoint
 from export.graph import onnx_runner
+from export.torchscript import torchscript_runner
 
 
 def make_checkpoint(path, name="moe_resnet18", router="shared"):
@@ -189,15 +190,17 @@ def test_dense_twin_exports_logits_only(tmp_path):
 
 
 def test_failed_parity_leaves_nothing_and_says_by_how_much(tmp_path, monkeypatch):
+    """With TorchScript, the cheapest export here: the gate and the atomic directory are the
+    same for every format."""
     checkpoint = make_checkpoint(tmp_path / "ck")
 
     def skewed(path):
-        run = onnx_runner(path)
+        run = torchscript_runner(path)
         return lambda x: (lambda out: (out[0] + 0.01, out[1]))(run(x))
 
-    monkeypatch.setattr(api, "onnx_runner", skewed)
-    with pytest.raises(ParityError, match=r"onnxruntime: logits differ from eager sparse by 1\.0\de-02"):
-        export_checkpoint(checkpoint, tmp_path / "out", ["onnx"], log=lambda *a: None)
+    monkeypatch.setattr(api, "torchscript_runner", skewed)
+    with pytest.raises(ParityError, match=r"torchscript: logits differ from eager sparse by 1\.0\de-02"):
+        export_checkpoint(checkpoint, tmp_path / "out", ["torchscript"], log=lambda *a: None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # no output, no temporary
 
 
@@ -219,6 +222,6 @@ def test_cli_bad_input_exits_2_with_a_clear_error(tmp_path, capsys):
 
 def test_force_replaces_an_earlier_export(tmp_path):
     checkpoint = make_checkpoint(tmp_path / "ck")
-    export_checkpoint(checkpoint, tmp_path / "out", ["onnx"], log=lambda *a: None)
+    export_checkpoint(checkpoint, tmp_path / "out", ["torchscript"], log=lambda *a: None)
     result = export_checkpoint(checkpoint, tmp_path / "out", ["pt2"], force=True, log=lambda *a: None)
     assert {p.name for p in result.out.iterdir()} == {"model.pt2", "model.safetensors", "config.json", "metrics.json", "export.json"}
