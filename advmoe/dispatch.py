@@ -6,6 +6,7 @@ shared top-1 router, where the batch is grouped once and each group runs a whole
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -29,25 +30,41 @@ def dispatch(
     batch = x.shape[0]
     out = None
     for e in range(num_experts):
-        rows = (experts == e).any(1).nonzero().squeeze(1)
+        rows = group_rows(experts, e)
         n = rows.numel()
         if n == 0:
             continue  # eager fast path: an expert nobody chose costs nothing
         y = expert_fn(x if n == batch else _rows(x, rows), e)
         if weights is None and n == batch:
             return y  # the whole batch took one expert (always so at batch 1): no copies
-        if weights is not None:
-            y = y * weights[rows, e].view(-1, *[1] * (y.dim() - 1))
-        if out is None:
-            # Top-1 writes every row exactly once, so the output needs no zeroing.
-            out = torch.empty((batch, *y.shape[1:]), dtype=y.dtype, device=y.device, memory_format=memory_format(y))
-            if weights is not None:
-                out.zero_()
-        if weights is None:
-            out.index_copy_(0, rows, y)
-        else:
-            out.index_add_(0, rows, y)
+        out = place(out, rows, y, batch, e, weights)
     return expert_fn(x, 0) if out is None else out  # out is None only for an empty batch
+
+
+# group_rows and place are TorchScript-compatible: the TorchScript export's grouping
+# (export/torchscript.py) calls them too, so both compute the same thing the same way.
+def group_rows(experts: Tensor, expert: int) -> Tensor:
+    """The batch rows that chose `expert` (experts: [B, k])."""
+    return (experts == expert).any(1).nonzero().squeeze(1)
+
+
+def place(out: Optional[Tensor], rows: Tensor, y: Tensor, batch: int, expert: int,
+          weights: Optional[Tensor]) -> Tensor:
+    """Put expert `expert`'s output `y` for `rows` into the batch-sized `out`, created on first
+    use in y's memory format: a copy for top-1, the gate-weighted sum for top-k."""
+    if weights is not None:
+        y = y * weights.index_select(0, rows)[:, expert].view([-1] + [1] * (y.dim() - 1))
+    if out is None:
+        # Top-1 writes every row exactly once, so the output needs no zeroing.
+        out = torch.empty([batch] + list(y.shape[1:]), dtype=y.dtype, device=y.device,
+                          memory_format=torch.channels_last if is_channels_last(y) else torch.contiguous_format)
+        if weights is not None:
+            out.zero_()
+    if weights is None:
+        out.index_copy_(0, rows, y)
+    else:
+        out.index_add_(0, rows, y)
+    return out
 
 
 def _traceable_dispatch(x, experts, num_experts, expert_fn, weights):
@@ -57,7 +74,7 @@ def _traceable_dispatch(x, experts, num_experts, expert_fn, weights):
     batch = x.shape[0]
     out = None
     for e in range(num_experts):
-        rows = (experts == e).any(1).nonzero().squeeze(1)
+        rows = group_rows(experts, e)
         torch._check(rows.shape[0] <= batch)  # tells the tracer the group size is a batch slice
         y = expert_fn(x.index_select(0, rows), e)
         if weights is not None:
@@ -68,10 +85,12 @@ def _traceable_dispatch(x, experts, num_experts, expert_fn, weights):
     return out
 
 
+def is_channels_last(x: Tensor) -> bool:
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
 def memory_format(x: Tensor) -> torch.memory_format:
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
+    return torch.channels_last if is_channels_last(x) else torch.contiguous_format
 
 
 def _rows(x: Tensor, rows: Tensor) -> Tensor:

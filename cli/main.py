@@ -27,10 +27,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from export.api import TORCHSCRIPT_NOTE, export_checkpoint
+    from export.api import export_checkpoint
 
-    if "torchscript" in args.format:
-        print(TORCHSCRIPT_NOTE, file=sys.stderr)
     result = export_checkpoint(args.checkpoint, args.out, args.format, force=args.force, name=args.name,
                                opset=args.opset, max_batch_size=args.max_batch_size, execution=args.execution)
     print(f"exported to {result.out}: {', '.join(str(f) for f in result.files)}")
@@ -126,11 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_arguments(eval_parser)
     eval_parser.set_defaults(func=evaluate.run)
 
+    from export.api import CHOICES, FORMAT_HELP
+
     export = sub.add_parser("export", help="export a checkpoint to ONNX, torch.export, Triton and BentoML")
     export.add_argument("checkpoint", help="checkpoint directory (config.json + model.safetensors)")
-    export.add_argument("--format", nargs="+", default=["all"],
-                        choices=["onnx", "pt2", "torchscript", "triton", "bento", "all"],
-                        help="what to write (default: all; torchscript writes model.pt2, see docs/export.md)")
+    export.add_argument("--format", nargs="+", default=["all"], choices=CHOICES, help=FORMAT_HELP)
     export.add_argument("--out", required=True, help="output directory (must not exist, unless --force)")
     export.add_argument("--force", action="store_true", help="replace an existing output directory")
     export.add_argument("--name", default="advmoe", help="Triton and BentoML model name (default: advmoe)")

@@ -96,17 +96,19 @@ def setup(venv: str | Path | None = None, python: str = sys.executable, log=prin
 # -- the server (runs inside the triton venv) ---------------------------------------------------
 
 def find_model(repository: Path, model: str | None) -> Path:
-    """The model's folder in a Triton repository: `model`, or the only one there is."""
+    """The model's folder in a Triton repository: `model`, or the only ONNX model there is
+    (`advmoe export` puts a TorchScript model beside it, which this server cannot run)."""
     repository = Path(repository)
     if not repository.is_dir():
         raise FileNotFoundError(f"{repository} is not a folder; export one with "
                                 "`advmoe export CKPT --out DIR --format triton` and pass DIR/triton")
     found = sorted(p.name for p in repository.iterdir() if (p / "config.pbtxt").is_file())
     if model is None:
-        if len(found) != 1:
-            raise ValueError(f"{repository} holds {len(found)} models ({', '.join(found) or 'none'}); "
+        onnx_models = [m for m in found if any((repository / m).glob("[0-9]*/model.onnx"))]
+        if len(onnx_models) != 1:
+            raise ValueError(f"{repository} holds {len(onnx_models)} ONNX models ({', '.join(onnx_models) or 'none'}); "
                              "name one with --model")
-        model = found[0]
+        model = onnx_models[0]
     if model not in found:
         raise FileNotFoundError(f"no {repository}/{model}/config.pbtxt; models there: {', '.join(found) or 'none'}")
     return repository / model

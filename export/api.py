@@ -1,9 +1,11 @@
-"""`advmoe export`: a checkpoint to ONNX, torch.export, a Triton repository and the BentoML
-model store, each checked against eager sparse execution before anything is kept."""
+"""`advmoe export`: a checkpoint to ONNX, torch.export, TorchScript, an AOTInductor package, a
+Triton repository and the BentoML model store, each checked against eager sparse execution
+before anything is kept."""
 from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,13 +20,18 @@ from advmoe.checkpoint import CONFIG, METRICS, WEIGHTS, read_card
 from advmoe.io import atomic_directory
 
 from . import bento, triton
+from .aoti import aoti_runner, export_aoti
 from .graph import OPSET, eager_runner, export_onnx, export_program, onnx_runner, program_runner
 from .parity import ATOL, check_parity, parity_batches
+from .torchscript import DEPRECATION, export_torchscript, torchscript_runner
 
-FORMATS = ("onnx", "pt2", "triton", "bento")
-ALIASES = {"all": FORMATS, "torchscript": ("pt2",)}
-TORCHSCRIPT_NOTE = ("note: TorchScript is deprecated in torch 2.14 and cannot script the data-dependent expert "
-                    "dispatch; writing model.pt2 (torch.export), which keeps it (see docs/export.md)")
+FORMATS = ("onnx", "pt2", "torchscript", "aoti", "triton", "bento")
+# `all` leaves out aoti: its C++ compile (about 45 s for checkpoints/fmnist-tiny on 2 cores)
+# would double the export that `make run` does.
+ALIASES = {"all": ("onnx", "pt2", "torchscript", "triton", "bento")}
+CHOICES = FORMATS + tuple(ALIASES)  # what `advmoe export --format` accepts
+FORMAT_HELP = ("what to write (default: all = every format but aoti; torchscript writes model.pt for LibTorch and "
+               "Triton, aoti an AOTInductor package; see docs/export.md)")
 
 
 @dataclass
@@ -38,8 +45,8 @@ class ExportResult:
 def resolve_formats(formats: list[str] | tuple[str, ...]) -> tuple[str, ...]:
     chosen = []
     for f in formats:
-        if f not in FORMATS and f not in ALIASES:
-            raise ValueError(f"unknown export format {f!r}; choose from {', '.join(FORMATS + tuple(ALIASES))}")
+        if f not in CHOICES:
+            raise ValueError(f"unknown export format {f!r}; choose from {', '.join(CHOICES)}")
         chosen += ALIASES.get(f, (f,))
     return tuple(f for f in FORMATS if f in chosen)
 
@@ -49,23 +56,31 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats=("all",),
                       execution: str = "sparse", log=print) -> ExportResult:
     """Export `checkpoint` into the directory `out` (refused if it exists, unless force).
 
-    out/model.onnx, out/model.pt2, out/triton/<name>/..., out/config.json, out/metrics.json,
+    out/model.onnx, out/model.pt2, out/model.pt (TorchScript), out/model.aoti.pt2 (AOTInductor),
+    out/triton/<name>/... and out/triton/<name>_libtorch/..., out/config.json, out/metrics.json,
     out/card.json and out/export.json (parity report); `bento` adds `<name>:<version>` to the BentoML store.
     The directory appears only once every parity check has passed. `execution="masked"` exports
-    the reference code's way of running (every expert, then select): a baseline for benchmarks.
+    the reference code's way of running (every expert, then select): a baseline for benchmarks,
+    in every format but TorchScript.
     """
     formats = resolve_formats(formats)
     out = Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists; pass --force to replace it")
-    if "triton" in formats and not triton.NAME.match(name):
-        raise ValueError(f"--name {name!r} is not a valid Triton model name")
+    if execution not in ("sparse", "masked"):
+        raise ValueError(f"execution {execution!r}: choose sparse (the default) or masked (a baseline)")
+    if execution == "masked" and "torchscript" in formats:
+        raise ValueError("--format torchscript writes sparse execution only; --execution masked (a baseline) "
+                         "exports to onnx, pt2, aoti, triton (its ONNX model) and bento")
+    # The TorchScript model of a Triton repository holds sparse execution only.
+    torchscript = "torchscript" in formats or ("triton" in formats and execution == "sparse")
+    if "triton" in formats:
+        for kind in ("onnx", "torchscript") if torchscript else ("onnx",):
+            triton.model_name(name, kind)  # a clear error before any work
     if "bento" in formats and not bento.NAME.match(name):
         raise ValueError(f"--name {name!r} is not a valid BentoML model name (lowercase, digits, . _ -)")
     model = advmoe.load_checkpoint(checkpoint)  # first: its errors say best what is wrong with a checkpoint
     card = read_card(checkpoint)
-    if execution not in ("sparse", "masked"):
-        raise ValueError(f"execution {execution!r}: choose sparse (the default) or masked (a baseline)")
     # Sparse execution is what gets exported; NCHW keeps the graph free of layout copies
     # (onnxruntime picks its own layout).
     advmoe.set_execution(model, execution, channels_last=False)
@@ -88,9 +103,15 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats=("all",),
             export_and_check("onnxruntime", tmp / "model.onnx", lambda m, f: export_onnx(m, f, opset), onnx_runner)
         if {"pt2", "bento"} & set(formats):
             export_and_check("torch.export", tmp / "model.pt2", export_program, program_runner)
+        if torchscript:
+            print(DEPRECATION, file=sys.stderr)  # instead of torch's warning on every TorchScript call
+            export_and_check("torchscript", tmp / "model.pt", export_torchscript, torchscript_runner)
+        if "aoti" in formats:
+            export_and_check("aotinductor", tmp / "model.aoti.pt2", export_aoti, aoti_runner)
         if "triton" in formats:
-            folder = triton.write_repository(tmp / "triton", name, tmp / "model.onnx", model, max_batch_size)
-            files.append(out / "triton" / folder.name)
+            exported = {"onnx": tmp / "model.onnx"} | ({"torchscript": tmp / "model.pt"} if torchscript else {})
+            for folder in triton.write_repository(tmp / "triton", name, exported, model, max_batch_size):
+                files.append(out / "triton" / folder.name)
         for source in (CONFIG, METRICS, WEIGHTS):  # the weights: for the service's eager torch runtime
             if (Path(checkpoint) / source).is_file():
                 shutil.copyfile(Path(checkpoint) / source, tmp / source)

@@ -42,13 +42,17 @@ def example_input(model: MoENet, batch: int = 2) -> torch.Tensor:
     return torch.rand(batch, cfg.in_channels, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(0))
 
 
-def _prepared(model: MoENet) -> WithRouting:
+def prepared_model(model: MoENet) -> MoENet:
     """Export traces the model as it is set (sparse or masked); run it once eagerly first so
     sparse execution folds its inference weights, which the trace then reads."""
     model.eval()
     with torch.no_grad():
         model(example_input(model))
-    return WithRouting(model).eval()
+    return model
+
+
+def _prepared(model: MoENet) -> WithRouting:
+    return WithRouting(prepared_model(model)).eval()
 
 
 def _dynamic_batch() -> dict:
@@ -72,13 +76,16 @@ def export_onnx(model: MoENet, path: str | Path, opset: int = OPSET) -> Path:
     return Path(path)
 
 
-def export_program(model: MoENet, path: str | Path) -> Path:
-    """torch.export ExportedProgram (.pt2): the same graph for PyTorch runtimes.
-    TorchScript is deprecated in torch 2.14 and cannot script the dispatch (docs/export.md)."""
+def exported_program(model: MoENet) -> torch.export.ExportedProgram:
+    """The torch.export program of the model as it is set, dynamic batch axis."""
     wrapper = _prepared(model)
     with torch.no_grad():
-        program = torch.export.export(wrapper, (example_input(model),), dynamic_shapes={"input": _dynamic_batch()[INPUT]})
-    torch.export.save(program, str(path))
+        return torch.export.export(wrapper, (example_input(model),), dynamic_shapes={"input": _dynamic_batch()[INPUT]})
+
+
+def export_program(model: MoENet, path: str | Path) -> Path:
+    """torch.export ExportedProgram (.pt2): the same graph for PyTorch runtimes."""
+    torch.export.save(exported_program(model), str(path))
     return Path(path)
 
 
@@ -104,16 +111,21 @@ def onnx_runner(path: str | Path, threads: int = 2):
     return run
 
 
-def program_runner(path: str | Path):
-    module = torch.export.load(str(path)).module()
+def module_runner(module):
+    """A callable x -> (logits, routing or None) over a module that returns logits, or logits
+    and routing (as a tuple or, from an AOTInductor package, a list)."""
 
     def run(x: torch.Tensor):
         with torch.no_grad():
             out = module(x)
-        logits, routing = out if isinstance(out, tuple) else (out, None)
-        return logits.numpy(), (routing.numpy() if routing is not None else None)
+        out = tuple(out) if isinstance(out, (tuple, list)) else (out,)
+        return out[0].numpy(), (out[1].numpy() if len(out) > 1 else None)
 
     return run
+
+
+def program_runner(path: str | Path):
+    return module_runner(torch.export.load(str(path)).module())
 
 
 def eager_runner(model: MoENet):

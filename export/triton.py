@@ -1,4 +1,5 @@
-"""A Triton Inference Server model repository for the exported ONNX graph (onnxruntime backend)."""
+"""A Triton Inference Server model repository: the ONNX graph for the onnxruntime backend, and
+the TorchScript module for the PyTorch backend (platform pytorch_libtorch), side by side."""
 from __future__ import annotations
 
 import re
@@ -10,9 +11,24 @@ from advmoe import MoENet
 from .graph import INPUT, LOGITS, ROUTING
 
 NAME = re.compile(r"^[A-Za-z0-9_.-]{1,63}$")
+# kind -> (the model name's suffix, the config line that picks the runtime, the file in <version>/)
+RUNTIMES = {
+    "onnx": ("", 'backend: "onnxruntime"', "model.onnx"),
+    # The PyTorch backend matches the input to forward()'s argument name and, as the output
+    # names have no "__<index>", the outputs by their order in the config: (logits, routing).
+    "torchscript": ("_libtorch", 'platform: "pytorch_libtorch"', "model.pt"),
+}
 
 
-def config_pbtxt(name: str, model: MoENet, max_batch_size: int = 64) -> str:
+def model_name(name: str, kind: str) -> str:
+    """The Triton model name of an export kind: `name` (ONNX) or `name_libtorch` (TorchScript)."""
+    full = name + RUNTIMES[kind][0]
+    if not NAME.match(full):
+        raise ValueError(f"Triton model name {full!r}: use letters, digits, '_', '-' or '.' (at most 63)")
+    return full
+
+
+def config_pbtxt(name: str, model: MoENet, max_batch_size: int = 64, kind: str = "onnx") -> str:
     """config.pbtxt: named tensors with per-sample dims (Triton adds the batch axis),
     dynamic batching up to max_batch_size, one CPU instance (set KIND_GPU on a GPU host)."""
     cfg = model.cfg
@@ -21,7 +37,7 @@ def config_pbtxt(name: str, model: MoENet, max_batch_size: int = 64) -> str:
         outputs.append(f'  {{ name: "{ROUTING}" data_type: TYPE_INT64 dims: [ {len(model.moe_layers)} ] }}')
     preferred = ", ".join(str(b) for b in (8, 16, 32, 64) if b <= max_batch_size) or str(max_batch_size)
     return f"""name: "{name}"
-backend: "onnxruntime"
+{RUNTIMES[kind][1]}
 max_batch_size: {max_batch_size}
 input [
   {{ name: "{INPUT}" data_type: TYPE_FP32 dims: [ {cfg.in_channels}, {cfg.image_size}, {cfg.image_size} ] }}
@@ -37,14 +53,17 @@ instance_group [ {{ count: 1 kind: KIND_CPU }} ]
 """
 
 
-def write_repository(repo: Path, name: str, onnx_file: Path, model: MoENet, max_batch_size: int = 64) -> Path:
-    """repo/<name>/1/model.onnx and repo/<name>/config.pbtxt; returns the model's folder."""
-    if not NAME.match(name):
-        raise ValueError(f"Triton model name {name!r}: use letters, digits, '_', '-' or '.' (at most 63)")
+def write_repository(repo: Path, name: str, files: dict[str, Path], model: MoENet, max_batch_size: int = 64) -> list[Path]:
+    """repo/<model name>/1/<file> and repo/<model name>/config.pbtxt for each exported kind in
+    `files` ({"onnx": model.onnx, "torchscript": model.pt}); returns the models' folders."""
     if max_batch_size < 1:
         raise ValueError(f"max_batch_size={max_batch_size} must be >= 1")
-    folder = repo / name
-    (folder / "1").mkdir(parents=True)
-    shutil.copyfile(onnx_file, folder / "1" / "model.onnx")
-    (folder / "config.pbtxt").write_text(config_pbtxt(name, model, max_batch_size))
-    return folder
+    folders = []
+    for kind, file in files.items():
+        full = model_name(name, kind)
+        folder = repo / full
+        (folder / "1").mkdir(parents=True)
+        shutil.copyfile(file, folder / "1" / RUNTIMES[kind][2])
+        (folder / "config.pbtxt").write_text(config_pbtxt(full, model, max_batch_size, kind))
+        folders.append(folder)
+    return folders

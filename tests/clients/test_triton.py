@@ -38,6 +38,18 @@ def test_clients_import_neither_torch_nor_the_other_applications():
     assert out.stdout.strip() == "[]"
 
 
+def test_the_local_server_picks_the_onnx_model_beside_the_torchscript_one(tmp_path):
+    for model, file in (("advmoe", "model.onnx"), ("advmoe_libtorch", "model.pt")):
+        (tmp_path / model / "1").mkdir(parents=True)
+        (tmp_path / model / "1" / file).write_bytes(b"")
+        (tmp_path / model / "config.pbtxt").write_text(f'name: "{model}"')
+    assert triton_server.find_model(tmp_path, None) == tmp_path / "advmoe"
+    assert triton_server.find_model(tmp_path, "advmoe_libtorch") == tmp_path / "advmoe_libtorch"
+    (tmp_path / "advmoe_libtorch" / "1" / "model.onnx").write_bytes(b"")
+    with pytest.raises(ValueError, match="holds 2 ONNX models .*name one with --model"):
+        triton_server.find_model(tmp_path, None)
+
+
 @pytest.mark.parametrize("url, protocol, expected", [
     ("localhost", None, ("http", "localhost:8000", False)),
     ("grpc://10.0.0.5", None, ("grpc", "10.0.0.5:8001", False)),

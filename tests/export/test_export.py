@@ -1,5 +1,8 @@
 """Export keeps the sparse dispatch in the graph and checks parity before writing anything."""
 import json
+import subprocess
+import sys
+import warnings
 from pathlib import Path
 
 import onnx
@@ -14,6 +17,7 @@ from cli.main import main as cli
 from helpers import calibrated_model
 from export import ParityError, api, export_checkpoint
 from export.graph import onnx_runner
+from export.torchscript import torchscript_runner
 
 
 def make_checkpoint(path, name="moe_resnet18", router="shared"):
@@ -34,9 +38,10 @@ def test_all_formats_are_written_with_a_parity_report(exported):
     _, result = exported
     out = result.out
     assert sorted(p.name for p in out.iterdir()) == [
-        "card.json", "config.json", "export.json", "metrics.json", "model.onnx", "model.pt2", "model.safetensors", "triton"]
+        "card.json", "config.json", "export.json", "metrics.json", "model.onnx", "model.pt", "model.pt2",
+        "model.safetensors", "triton"]  # no AOTInductor package: `all` leaves its slow compile out
     parity = json.loads((out / "export.json").read_text())["parity"]
-    assert set(parity) == {"onnxruntime", "torch.export"}
+    assert set(parity) == {"onnxruntime", "torch.export", "torchscript"}
     for runtime in parity.values():
         assert len(runtime) == 4 and max(runtime.values()) <= 1e-4
         assert any("only expert" in label for label in runtime)
@@ -78,6 +83,52 @@ def test_triton_config_parses_and_names_the_onnx_tensors(exported):
     assert config.dynamic_batching.max_queue_delay_microseconds > 0
 
 
+def test_triton_libtorch_config_parses_and_names_the_torchscript_module_tensors(exported):
+    out = exported[1].out
+    assert sorted(p.name for p in (out / "triton").iterdir()) == ["advmoe", "advmoe_libtorch"]
+    folder = out / "triton/advmoe_libtorch"
+    config = text_format.Parse((folder / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert config.name == "advmoe_libtorch" and config.platform == "pytorch_libtorch" and not config.backend
+    assert config.max_batch_size == 64 and config.dynamic_batching.max_queue_delay_microseconds > 0
+    assert (folder / "1/model.pt").read_bytes() == (out / "model.pt").read_bytes()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is deprecated
+        module = torch.jit.load(out / "model.pt")
+        x = torch.rand(2, *config.input[0].dims)
+        outputs = module(x)
+    # The PyTorch backend binds the input by forward()'s argument name, the outputs by position.
+    assert [i.name for i in config.input] == [a.name for a in module.forward.schema.arguments[1:]] == ["input"]
+    assert [o.name for o in config.output] == ["logits", "routing"] and len(outputs) == 2
+    for spec, tensor in zip(config.output, outputs):
+        assert list(spec.dims) == list(tensor.shape[1:])
+        assert spec.data_type == {torch.float32: model_config_pb2.TYPE_FP32, torch.int64: model_config_pb2.TYPE_INT64}[tensor.dtype]
+
+
+def test_torchscript_model_runs_in_a_python_without_advmoe(exported, tmp_path):
+    """LibTorch needs only model.pt: load it where advmoe and this repository cannot be imported."""
+    checkpoint, result = exported
+    x = torch.rand(5, 3, 32, 32)
+    torch.save(x, tmp_path / "x.pt")
+    probe = ("import sys, warnings\n"
+             "for name in ('advmoe', 'export', 'serving', 'training', 'clients', 'benchmarks'):\n"
+             "    sys.modules[name] = None  # any import of them fails\n"
+             "warnings.simplefilter('ignore', FutureWarning)\n"
+             "import torch\n"
+             f"module = torch.jit.load({str(result.out / 'model.pt')!r})\n"
+             f"with torch.no_grad():\n"
+             f"    logits, routing = module(torch.load({str(tmp_path / 'x.pt')!r}))\n"
+             f"torch.save((logits, routing), {str(tmp_path / 'y.pt')!r})\n"
+             "print(sorted(m for m, v in sys.modules.items() if v is not None and m.split('.')[0] in ('advmoe', 'export')))\n")
+    done = subprocess.run([sys.executable, "-I", "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+    logits, routing = torch.load(tmp_path / "y.pt")
+    model = advmoe.set_execution(advmoe.load_checkpoint(checkpoint), "sparse")
+    with torch.no_grad():
+        expected, expected_routing = model.forward_with_routing(x)
+    assert torch.equal(routing, expected_routing) and (logits - expected).abs().max() <= 1e-4
+
+
 def test_bentoml_model_loads_back_by_tag_with_its_metadata(exported):
     import os
 
@@ -110,6 +161,9 @@ def test_masked_export_is_the_reference_way_of_running_and_says_so(tmp_path):
     assert "NonZero" not in ops and "ScatterND" not in ops  # no dispatch: every expert runs
     with pytest.raises(ValueError, match="sparse .* or masked"):
         export_checkpoint(checkpoint, tmp_path / "out2", ["onnx"], execution="dense", log=lambda *a: None)
+    with pytest.raises(ValueError, match="torchscript writes sparse execution only"):
+        export_checkpoint(checkpoint, tmp_path / "out2", ["torchscript"], execution="masked", log=lambda *a: None)
+    assert not (tmp_path / "out2").exists()
 
 
 @pytest.mark.parametrize("name,router", [("moe_resnet18", "per_layer"), ("moe_vgg16", "shared")])
@@ -141,15 +195,17 @@ def test_dense_twin_exports_logits_only(tmp_path):
 
 
 def test_failed_parity_leaves_nothing_and_says_by_how_much(tmp_path, monkeypatch):
+    """With TorchScript, the cheapest export here: the gate and the atomic directory are the
+    same for every format."""
     checkpoint = make_checkpoint(tmp_path / "ck")
 
     def skewed(path):
-        run = onnx_runner(path)
+        run = torchscript_runner(path)
         return lambda x: (lambda out: (out[0] + 0.01, out[1]))(run(x))
 
-    monkeypatch.setattr(api, "onnx_runner", skewed)
-    with pytest.raises(ParityError, match=r"onnxruntime: logits differ from eager sparse by 1\.0\de-02"):
-        export_checkpoint(checkpoint, tmp_path / "out", ["onnx"], log=lambda *a: None)
+    monkeypatch.setattr(api, "torchscript_runner", skewed)
+    with pytest.raises(ParityError, match=r"torchscript: logits differ from eager sparse by 1\.0\de-02"):
+        export_checkpoint(checkpoint, tmp_path / "out", ["torchscript"], log=lambda *a: None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # no output, no temporary
 
 
@@ -171,7 +227,7 @@ def test_cli_bad_input_exits_2_with_a_clear_error(tmp_path, capsys):
 
 def test_force_replaces_an_earlier_export(tmp_path):
     checkpoint = make_checkpoint(tmp_path / "ck")
-    export_checkpoint(checkpoint, tmp_path / "out", ["onnx"], log=lambda *a: None)
+    export_checkpoint(checkpoint, tmp_path / "out", ["torchscript"], log=lambda *a: None)
     card = read_card(checkpoint)
     (checkpoint / "card.json").unlink()  # a checkpoint written before cards: the export still gets one
     result = export_checkpoint(checkpoint, tmp_path / "out", ["pt2"], force=True, log=lambda *a: None)
