@@ -6,9 +6,9 @@ import torch
 
 import advmoe
 from advmoe.calibrate import balance_routing, calibrate_batchnorm
-from advmoe.cli import main as cli
+from cli.main import main as cli
 from advmoe.models.resnet import ResNet, ResNetConfig
-from conftest import small_model
+from helpers import small_model
 from export import export_checkpoint
 from export.graph import eager_runner, module_runner
 from export.parity import check_parity, parity_batches
@@ -54,7 +54,7 @@ def test_cli_says_once_that_torchscript_is_deprecated(tmp_path, capfd):
     assert [line for line in err.splitlines() if "TorchScript" in line] == [err.strip()]
     assert "deprecated in torch" in err and "aoti" in err and "Warning" not in err
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "config.json", "export.json", "metrics.json", "model.pt", "model.safetensors"]
+        "card.json", "config.json", "export.json", "metrics.json", "model.pt", "model.safetensors"]
 
 
 def test_the_dense_twin_scripts_to_logits_only():
