@@ -21,6 +21,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of many tiny steps (`pytestmark = pytest.mark.usefixtures("one_thread")`): on a
+    busy machine a second torch thread only adds synchronisation (3-10x slower, measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def fashion_dir(tmp_path_factory):
     return make_fashion_like(tmp_path_factory.mktemp("fashion"))

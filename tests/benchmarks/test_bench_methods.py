@@ -1,4 +1,8 @@
+import pytest
+
 from benchmarks import bench_methods
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny batches: one thread is faster on a busy machine
 
 
 def test_every_method_is_timed_with_its_attack_steps():

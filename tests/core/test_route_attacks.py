@@ -11,12 +11,7 @@ from helpers import calibrated_model, small_model
 ROUTERS = ("shared", "per_layer")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():  # many tiny steps: a second thread only adds synchronisation on a busy machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # many tiny steps
 
 
 @pytest.mark.parametrize("router", ROUTERS)

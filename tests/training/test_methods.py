@@ -9,6 +9,8 @@ from training.config import resolve
 from training.methods import METHODS, Step, advmoe_attack, kl_per_example, reference_router_step, route_aware_attack
 from training.trainer import make_optimizers
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models, many small steps
+
 
 def make_step(method, router="shared", router_loss="model", lr=0.05):
     cfg = resolve(method=method, model="moe_resnet18", dataset="fashion_mnist", eps=0.1, attack_step=0.05,
@@ -38,9 +40,11 @@ def test_one_step_lowers_the_methods_own_loss(method):
         assert after[key] < before[key], (key, before[key], after[key])
 
 
-@pytest.mark.parametrize("router", ["shared", "per_layer"])
-@pytest.mark.parametrize("method,router_loss", [("advmoe", "model"), ("advmoe", "reference"), ("router-only", "model"),
-                                                ("route-aware", "reference")])
+@pytest.mark.parametrize("method,router_loss,router", [
+    *[(m, loss, r) for m, loss in (("advmoe", "model"), ("advmoe", "reference"), ("router-only", "model"))
+      for r in ("shared", "per_layer")],
+    ("route-aware", "reference", "per_layer"),  # its shared router step is AdvMoE's
+])
 def test_router_step_moves_only_router_parameters_and_expert_step_only_experts(method, router_loss, router):
     step = make_step(method, router, router_loss)
     model = step.model
