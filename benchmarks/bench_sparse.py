@@ -50,10 +50,11 @@ def build(arch: str, router: str, image_size: int, width: float, router_blocks: 
 
 
 @torch.inference_mode()
-def time_interleaved(models: dict, x: torch.Tensor, rounds: int, calls: int) -> dict[str, float]:
+def time_interleaved(models: dict, x: torch.Tensor, rounds: int, calls: int, warmup: int = 1) -> dict[str, float]:
     """Median ms per call of each model; every round times each model once, in turn."""
     for model in models.values():
-        model(x)  # warm-up (and the sparse fold)
+        for _ in range(warmup):
+            model(x)  # warm-up (and the sparse fold; TorchScript optimizes after its first calls)
     samples = {name: [] for name in models}
     for _ in range(rounds):
         for name, model in models.items():

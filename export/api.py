@@ -26,8 +26,8 @@ from .parity import ATOL, check_parity, parity_batches
 from .torchscript import DEPRECATION, export_torchscript, torchscript_runner
 
 FORMATS = ("onnx", "pt2", "torchscript", "aoti", "triton", "bento")
-# `all` leaves out aoti: its C++ compile (about 45 s for checkpoints/fmnist-tiny on 2 cores)
-# would double the export that `make run` does.
+# `all` leaves out aoti: its C++ compile (25 s for checkpoints/fmnist-tiny on 2 cores, against
+# 13 s for all the other formats) would triple the export that `make run` does.
 ALIASES = {"all": ("onnx", "pt2", "torchscript", "triton", "bento")}
 CHOICES = FORMATS + tuple(ALIASES)  # what `advmoe export --format` accepts
 FORMAT_HELP = ("what to write (default: all = every format but aoti; torchscript writes model.pt for LibTorch and "

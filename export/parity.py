@@ -33,11 +33,16 @@ def parity_batches(model: MoENet, seed: int = 0) -> dict[str, torch.Tensor]:
 
 def check_parity(name: str, reference: Runner, candidate: Runner, batches: dict[str, torch.Tensor],
                  atol: float = ATOL) -> dict[str, float]:
-    """Max |logits difference| per batch; ParityError on a routing mismatch or a difference over atol."""
+    """Max |logits difference| per batch; ParityError on a routing mismatch, a difference over
+    atol, or a candidate that fails to run."""
     report = {}
     for label, x in batches.items():
         ref_logits, ref_routing = reference(x)
-        logits, routing = candidate(x)
+        try:
+            logits, routing = candidate(x)
+        except Exception as e:  # e.g. a compiled package that refuses a batch size
+            message = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ParityError(f"{name}: the exported model fails on the {label}: {message}") from e
         if ref_routing is not None:
             if routing is None or routing.shape != ref_routing.shape:
                 raise ParityError(f"{name}: routing output missing or of shape "

@@ -17,6 +17,7 @@ from cli.main import main as cli
 from helpers import calibrated_model
 from export import ParityError, api, export_checkpoint
 from export.graph import onnx_runner
+from export.parity import check_parity
 from export.torchscript import torchscript_runner
 
 
@@ -207,6 +208,17 @@ def test_failed_parity_leaves_nothing_and_says_by_how_much(tmp_path, monkeypatch
     with pytest.raises(ParityError, match=r"torchscript: logits differ from eager sparse by 1\.0\de-02"):
         export_checkpoint(checkpoint, tmp_path / "out", ["torchscript"], log=lambda *a: None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # no output, no temporary
+
+
+def test_an_exported_model_that_fails_to_run_fails_the_gate_in_one_line():
+    batches = {"batch of 1": torch.rand(1, 3, 8, 8)}
+
+    def refuses(x):
+        raise RuntimeError("Expected u0 <= 15 but received 28\n(C++ stack)")
+
+    with pytest.raises(ParityError, match=r"^aotinductor: the exported model fails on the batch of 1: "
+                                          r"Expected u0 <= 15 but received 28$"):
+        check_parity("aotinductor", lambda x: (x.numpy(), None), refuses, batches)
 
 
 def test_cli_bad_input_exits_2_with_a_clear_error(tmp_path, capsys):
