@@ -1,5 +1,5 @@
-"""Write the example inputs the curl commands of docs/serving.md send: the first Fashion-MNIST test images
-as PNG files and as one .npy batch [4, 1, 28, 28] in [0, 1].
+"""Write the example inputs the curl commands of docs/serving.md send: the first Fashion-MNIST
+test images as PNG files and as one .npy batch [4, 1, 28, 28] in [0, 1].
 
     python docs/examples/make_examples.py
 """
