@@ -1,5 +1,5 @@
 """The benchmark runs and reports consistent numbers; its speed targets are read from its
-printed ratios (README), never asserted on time here."""
+printed ratios (docs/sparse.md), never asserted on time here."""
 import json
 
 from benchmarks import bench_sparse
