@@ -4,6 +4,7 @@ methods, worst-case robust accuracy against MACs per image.
     python -m studies.frontier --plan            # the rows, seeds and the estimated cost; starts nothing
     nice python -m studies.frontier               # run (resumes: finished runs are skipped)
     python -m studies.frontier --report-only      # the report from the results there are
+    python -m studies.frontier --ship checkpoints/fmnist-moe   # the best MoE run, as the model to serve
 
 Each (row, seed) is one run: train (runs/frontier/ROW-seedS, resumed if cut off), evaluate its
 best checkpoint (selected on validation PGD accuracy, never on test images) on the first
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import statistics
 import sys
 import time
@@ -28,8 +30,8 @@ from pathlib import Path
 import torch
 
 import advmoe
-from advmoe.checkpoint import read_metrics
-from advmoe.io import atomic_write_text
+from advmoe.checkpoint import is_checkpoint, read_metrics, update_metrics
+from advmoe.io import atomic_directory, atomic_write_text
 from advmoe.stats import mean_std, percent
 from evaluation.robustness import ATTACKS, evaluate_checkpoint
 from training.config import TrainConfig, resolve
@@ -262,6 +264,47 @@ def run_study(plan: Plan, rows: list[Row], results: Path = RESULTS, report: Path
     return docs
 
 
+# -- shipping ---------------------------------------------------------------------------------------
+SHIP_MAX_MACS = 0.40  # of the dense twin's: the shipped model must be really sparse
+
+
+def ship(results: Path, runs: Path, dest: Path, log=print) -> dict:
+    """Copy the best MoE run of the study to `dest` as the model to serve, its study numbers in
+    metrics.json (so the model card and /model_info report them).
+
+    The row is the MoE row with the best mean worst case among those at most SHIP_MAX_MACS of
+    their dense twin's MACs; within it, the seed whose best checkpoint scored highest on
+    *validation* PGD accuracy: choosing a seed by its test results would be selecting on the test set."""
+    grouped = load_results(results)
+    candidates = {}
+    for key, docs in grouped.items():
+        row = docs[0]["row"]
+        if row["method"] == "pgd-at":
+            continue
+        cfg = resolve(None, **docs[0]["config"])
+        twin = macs_per_image(advmoe.dense_twin(row["model"]), row["width"], cfg)
+        if docs[0]["macs_per_image"] <= SHIP_MAX_MACS * twin:
+            candidates[key] = docs
+    if not candidates:
+        raise ValueError(f"no finished MoE run in {results} costs at most {SHIP_MAX_MACS:.2f}x its dense twin's MACs")
+    key = max(candidates, key=lambda k: mean_std([d["worst_case"] for d in candidates[k]])[0])
+    doc = max(candidates[key], key=lambda d: max(r["val_pgd_accuracy"] for r in d["curve"]))
+    name = f"{doc['row']['key']}-seed{doc['seed']}"  # run_name's
+    source = runs / name / "best"
+    values = {"clean_accuracy": doc["accuracy"]["clean"], "robust_accuracy": doc["worst_case"],
+              "robust_examples": doc["examples"], "robust_attacks": sorted(k for k in doc["accuracy"] if k != "clean"),
+              "route_flip_rate": doc.get("route_flip_rate"), "route_flip_attack": "router attack",
+              "study_run": name}
+    if "autoattack" in doc:
+        values |= {"autoattack_accuracy": doc["autoattack"]["accuracy"], "autoattack_examples": doc["autoattack"]["examples"]}
+    with atomic_directory(dest, may_replace=is_checkpoint) as tmp:
+        shutil.copytree(source, tmp, dirs_exist_ok=True)
+    card = update_metrics(dest, **values)
+    log(f"shipped {values['study_run']} ({doc['row']['label']}, seed {doc['seed']}) to {dest}: clean "
+        f"{100 * card.clean_accuracy:.1f} %, worst case {100 * card.robust_accuracy:.1f} % on {doc['examples']} test images")
+    return values
+
+
 # -- the report -------------------------------------------------------------------------------------
 def load_results(results: Path) -> dict[str, list[dict]]:
     """{row key: summaries of its seeds}, in file order."""
@@ -409,6 +452,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", default=str(RESULTS))
     parser.add_argument("--report", default=str(REPORT))
     parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--ship", metavar="DEST", help="copy the best MoE run to DEST (e.g. checkpoints/fmnist-moe) with "
+                        "its study numbers in metrics.json; trains nothing")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -423,6 +468,12 @@ def main(argv: list[str] | None = None) -> int:
         rows = [r for r in rows if r.key in args.rows]
     results, report = Path(args.results), Path(args.report)
     command = "python -m studies.frontier " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.ship:
+        try:
+            ship(results, Path(args.runs), Path(args.ship))
+        except (ValueError, FileExistsError) as e:
+            parser.exit(2, f"python -m studies.frontier: error: {e}\n")
+        return 0
     if args.report_only:
         print(write_report(results, report, plan, command.strip()) or f"no results in {results}")
         return 0

@@ -5,6 +5,9 @@ import json
 
 import pytest
 
+import advmoe
+import advmoe.checkpoint
+
 from studies import frontier
 from training.config import resolve
 
@@ -61,3 +64,23 @@ def test_the_dense_row_of_equal_macs_costs_what_the_moe_model_costs():
     target = frontier.macs_per_image(cfg.model, 0.5, cfg)
     width = frontier.width_for_macs(target, "resnet18", cfg)
     assert abs(frontier.macs_per_image("resnet18", width, cfg) / target - 1) < 0.15
+
+
+def test_ship_copies_the_best_moe_run_with_its_study_numbers(study, tmp_path, monkeypatch):
+    plan, rows, root, docs = study
+    monkeypatch.setattr(frontier, "SHIP_MAX_MACS", 1.0)  # at width 0.0625 the shared router costs as much as the experts
+    moe = next(d for d in docs if d["row"]["method"] != "pgd-at")
+    values = frontier.ship(root / "results", root / "runs", tmp_path / "shipped", log=lambda *a: None)
+    card = advmoe.checkpoint.read_card(tmp_path / "shipped")
+    assert values["study_run"] == "advmoe-tiny-seed0"
+    assert card.robust_accuracy == moe["worst_case"] and card.autoattack_accuracy == moe["autoattack"]["accuracy"]
+    assert card.clean_accuracy == moe["accuracy"]["clean"] and card.route_flip_rate == moe["route_flip_rate"]
+    assert advmoe.load_checkpoint(tmp_path / "shipped").cfg.is_moe
+
+
+def test_ship_refuses_when_no_moe_run_is_sparse_enough_and_writes_nothing(study, tmp_path, monkeypatch):
+    plan, rows, root, docs = study
+    monkeypatch.setattr(frontier, "SHIP_MAX_MACS", 0.01)
+    with pytest.raises(ValueError, match="at most 0.01x its dense twin"):
+        frontier.ship(root / "results", root / "runs", tmp_path / "shipped", log=lambda *a: None)
+    assert not (tmp_path / "shipped").exists()
