@@ -78,7 +78,8 @@ class ModelCard:
     pgd: str | None = _entry(_text, None)  # e.g. "PGD-10 linf eps=0.1 step=0.025 through the straight-through router"
     robust_accuracy: float | None = _entry(_number, None)  # worst case per example over `advmoe eval`'s attacks
     autoattack_accuracy: float | None = _entry(_number, None)
-    route_flip_rate: float | None = _entry(_number, None)  # share of inputs whose route an attack changes: the PGD above, or metrics.json's route_flip_attack
+    # Share of inputs whose route an attack changes: the PGD above, or metrics.json's route_flip_attack.
+    route_flip_rate: float | None = _entry(_number, None)
     macs_per_image: int | None = _entry(_integer, None)  # multiply-accumulates per input, sparse path
     advmoe_version: str | None = _entry(_text, None)  # the advmoe that wrote the checkpoint
 
