@@ -20,9 +20,9 @@ class ServingConfig:
     model_tag: str = "advmoe:latest"  # the BentoML model `advmoe export` wrote
     runtime: str = "onnxruntime"  # onnxruntime (the exported graph) | torch (eager) | pt2 (torch.export)
     execution: str = "sparse"  # torch runtime only: sparse dispatch or masked (every expert, then select)
-    threads: int = 0  # compute threads of the model worker; 0 = every core
+    workers: int = 1  # API worker processes, each with the model and its batcher
+    threads: int = 0  # compute threads of each worker's model; 0 = the cores shared out over the workers
     max_batch_size: int = 64  # inputs per request, and the adaptive batcher's cap
-    max_latency_ms: int = 10_000  # the batcher's latency budget: a request it cannot serve within it gets 503
     max_body_bytes: int = 8 * 2**20  # a larger request body gets 413
     max_image_pixels: int = 4096 * 4096  # checked before decoding: no decompression bombs
     probe_enabled: bool = False  # /attack_probe is expensive: off unless enabled
@@ -42,7 +42,7 @@ class ServingConfig:
         if self.execution == "masked" and self.runtime != "torch":
             raise ConfigError("ADVMOE_EXECUTION=masked needs ADVMOE_RUNTIME=torch (an exported graph runs "
                               "the way it was exported: export a masked graph with `advmoe export --execution masked`)")
-        for name in ("max_batch_size", "max_latency_ms", "max_body_bytes", "max_image_pixels", "probe_max_steps",
+        for name in ("workers", "max_batch_size", "max_body_bytes", "max_image_pixels", "probe_max_steps",
                      "probe_max_batch_size", "probe_concurrency", "probe_threads"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{env_name(name)}={getattr(self, name)}: must be at least 1")
@@ -53,6 +53,10 @@ class ServingConfig:
                               f"(e.g. 0.0314 for 8/255)")
         if self.probe_timeout_s <= 0:
             raise ConfigError(f"ADVMOE_PROBE_TIMEOUT_S={self.probe_timeout_s}: must be positive")
+
+    def model_threads(self, cpus: int | None = None) -> int:
+        """Compute threads per worker: ADVMOE_THREADS, or the cores shared out over the workers."""
+        return self.threads or max(1, (cpus or os.cpu_count() or 1) // self.workers)
 
     @classmethod
     def from_env(cls, environ=None) -> "ServingConfig":

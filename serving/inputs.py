@@ -1,6 +1,9 @@
 """Turn a request into the float32 batch [B, C, H, W] in [0, 1] the model takes, or refuse it
 with a status and a message that says what to fix. Nothing here trusts the client: images are
-size-checked before decoding, tensors are checked for shape, finiteness and range."""
+size-checked before decoding, tensors are checked for shape, finiteness and range, and whatever
+the decoders raise on a client's bytes (Pillow and NumPy raise OSError, ValueError, SyntaxError,
+struct.error, EOFError, DecompressionBombError, ... on malformed files) is a RequestError, never a
+500."""
 from __future__ import annotations
 
 import io
@@ -38,7 +41,7 @@ def from_tensor(data, spec: InputSpec, what: str = "inputs") -> np.ndarray:
     """A JSON nested list or a NumPy array, checked against the model's input."""
     try:
         x = np.asarray(data, dtype=np.float32)
-    except (ValueError, TypeError):
+    except Exception:  # ragged lists, strings, objects, structured dtypes
         raise RequestError(400, "bad_tensor", f"{what} must be a rectangular array of numbers {spec.shape}") from None
     if x.size == 0:
         check_batch(0, spec)
@@ -61,26 +64,32 @@ def from_tensor(data, spec: InputSpec, what: str = "inputs") -> np.ndarray:
     return np.ascontiguousarray(x)
 
 
-def from_npy(path: Path, spec: InputSpec) -> np.ndarray:
+def from_npy(data: bytes | Path, spec: InputSpec) -> np.ndarray:
     try:
-        array = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError):
-        raise RequestError(400, "bad_tensor", "tensor is not a readable .npy file (np.save, no pickled objects)") from None
+        array = np.load(io.BytesIO(read(data)), allow_pickle=False)
+    except Exception as e:  # ValueError, OSError, EOFError, TypeError, ...: the client's file, not our bug
+        raise RequestError(400, "bad_tensor", f"tensor is not a readable .npy file ({describe(e)}); write it with "
+                                              f"np.save, no pickled objects") from None
     return from_tensor(array, spec, "tensor")
 
 
-def from_images(paths: list[Path], spec: InputSpec) -> np.ndarray:
-    check_batch(len(paths), spec)
-    return np.stack([decode_image(p, i, spec) for i, p in enumerate(paths)])
+def from_images(files: list[bytes | Path], spec: InputSpec) -> np.ndarray:
+    check_batch(len(files), spec)
+    return np.stack([decode_image(f, i, spec) for i, f in enumerate(files)])
 
 
-def decode_image(path: Path, index: int, spec: InputSpec) -> np.ndarray:
+def decode_image(data: bytes | Path, index: int, spec: InputSpec) -> np.ndarray:
     """PNG or JPEG -> [C, H, W] float32: grey or RGB as the model needs, resized to its input."""
-    data = Path(path).read_bytes()
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(read(data)))
     except UnidentifiedImageError:
         raise RequestError(415, "not_an_image", f"images[{index}] is not an image; send PNG or JPEG") from None
+    except Image.DecompressionBombError:  # Pillow's own limit, far above ours: refused before our check
+        raise RequestError(413, "image_too_large", f"images[{index}] has more pixels than Pillow decodes; the limit "
+                                                   f"is {spec.max_image_pixels} pixels") from None
+    except Exception as e:  # a header that lies (truncated IHDR, a chunk longer than the file, ...)
+        raise RequestError(400, "corrupt_image", f"images[{index}] has a corrupt header ({describe(e)}); "
+                                                 f"re-encode it as PNG or JPEG") from None
     if image.format not in IMAGE_FORMATS:
         raise RequestError(415, "not_an_image", f"images[{index}] is {image.format}; send PNG or JPEG")
     if image.width * image.height > spec.max_image_pixels:  # the header is read, the pixels are not yet
@@ -88,13 +97,24 @@ def decode_image(path: Path, index: int, spec: InputSpec) -> np.ndarray:
                                                    f"{spec.max_image_pixels} pixels")
     try:
         image.load()
-    except (OSError, SyntaxError, ValueError):
-        raise RequestError(400, "corrupt_image", f"images[{index}] is truncated or corrupt; re-encode it") from None
-    image = image.convert("L" if spec.channels == 1 else "RGB")
+        image = image.convert("L" if spec.channels == 1 else "RGB")
+    except Exception as e:  # truncated or corrupt pixel data, an unconvertible mode
+        raise RequestError(400, "corrupt_image", f"images[{index}] is truncated or corrupt ({describe(e)}); "
+                                                 f"re-encode it") from None
     if image.size != (spec.size, spec.size):
         image = image.resize((spec.size, spec.size), Image.Resampling.BILINEAR)
     pixels = np.asarray(image, dtype=np.float32) / 255.0
     return pixels[None] if spec.channels == 1 else pixels.transpose(2, 0, 1)
+
+
+def read(data: bytes | Path) -> bytes:
+    return data if isinstance(data, (bytes, bytearray)) else Path(data).read_bytes()
+
+
+def describe(error: Exception) -> str:
+    """An exception as the client may see it: its class and the start of its message."""
+    text = str(error).strip().splitlines()[0][:120] if str(error).strip() else ""
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def check_batch(n: int, spec: InputSpec) -> None:

@@ -82,7 +82,7 @@ def load_runtime(folder: str | Path, config: ServingConfig) -> Runtime:
     if not needed.is_file():
         raise FileNotFoundError(f"{folder} has no {needed.name}, which ADVMOE_RUNTIME={config.runtime} needs; "
                                 f"re-export the checkpoint with `advmoe export CKPT --out DIR --format all`")
-    threads = config.threads or os.cpu_count() or 1
+    threads = config.model_threads()
     if config.runtime == "onnxruntime":
         return OnnxRuntime(needed, threads)
     return TorchRuntime(folder, config.execution, threads, program=config.runtime == "pt2")

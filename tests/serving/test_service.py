@@ -4,6 +4,9 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import struct
+import time
+import zlib
 
 import httpx
 import numpy as np
@@ -118,6 +121,26 @@ def truncated_png() -> bytes:
     return data[:len(data) // 2]
 
 
+def png_chunk(kind: bytes, data: bytes, length: int | None = None) -> bytes:
+    return struct.pack(">I", len(data) if length is None else length) + kind + data + \
+        struct.pack(">I", zlib.crc32(kind + data))
+
+
+def crafted_png(width=28, height=28, ihdr_length=None) -> bytes:
+    """A grey PNG written chunk by chunk, so that its header can lie."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    pixels = zlib.compress(b"\0" * (width + 1) * min(height, 28))
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header, ihdr_length) + png_chunk(b"IDAT", pixels) + \
+        png_chunk(b"IEND", b"")
+
+
+def upload(data: bytes, name="a.png", kind="image/png") -> dict:
+    return {"files": {"images": (name, data, kind)}}
+
+
+BROKEN_MULTIPART = b'--xyz\r\nContent-Disposition form-data\r\n\r\nabc\r\n--xyz--\r\n'  # a header without its colon
+
+
 BAD_REQUESTS = {
     "wrong rank": (dict(json={"inputs": [[[0.5] * 28] * 28]}), 400, "rank 4"),
     "wrong channels": (dict(json={"inputs": np.zeros((1, 3, 28, 28)).tolist()}), 400, "channels"),
@@ -138,17 +161,61 @@ BAD_REQUESTS = {
     "two inputs": (dict(files={"images": ("a.png", png(np.zeros((28, 28))), "image/png")},
                         data={"inputs": "[]"}), 400, None),
     "bad top_k": (dict(json={"inputs": np.zeros((1, 1, 28, 28)).tolist(), "top_k": 11}), 400, "top_k"),
+    # What the image decoder raises on a lying header (each was a 500 before) and Pillow's own bomb limit.
+    "PNG header cut short (ValueError)": (upload(crafted_png(ihdr_length=5)), 400, "corrupt header"),
+    "PNG chunk past the end (OSError)": (upload(crafted_png(ihdr_length=10**6)), 400, "corrupt header"),
+    "PNG claiming 20000x20000 (DecompressionBombError)": (upload(crafted_png(20000, 20000)), 413, "pixels"),
+    "not a .npy file": (dict(files={"tensor": ("x.npy", b"\x93NUMPY garbage", "application/octet-stream")}), 400,
+                        "not a readable .npy"),
+    # What BentoML's own parsing made of malformed requests: 500s, or 400s logged as server errors.
+    "broken multipart": (dict(content=BROKEN_MULTIPART, headers={"content-type": "multipart/form-data; boundary=xyz"}),
+                         400, "cannot be parsed"),
+    "multipart without boundary": (dict(content=b"abc", headers={"content-type": "multipart/form-data"}), 400,
+                                   "cannot be parsed"),
+    "text where a file goes": (dict(data={"images": "http://127.0.0.1:1/a.png"}), 400, "uploaded as a file"),
+    "a server path in JSON": (dict(json={"images": ["/etc/passwd"]}), 400, "multipart/form-data"),
+    "top_k not a number": (dict(files={"images": ("a.png", png(np.zeros((28, 28))), "image/png")},
+                                data={"top_k": "three"}), 400, "top_k"),
+    "return_experts not a bool": (dict(json={"inputs": np.zeros((1, 1, 28, 28)).tolist(), "return_experts": "maybe"}),
+                                  400, "return_experts"),
+    "inputs not a list": (dict(json={"inputs": "zeros"}), 400, "inputs"),
+    "invalid JSON": (dict(content=b'{"inputs": [', headers={"content-type": "application/json"}), 400,
+                     "not valid JSON"),
+    "JSON not an object": (dict(json=[[[[0.5]]]]), 400, "JSON object"),
+    "unknown field": (dict(json={"input": np.zeros((1, 1, 28, 28)).tolist()}), 400, "unknown field"),
+    "pickled body": (dict(content=b"x", headers={"content-type": "application/vnd.bentoml+pickle"}), 415,
+                     "content type"),
 }
+
+
+def rejected(server) -> float:
+    return sum(v for (name, labels), v in scrape(server).items()
+               if name == "advmoe_rejected_requests_total" and ("endpoint", "predict") in labels)
 
 
 @pytest.mark.parametrize("case", BAD_REQUESTS, ids=list(BAD_REQUESTS))
 def test_bad_input_gets_a_4xx_that_says_what_to_fix_and_the_server_keeps_serving(server, served_images, case):
     kwargs, status, message = BAD_REQUESTS[case]
+    before = rejected(server)
     response = post(server, "predict", **kwargs)
     assert response.status_code == status, response.text
     if message:
         assert message in response.json()["error"]
+    assert rejected(server) == before + 1  # counted in advmoe_rejected_requests_total, once
     assert post(server, "predict", json={"inputs": served_images[:2].tolist()}).status_code == 200
+
+
+def test_client_mistakes_are_one_log_line_not_a_server_error(server):
+    cases = ("broken multipart", "top_k not a number", "invalid JSON", "PNG chunk past the end (OSError)")
+    start = len(server.log_path.read_text(errors="replace"))
+    for case in cases:
+        kwargs, status, _ = BAD_REQUESTS[case]
+        assert post(server, "predict", **kwargs).status_code == status
+    time.sleep(0.5)  # the workers' log lines reach the file through the server process
+    log = server.log_path.read_text(errors="replace")
+    assert "Traceback" not in log and "ERROR" not in log and "Exception on" not in log, log[-3000:]
+    lines = [line for line in log[start:].splitlines() if "predict 4" in line]
+    assert len(lines) == len(cases), log[start:]
 
 
 def test_an_empty_npy_batch_is_refused(server):
@@ -185,6 +252,13 @@ def test_500_concurrent_predicts_all_succeed_and_get_batched(server, served_imag
         before[("advmoe_batch_size_sum", (("endpoint", "predict"),))]
     assert samples == 500
     assert calls < 500, "adaptive batching should merge concurrent requests"
+
+
+def test_model_info_is_in_the_openapi_document_like_the_apis(server):
+    paths = httpx.get(f"{server.url}/docs.json", timeout=10).json()["paths"]
+    assert "get" in paths["/model_info"] and "post" in paths["/predict"] and "post" in paths["/attack_probe"]
+    fields = json.dumps(httpx.get(f"{server.url}/docs.json", timeout=10).json()["components"])
+    assert "return_experts" in fields and "top_k" in fields  # the typed inputs are documented as before
 
 
 def test_model_info_reports_the_model_metadata(server, exported_model):
@@ -259,8 +333,10 @@ def test_probe_attacks_the_served_model_and_counts_flips(server, exported_model,
         assert after[key] - before.get(key, 0) == grown, name
 
 
-def test_probe_is_off_unless_enabled_and_torch_runtime_serves_the_same(exported_model, served_images, tmp_path):
-    env = {"ADVMOE_MODEL_TAG": exported_model.bento_tag, "ADVMOE_RUNTIME": "torch", "ADVMOE_THREADS": "1"}
+@pytest.mark.parametrize("runtime", ["torch", "pt2"])
+def test_probe_is_off_unless_enabled_and_torch_runtimes_serve_the_same(exported_model, served_images, tmp_path,
+                                                                        runtime):
+    env = {"ADVMOE_MODEL_TAG": exported_model.bento_tag, "ADVMOE_RUNTIME": runtime, "ADVMOE_THREADS": "1"}
     with Server(env, log_path=tmp_path / "serve.log") as server:
         response = post(server, "attack_probe", json={**PROBE, "inputs": served_images[:2].tolist()}, headers=AUTH)
         assert response.status_code == 404 and "ADVMOE_PROBE_ENABLED" in response.json()["error"]
@@ -270,4 +346,4 @@ def test_probe_is_off_unless_enabled_and_torch_runtime_serves_the_same(exported_
         expected, routing = reference(exported_model, served_images)
         np.testing.assert_allclose([probabilities(p) for p in predictions], expected, atol=1e-4)
         np.testing.assert_array_equal([p["experts"] for p in predictions], routing)
-        assert httpx.get(f"{server.url}/model_info", timeout=10).json()["runtime"] == "torch"
+        assert httpx.get(f"{server.url}/model_info", timeout=10).json()["runtime"] == runtime

@@ -1,7 +1,12 @@
 """The service's parts without a server: settings, input checks and the bounded attack."""
 from __future__ import annotations
 
+import asyncio
 import io
+import struct
+import threading
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -10,7 +15,8 @@ from PIL import Image
 
 from helpers import calibrated_model
 from serving.config import ConfigError, ServingConfig
-from serving.inputs import InputSpec, RequestError, decode_image, from_tensor
+from serving.batching import Batcher
+from serving.inputs import InputSpec, RequestError, decode_image, from_npy, from_tensor
 from serving.probe import bounded_attack
 
 SPEC = InputSpec(channels=3, size=32, max_batch_size=4, max_image_pixels=100 * 100)
@@ -83,3 +89,87 @@ def test_the_probe_attack_stops_at_its_deadline_and_stays_in_the_ball():
     assert fgsm.steps_run == 1
     moved = (fgsm.adversarial - x).abs()
     assert torch.isclose(moved[(x > 0.03) & (x < 0.97)], torch.tensor(0.03)).all()  # one full sign step
+
+
+def lying_png(width=32, height=32, ihdr_length=None) -> bytes:
+    def chunk(kind, data, length=None):
+        return struct.pack(">I", len(data) if length is None else length) + kind + data + \
+            struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header, ihdr_length) + chunk(b"IDAT", zlib.compress(b"\0" * 33 * 32))
+            + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("data, status, reason, raised", [
+    (lying_png(ihdr_length=5), 400, "corrupt_image", "ValueError"),  # Pillow: "Truncated IHDR chunk"
+    (lying_png(ihdr_length=10**6), 400, "corrupt_image", "OSError"),  # Pillow: "Truncated File Read"
+    (lying_png(20000, 20000), 413, "image_too_large", None),  # Pillow's DecompressionBombError
+    (encoded((32, 32))[:60], 400, "corrupt_image", None),  # pixel data cut short
+    (b"GIF89a" + b"\0" * 20, 415, "not_an_image", None),
+])
+def test_every_decoder_failure_is_a_client_error(data, status, reason, raised):
+    with pytest.raises(RequestError) as error:
+        decode_image(data, 3, SPEC)
+    assert (error.value.status, error.value.reason) == (status, reason)
+    assert "images[3]" in error.value.message
+    if raised:
+        assert raised in error.value.message  # the decoder's own words, for whoever re-encodes the file
+
+
+@pytest.mark.parametrize("data", [b"", b"\x93NUMPY\x01\x00garbage", b"\x93NUMPY\x01\x00\x10\x00{'descr': 'O'}    \n"])
+def test_every_npy_failure_is_a_client_error(data):
+    with pytest.raises(RequestError, match="not a readable .npy"):
+        from_npy(data, SPEC)
+
+
+class Recorder:
+    """A fake model: records its batch sizes; call k blocks until released."""
+
+    def __init__(self, fail_on=None):
+        self.sizes, self.release, self.fail_on = [], threading.Event(), fail_on
+
+    def __call__(self, x):
+        self.sizes.append(len(x))
+        if len(self.sizes) == 1:
+            self.release.wait(10)
+        if self.fail_on is not None and self.fail_on in x[:, 0]:
+            raise RuntimeError("model failed")
+        return x[:, 0] * 10, x[:, 0] + 1
+
+
+def test_the_batcher_merges_what_queued_while_the_model_ran_and_never_holds_a_lone_request():
+    model = Recorder()
+
+    async def scenario():
+        batcher = Batcher(model, max_batch_size=8, executor=ThreadPoolExecutor(1))
+        first = asyncio.ensure_future(batcher(np.array([[0.0]])))
+        await asyncio.sleep(0.05)  # the model is busy with the first request
+        burst = [asyncio.ensure_future(batcher(np.array([[i], [i + 0.5]]))) for i in range(1, 6)]  # 10 inputs
+        await asyncio.sleep(0.05)
+        model.release.set()
+        results = await asyncio.gather(first, *burst)
+        lone = await batcher(np.array([[7.0]]))  # right after the burst: runs alone, at once
+        return results, lone
+
+    results, lone = asyncio.run(scenario())
+    assert model.sizes == [1, 8, 2, 1]  # the burst merged up to the cap (whole requests), the lone one alone
+    for i, (scaled, shifted) in enumerate(results[1:], start=1):
+        np.testing.assert_array_equal(scaled, [i * 10, (i + 0.5) * 10])  # each request gets its own rows
+        np.testing.assert_array_equal(shifted, [i + 1, i + 1.5])
+    np.testing.assert_array_equal(lone[0], [70.0])
+
+
+def test_a_failed_model_call_fails_only_the_requests_in_it():
+    model = Recorder(fail_on=2.0)
+
+    async def scenario():
+        batcher = Batcher(model, max_batch_size=2, executor=ThreadPoolExecutor(1))
+        calls = [asyncio.ensure_future(batcher(np.array([[float(i)]]))) for i in range(4)]
+        await asyncio.sleep(0.05)
+        model.release.set()
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    results = asyncio.run(scenario())
+    assert model.sizes == [2, 2]  # queued in the same tick: [0, 1], then [2, 3], which fails
+    np.testing.assert_array_equal(results[1][0], [10.0])
+    assert isinstance(results[2], RuntimeError) and isinstance(results[3], RuntimeError)
