@@ -53,7 +53,7 @@ def stored_model(tag: str):
 class PredictInput(LenientInput):
     inputs: list | None = None
     images: list[Path] = []
-    tensor: Path | None = None
+    tensor: Path = None  # not Optional: BentoML's schema (and its clients) then take it for a file
     top_k: int = 1
     return_experts: bool = False
 
@@ -62,7 +62,7 @@ class ProbeInput(LenientInput):
     labels: list[int]
     inputs: list | None = None
     images: list[Path] = []
-    tensor: Path | None = None
+    tensor: Path = None  # not Optional: BentoML's schema (and its clients) then take it for a file
     attack: str = "pgd"
     eps: float = 8 / 255
     steps: int = 10
@@ -140,7 +140,7 @@ class AdvMoE:
     @bentoml.api(input_spec=PredictInput)
     @client_errors("predict")
     async def predict(self, ctx: bentoml.Context, inputs: list | None = None, images: list[Path] = [],
-                      tensor: Path | None = None, top_k: int = 1, return_experts: bool = False) -> dict:
+                      tensor: Path = None, top_k: int = 1, return_experts: bool = False) -> dict:
         """Classify images (PNG/JPEG files, resized and converted as the model needs), a JSON array
         [B, C, H, W] in [0, 1] or a .npy file. Per input: the top_k classes with probabilities and,
         with return_experts, the expert chosen at each MoE layer."""
@@ -157,7 +157,7 @@ class AdvMoE:
     @bentoml.api(input_spec=ProbeInput)
     @client_errors("attack_probe")
     async def attack_probe(self, ctx: bentoml.Context, labels: list[int], inputs: list | None = None,
-                           images: list[Path] = [], tensor: Path | None = None, attack: str = "pgd",
+                           images: list[Path] = [], tensor: Path = None, attack: str = "pgd",
                            eps: float = 8 / 255, steps: int = 10, step_size: float | None = None,
                            return_adversarial: bool = False) -> dict:
         """Attack the served model on the given inputs and labels (FGSM or PGD, L-inf, capped by the
