@@ -38,6 +38,8 @@ from advmoe.macs import measure_macs
 
 from .bench_sparse import build
 
+PROBE_NICENESS = 10  # serving.service.PROBE_NICENESS (not imported: it would start reading ADVMOE_* at import)
+
 # (name, model, runtime, execution): the model is the BentoML model the variant serves.
 VARIANTS = (
     ("sparse", "sparse", "onnxruntime", "sparse"),
@@ -140,6 +142,39 @@ def measured_level(server, processes, concurrency: int, duration_s: float, image
     return result
 
 
+class ProbeLoad:
+    """/attack_probe requests back to back from a thread (PGD, the server's cap on steps and inputs)
+    while a /predict level runs: what a running probe costs /predict."""
+
+    def __init__(self, url: str, image_size: int, n: int = 8, steps: int = 20):
+        import threading
+
+        rng = np.random.default_rng(0)
+        self.url, self.stop = url, threading.Event()
+        self.body = {"inputs": rng.random((n, 3, image_size, image_size)).round(3).tolist(),
+                     "labels": [int(i) % 10 for i in range(n)], "attack": "pgd", "eps": 0.03, "steps": steps}
+        self.done, self.failed, self.seconds = 0, 0, []
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self):
+        import httpx
+
+        with httpx.Client(timeout=120) as client:
+            while not self.stop.is_set():
+                start = time.perf_counter()
+                ok = client.post(f"{self.url}/attack_probe", json=self.body).status_code == 200
+                self.done, self.failed = self.done + ok, self.failed + (not ok)
+                self.seconds.append(time.perf_counter() - start)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(timeout=180)
+
+
 def variant_label(variant) -> str:
     name, _, runtime, _ = variant
     return f"{name}, {runtime}"
@@ -147,10 +182,12 @@ def variant_label(variant) -> str:
 
 def run(concurrency=(1, 8, 32, 64), duration_s=15.0, rounds=1, runtimes=("onnxruntime", "torch"),
         image_size=32, width=1.0, router_blocks=3, images_per_request=(1, 8), after_burst=True, workers=1,
-        threads=0, workdir: Path | None = None, log_dir: Path | None = None) -> dict:
+        threads=0, probe_check=False, workdir: Path | None = None, log_dir: Path | None = None) -> dict:
     """Every variant served at once; per round, per images-per-request and per level, the load visits
     them in a rotating order. With after_burst, each variant's highest level is followed at once
-    (no warm-up requests) by a concurrency-1 level: what a lone request gets right after a burst."""
+    (no warm-up requests) by a concurrency-1 level: what a lone request gets right after a burst.
+    With probe_check, the sparse servers then run concurrency 32 without and with attack probes
+    running back to back, one after the other."""
     from serving.launch import Server
 
     variants = [v for v in VARIANTS if v[2] in runtimes]
@@ -169,7 +206,8 @@ def run(concurrency=(1, 8, 32, 64), duration_s=15.0, rounds=1, runtimes=("onnxru
         for variant in variants:
             name, model, runtime, execution = variant
             env = {"ADVMOE_MODEL_TAG": tags[model], "ADVMOE_RUNTIME": runtime, "ADVMOE_EXECUTION": execution,
-                   "ADVMOE_WORKERS": str(workers), "ADVMOE_THREADS": str(threads)}
+                   "ADVMOE_WORKERS": str(workers), "ADVMOE_THREADS": str(threads),
+                   "ADVMOE_PROBE_ENABLED": "1" if probe_check else "0"}
             log = (log_dir or workdir) / f"serve-{name.replace(' ', '-')}-{runtime}.log"
             servers[variant] = Server(env, log_path=log, ready_timeout_s=300).start()
             processes[variant] = server_processes(servers[variant])
@@ -194,12 +232,22 @@ def run(concurrency=(1, 8, 32, 64), duration_s=15.0, rounds=1, runtimes=("onnxru
                         measure(variant, n, str(c), c, 4)
                         if after_burst and c == top:
                             measure(variant, n, f"1 after {top}", 1, 0)
+        probes = {}
+        if probe_check:
+            n, round_index = images_per_request[0], rounds
+            for variant in (v for v in variants if v[0] == "sparse"):
+                for level in ("without probes", "with probes"):
+                    samples.setdefault((variant, n, f"{TARGET_CONCURRENCY} {level}"), [])
+                measure(variant, n, f"{TARGET_CONCURRENCY} without probes", TARGET_CONCURRENCY, 4)
+                with ProbeLoad(servers[variant].url, image_size) as load:
+                    measure(variant, n, f"{TARGET_CONCURRENCY} with probes", TARGET_CONCURRENCY, 4)
+                probes[variant[2]] = {"probes": load.done, "failed": load.failed, "images_per_probe": 8, "steps": 20,
+                                      "median_s": statistics.median(load.seconds) if load.seconds else None}
     finally:
         for server in servers.values():
             server.stop()
-    rows = [combine(variant, n, level, samples[(variant, n, level)])
-            for variant in variants for n in images_per_request for level in levels]
-    return {"rows": rows, "macs": dict(macs), "concurrency": list(concurrency), "levels": levels,
+    rows = [combine(variant, n, level, found) for (variant, n, level), found in samples.items() if found]
+    return {"rows": rows, "macs": dict(macs), "probe_check": probes, "concurrency": list(concurrency), "levels": levels,
             "images_per_request": list(images_per_request), "duration_s": duration_s, "rounds": rounds,
             "workers": workers, "threads": threads, "image_size": image_size, "width": width,
             "router_blocks": router_blocks, "cpus": os.cpu_count(),
@@ -265,7 +313,8 @@ def verdicts(result: dict) -> list[str]:
                              f"{lone['p50_ms']:.1f} ms vs the model's {lone['compute_ms_per_call']:.1f} ms per call "
                              f"+ {LONE_SLACK_MS:g} ms: {status}")
             worse = [(r["level"], r["p99_ms"], find(rows, "dense twin", runtime, r["level"], n)["p99_ms"])
-                     for r in rows if (r["variant"], r["runtime"], r["images_per_request"]) == ("sparse", runtime, n)]
+                     for r in rows if (r["variant"], r["runtime"], r["images_per_request"]) == ("sparse", runtime, n)
+                     and r["level"] in result["levels"]]
             worse = [w for w in worse if w[1] > w[2]]
             lines.append(f"{runtime}, {n} image(s)/request: sparse p99 no worse than the dense twin's at every level: "
                          + ("PASS" if not worse else "MISS at " + ", ".join(
@@ -359,6 +408,21 @@ def markdown(result: dict, command: str) -> str:
                      f"| {cpu['server']:.1f} | {cpu['load generator']:.1f} "
                      f"| {cpu['server'] + cpu['load generator']:.1f} |")
     lines += ["", *explain(result, c)]
+    if result.get("probe_check"):
+        n = result["images_per_request"][0]
+        lines += ["", "## What a running attack probe costs /predict", "",
+                  f"The sparse server at concurrency {TARGET_CONCURRENCY} ({n} image(s)/request), measured without "
+                  f"probes and right after with /attack_probe requests sent back to back from one client thread "
+                  f"(PGD, 20 steps, 8 images each; the probe worker runs at niceness {PROBE_NICENESS}):", "",
+                  "| runtime | probes | images/s | p50 ms | p99 ms | server CPU ms per image | probes done | "
+                  "median probe s |", "|---|---|---|---|---|---|---|---|"]
+        for runtime, probe in result["probe_check"].items():
+            for level in ("without probes", "with probes"):
+                r = find(result["rows"], "sparse", runtime, f"{TARGET_CONCURRENCY} {level}", n)
+                done = probe["probes"] if level == "with probes" else 0
+                median = f"{probe['median_s']:.1f}" if level == "with probes" and probe["median_s"] else "-"
+                lines.append(f"| {runtime} | {level} | {r['images_per_s']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} "
+                             f"| {r['cpu_ms_per_image']['server']:.1f} | {done} | {median} |")
     lines += ["", "Plots: `efficiency_throughput.png` (throughput vs concurrency), `efficiency_latency.png` "
               f"(latency percentiles at concurrency {c}), `efficiency_macs.png` (MAC ratio vs measured speed-up).", ""]
     return "\n".join(lines)
@@ -459,6 +523,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="PNG images in each request (each size is measured at every level)")
     parser.add_argument("--no-after-burst", action="store_true",
                         help="skip the concurrency-1 level measured right after the highest level")
+    parser.add_argument("--probe-check", action="store_true",
+                        help="then measure the sparse server at concurrency 32 without and with attack probes running")
     parser.add_argument("--workers", type=int, default=1, help="API workers per server (ADVMOE_WORKERS)")
     parser.add_argument("--threads", type=int, default=0,
                         help="model threads per worker (ADVMOE_THREADS; 0: the cores shared out over the workers)")
@@ -477,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     result = run(tuple(args.concurrency), args.duration, args.rounds, tuple(args.runtimes), args.image_size,
                  args.width, args.router_blocks, tuple(args.images_per_request), not args.no_after_burst,
-                 args.workers, args.threads, log_dir=Path(args.logs) if args.logs else None)
+                 args.workers, args.threads, args.probe_check, log_dir=Path(args.logs) if args.logs else None)
     command = "advmoe bench serve " + " ".join(argv if argv is not None else sys.argv[1:])
     write_report(result, Path(args.out), command.strip())
     print("\n".join(verdicts(result)))

@@ -61,3 +61,16 @@ def test_report_files_are_written_together(tmp_path):
     assert "| onnxruntime | 1 | sparse | 210.0 | 2.4 | 4.0 | 1.0 | 5.0 | 1.0 | 6.0 |" in text  # where the time goes
     assert "costs 10.0 CPU ms per dense-twin image and 4.0 per sparse image (2.50x)" in text
     assert json.loads((out.parent / "efficiency.json").read_text())["rows"][0]["images_per_s"] == 210
+
+
+def test_the_probe_check_is_reported_beside_the_same_level_without_probes(tmp_path):
+    measured = result()
+    measured["rows"] += [level("sparse", 1, "32 without probes", 200, 100.0, 5.0),
+                         level("sparse", 1, "32 with probes", 150, 180.0, 6.5)]
+    measured["probe_check"] = {"onnxruntime": {"probes": 7, "failed": 0, "images_per_probe": 8, "steps": 20,
+                                               "median_s": 1.25}}
+    out = tmp_path / "efficiency.md"
+    bench_serve.write_report(measured, out, "advmoe bench serve --probe-check")
+    text = out.read_text()
+    assert "| onnxruntime | without probes | 200.0 | 50.0 | 100.0 | 5.0 | 0 | - |" in text
+    assert "| onnxruntime | with probes | 150.0 | 90.0 | 180.0 | 6.5 | 7 | 1.2 |" in text
