@@ -181,7 +181,7 @@ def variant_label(variant) -> str:
 
 
 def run(concurrency=(1, 8, 32, 64), duration_s=15.0, rounds=1, runtimes=("onnxruntime", "torch"),
-        image_size=32, width=1.0, router_blocks=3, images_per_request=(1, 8), after_burst=True, workers=1,
+        image_size=32, width=1.0, router_blocks=3, images_per_request=(1, 8), after_burst=True, workers=0,
         threads=0, probe_check=False, workdir: Path | None = None, log_dir: Path | None = None) -> dict:
     """Every variant served at once; per round, per images-per-request and per level, the load visits
     them in a rotating order. With after_burst, each variant's highest level is followed at once
@@ -329,6 +329,9 @@ def verdicts(result: dict) -> list[str]:
 def markdown(result: dict, command: str) -> str:
     rows, macs = result["rows"], result["macs"]
     c = TARGET_CONCURRENCY if TARGET_CONCURRENCY in result["concurrency"] else max(result["concurrency"])
+    workers = f"{result['workers']} API worker(s)" if result["workers"] else "one API worker per core"
+    threads = f"{result['threads']} model thread(s) each" if result["threads"] else \
+        "the cores shared out over the workers as model threads"
     lines = [
         "# Served efficiency: sparse MoE vs masked MoE vs dense twin",
         "",
@@ -337,9 +340,8 @@ def markdown(result: dict, command: str) -> str:
         "",
         f"MoE ResNet-18 (2 experts, ratio 0.5, shared ResNet router with {result['router_blocks']} blocks per stage) "
         f"and its dense twin at width {result['width']:g}, {result['image_size']}x{result['image_size']} RGB input, "
-        f"served by the advmoe BentoML service ({result['workers']} API worker(s), each decoding requests and running "
-        f"the model behind its batcher, up to 64 inputs a call; {result['threads'] or 'the cores shared out over the workers as'}"
-        f" model threads) with identical settings. Load: locust, headless, closed loop, each user posting PNG images "
+        f"served by the advmoe BentoML service ({workers}, each decoding requests and running the model behind its "
+        f"batcher, up to 64 inputs a call; {threads}) with identical settings. Load: locust, headless, closed loop, each user posting PNG images "
         f"({' or '.join(map(str, result['images_per_request']))} per request) to /predict, {result['duration_s']:g} s per "
         f"level and variant, {result['rounds']} interleaved round(s), medians over rounds, loopback; locust runs on the "
         "same cores as the server. `1 after N`: concurrency 1 measured right after concurrency N on the same server, "
@@ -525,7 +527,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip the concurrency-1 level measured right after the highest level")
     parser.add_argument("--probe-check", action="store_true",
                         help="then measure the sparse server at concurrency 32 without and with attack probes running")
-    parser.add_argument("--workers", type=int, default=1, help="API workers per server (ADVMOE_WORKERS)")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="API workers per server (ADVMOE_WORKERS; 0: one per core, the service's default)")
     parser.add_argument("--threads", type=int, default=0,
                         help="model threads per worker (ADVMOE_THREADS; 0: the cores shared out over the workers)")
     parser.add_argument("--duration", type=float, default=15.0, help="seconds of load per level and variant")
@@ -538,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--logs", help="folder for the servers' logs (default: a temporary folder)")
     args = parser.parse_args(argv)
     if any(c < 1 for c in args.concurrency + args.images_per_request) or args.duration <= 0 or args.rounds < 1 \
-            or args.workers < 1 or args.threads < 0:
+            or args.workers < 0 or args.threads < 0:
         parser.error("--concurrency, --images-per-request, --duration, --rounds and --workers must be positive")
     start = time.perf_counter()
     result = run(tuple(args.concurrency), args.duration, args.rounds, tuple(args.runtimes), args.image_size,

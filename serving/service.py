@@ -111,7 +111,7 @@ class AdvMoEProbe:
 routes = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)  # GET routes, listed in /docs.json
 
 
-@bentoml.service(name="advmoe", workers=CONFIG.workers, traffic={"timeout": 60}, labels={"project": "advmoe"},
+@bentoml.service(name="advmoe", workers=CONFIG.worker_count(), traffic={"timeout": 60}, labels={"project": "advmoe"},
                  runner_connection=NO_RECYCLING, logging=QUIET)
 @bentoml.asgi_app(routes, path="/")
 class AdvMoE:
@@ -130,7 +130,7 @@ class AdvMoE:
         self.info = {  # GET /model_info: the model card plus how this server serves it
             "tag": str(stored.tag), **card.to_dict(), "runtime": CONFIG.runtime,
             "execution": "sparse" if CONFIG.runtime != "torch" else CONFIG.execution,
-            "max_batch_size": CONFIG.max_batch_size, "workers": CONFIG.workers, "threads": CONFIG.model_threads(),
+            "max_batch_size": CONFIG.max_batch_size, "workers": CONFIG.worker_count(), "threads": CONFIG.model_threads(),
             "attack_probe": {"enabled": CONFIG.probe_enabled, "token_required": bool(CONFIG.probe_token),
                              "attacks": list(ATTACKS), "max_eps": CONFIG.probe_max_eps,
                              "max_steps": CONFIG.probe_max_steps, "max_batch_size": CONFIG.probe_max_batch_size,

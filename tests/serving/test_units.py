@@ -27,12 +27,17 @@ def test_settings_come_from_the_environment_and_bad_ones_name_their_variable():
                                      "ADVMOE_PROBE_ENABLED": "yes", "ADVMOE_PROBE_MAX_EPS": "0.05"})
     assert (config.runtime, config.execution, config.probe_enabled, config.probe_max_eps) == ("torch", "masked", True, 0.05)
     assert ServingConfig.from_env({}) == ServingConfig()
+    defaults = ServingConfig()
+    assert (defaults.worker_count(cpus=2), defaults.model_threads(cpus=2)) == (2, 1)  # one worker per core
+    two = ServingConfig.from_env({"ADVMOE_WORKERS": "2"})
+    assert (two.model_threads(cpus=8), ServingConfig(workers=1).model_threads(cpus=8)) == (4, 8)
     for env, message in [({"ADVMOE_RUNTIME": "tensorrt"}, "ADVMOE_RUNTIME='tensorrt'"),
                          ({"ADVMOE_EXECUTION": "masked"}, "needs ADVMOE_RUNTIME=torch"),
                          ({"ADVMOE_MAX_BATCH_SIZE": "0"}, "ADVMOE_MAX_BATCH_SIZE=0"),
                          ({"ADVMOE_MAX_BATCH_SIZE": "many"}, "ADVMOE_MAX_BATCH_SIZE='many'"),
                          ({"ADVMOE_PROBE_ENABLED": "maybe"}, "ADVMOE_PROBE_ENABLED"),
-                         ({"ADVMOE_PROBE_MAX_EPS": "8"}, "8/255")]:
+                         ({"ADVMOE_PROBE_MAX_EPS": "8"}, "8/255"),
+                         ({"ADVMOE_WORKERS": "-1"}, "ADVMOE_WORKERS=-1")]:
         with pytest.raises(ConfigError, match=message):
             ServingConfig.from_env(env)
 
