@@ -136,3 +136,9 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
     with pytest.raises(trainer.TrainingDiverged, match=r"loss is nan at epoch 2.*last good checkpoint is .*last \(epoch 1\)"):
         run(config(data, method="standard"), tmp_path / "run")
     assert json.loads((tmp_path / "run/last/metrics.json").read_text())["epoch"] == 1
+
+
+def test_the_fashion_mnist_preset_starts_its_attack_uniform_and_the_cifar_preset_as_the_reference():
+    # Fashion-MNIST at eps 0.1 overfits catastrophically from the normal start (reports/attack_start.md).
+    assert resolve("fmnist-tiny").attack_start == "uniform"
+    assert resolve("cifar10-resnet18").attack_start == resolve().attack_start == "normal"
