@@ -1,8 +1,11 @@
 """The comparison script: trains every contender per seed and writes a table with verdicts."""
+import json
+
 import pytest
 
 from helpers import make_fashion_like
 from training import report
+from training.config import resolve
 
 TINY = dict(model="moe_resnet18", width=0.125, router_blocks=1, router_width=8, val_size=100,
             train_examples=64, val_examples=16, batch_size=32, epochs=1, eval_steps=1, eval_step=0.05)
@@ -31,6 +34,9 @@ def test_report_refuses_runs_of_another_config(tmp_path):
     (tmp_path / "data").mkdir()
     data = make_fashion_like(tmp_path / "data")
     settings = {**TINY, "data_dir": str(data), "train_examples": 32}
-    report.run_all("fmnist-tiny", [0], tmp_path / "runs", settings, log=lambda *a: None)
+    first = tmp_path / "runs" / "pgd-at-seed0"  # the first contender's run, left by another config
+    first.mkdir(parents=True)
+    (first / "config.json").write_text(json.dumps({**resolve("fmnist-tiny", **settings).to_dict(), "lr": 0.01}))
     with pytest.raises(ValueError, match="holds a run of another config"):
-        report.run_all("fmnist-tiny", [0], tmp_path / "runs", {**settings, "lr": 0.01}, log=lambda *a: None)
+        report.run_all("fmnist-tiny", [0], tmp_path / "runs", settings,
+                       log=lambda *a: pytest.fail("trained over another config's run"))
