@@ -39,7 +39,7 @@ class LenientInput(bentoml.IODescriptor):
         try:
             return await parse(cls, request)
         except RequestError as error:
-            request.state.__setattr__(PENDING, error)
+            setattr(request.state, PENDING, error)
             return cls.model_construct(**{name: None for name, f in cls.model_fields.items() if f.is_required()})
 
 
