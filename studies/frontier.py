@@ -297,9 +297,9 @@ def ship(results: Path, runs: Path, dest: Path, log=print) -> dict:
               "study_run": name}
     if "autoattack" in doc:
         values |= {"autoattack_accuracy": doc["autoattack"]["accuracy"], "autoattack_examples": doc["autoattack"]["examples"]}
-    with atomic_directory(dest, may_replace=is_checkpoint) as tmp:
+    with atomic_directory(dest, may_replace=is_checkpoint) as tmp:  # dest appears whole, numbers included
         shutil.copytree(source, tmp, dirs_exist_ok=True)
-    card = update_metrics(dest, **values)
+        card = update_metrics(tmp, **values)
     log(f"shipped {values['study_run']} ({doc['row']['label']}, seed {doc['seed']}) to {dest}: clean "
         f"{100 * card.clean_accuracy:.1f} %, worst case {100 * card.robust_accuracy:.1f} % on {doc['examples']} test images")
     return values

@@ -84,3 +84,12 @@ def test_ship_refuses_when_no_moe_run_is_sparse_enough_and_writes_nothing(study,
     with pytest.raises(ValueError, match="at most 0.01x its dense twin"):
         frontier.ship(root / "results", root / "runs", tmp_path / "shipped", log=lambda *a: None)
     assert not (tmp_path / "shipped").exists()
+
+
+def test_ship_writes_nothing_when_the_numbers_cannot_be_written(study, tmp_path, monkeypatch):
+    plan, rows, root, docs = study
+    monkeypatch.setattr(frontier, "SHIP_MAX_MACS", 1.0)
+    monkeypatch.setattr(frontier, "update_metrics", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        frontier.ship(root / "results", root / "runs", tmp_path / "shipped", log=lambda *a: None)
+    assert list(tmp_path.iterdir()) == []  # no half-shipped copy, no temporary folder left behind
