@@ -291,6 +291,8 @@ def ship(results: Path, runs: Path, dest: Path, log=print) -> dict:
     doc = max(candidates[key], key=lambda d: max(r["val_pgd_accuracy"] for r in d["curve"]))
     name = f"{doc['row']['key']}-seed{doc['seed']}"  # run_name's
     source = runs / name / "best"
+    if not is_checkpoint(source):
+        raise ValueError(f"{name} is the run to ship, but {source} holds no checkpoint; pass the study's --runs folder")
     values = {"clean_accuracy": doc["accuracy"]["clean"], "robust_accuracy": doc["worst_case"],
               "robust_examples": doc["examples"], "robust_attacks": sorted(k for k in doc["accuracy"] if k != "clean"),
               "route_flip_rate": doc.get("route_flip_rate"), "route_flip_attack": "router attack",

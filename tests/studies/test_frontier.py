@@ -93,3 +93,11 @@ def test_ship_writes_nothing_when_the_numbers_cannot_be_written(study, tmp_path,
     with pytest.raises(OSError, match="disk full"):
         frontier.ship(root / "results", root / "runs", tmp_path / "shipped", log=lambda *a: None)
     assert list(tmp_path.iterdir()) == []  # no half-shipped copy, no temporary folder left behind
+
+
+def test_ship_says_where_it_looked_when_the_run_is_gone(study, tmp_path, monkeypatch):
+    plan, rows, root, docs = study
+    monkeypatch.setattr(frontier, "SHIP_MAX_MACS", 1.0)
+    with pytest.raises(ValueError, match="advmoe-tiny-seed0 is the run to ship, but .* holds no checkpoint"):
+        frontier.ship(root / "results", tmp_path / "elsewhere", tmp_path / "shipped", log=lambda *a: None)
+    assert not (tmp_path / "shipped").exists()
