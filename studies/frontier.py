@@ -276,6 +276,8 @@ def ship(results: Path, runs: Path, dest: Path, log=print) -> dict:
     their dense twin's MACs; within it, the seed whose best checkpoint scored highest on
     *validation* PGD accuracy: choosing a seed by its test results would be selecting on the test set."""
     grouped = load_results(results)
+    if not grouped:
+        raise ValueError(f"no study results in {results}: run `python -m studies.frontier` first")
     candidates = {}
     for key, docs in grouped.items():
         row = docs[0]["row"]
