@@ -78,26 +78,21 @@ def test_ship_copies_the_best_moe_run_with_its_study_numbers(study, tmp_path, mo
     assert advmoe.load_checkpoint(tmp_path / "shipped").cfg.is_moe
 
 
-def test_ship_refuses_when_no_moe_run_is_sparse_enough_and_writes_nothing(study, tmp_path, monkeypatch):
-    plan, rows, root, docs = study
-    monkeypatch.setattr(frontier, "SHIP_MAX_MACS", 0.01)
-    with pytest.raises(ValueError, match="at most 0.01x its dense twin"):
-        frontier.ship(root / "results", root / "runs", tmp_path / "shipped", log=lambda *a: None)
-    assert not (tmp_path / "shipped").exists()
+def _fail_to_write(*args, **kwargs):
+    raise OSError("disk full")
 
 
-def test_ship_writes_nothing_when_the_numbers_cannot_be_written(study, tmp_path, monkeypatch):
+@pytest.mark.parametrize("max_macs,runs,broken,error,match", [
+    (0.01, "runs", False, ValueError, "at most 0.01x its dense twin"),  # no MoE run sparse enough
+    (1.0, "elsewhere", False, ValueError, "advmoe-tiny-seed0 is the run to ship, but .* holds no checkpoint"),
+    (1.0, "runs", True, OSError, "disk full"),  # the numbers cannot be written
+], ids=["not-sparse-enough", "run-gone", "write-fails"])
+def test_ship_fails_with_what_to_fix_and_leaves_nothing(study, tmp_path, monkeypatch, max_macs, runs, broken, error,
+                                                         match):
     plan, rows, root, docs = study
-    monkeypatch.setattr(frontier, "SHIP_MAX_MACS", 1.0)
-    monkeypatch.setattr(frontier, "update_metrics", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
-    with pytest.raises(OSError, match="disk full"):
-        frontier.ship(root / "results", root / "runs", tmp_path / "shipped", log=lambda *a: None)
+    monkeypatch.setattr(frontier, "SHIP_MAX_MACS", max_macs)
+    if broken:
+        monkeypatch.setattr(frontier, "update_metrics", _fail_to_write)
+    with pytest.raises(error, match=match):
+        frontier.ship(root / "results", root / runs, tmp_path / "shipped", log=lambda *a: None)
     assert list(tmp_path.iterdir()) == []  # no half-shipped copy, no temporary folder left behind
-
-
-def test_ship_says_where_it_looked_when_the_run_is_gone(study, tmp_path, monkeypatch):
-    plan, rows, root, docs = study
-    monkeypatch.setattr(frontier, "SHIP_MAX_MACS", 1.0)
-    with pytest.raises(ValueError, match="advmoe-tiny-seed0 is the run to ship, but .* holds no checkpoint"):
-        frontier.ship(root / "results", tmp_path / "elsewhere", tmp_path / "shipped", log=lambda *a: None)
-    assert not (tmp_path / "shipped").exists()
