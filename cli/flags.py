@@ -10,7 +10,7 @@ import types
 import typing
 from fractions import Fraction
 
-from advmoe.settings import ConfigError, choices_of, help_of
+from advmoe.settings import choices_of, help_of
 
 
 def number(text: str) -> float:
@@ -42,8 +42,7 @@ def _format_default(value) -> str:
     return str(value)
 
 
-def add_dataclass_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls, skip: tuple[str, ...] = (),
-                        defaults: dict | None = None) -> None:
+def add_dataclass_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls, skip: tuple[str, ...] = ()) -> None:
     """One `--field-name` flag per field of `cls`; its value is None when the flag is not given,
     so presets and config files keep theirs (`given_flags` collects the ones given)."""
     instance, hints = cls(), typing.get_type_hints(cls)
@@ -51,7 +50,7 @@ def add_dataclass_flags(parser: argparse.ArgumentParser | argparse._ArgumentGrou
         if field.name in skip:
             continue
         flag = "--" + field.name.replace("_", "-")
-        default = (defaults or {}).get(field.name, getattr(instance, field.name))
+        default = getattr(instance, field.name)
         choices = choices_of(field)
         text = help_of(field)
         if choices and any(choices.values()):  # values alone are in the metavar already
@@ -84,4 +83,4 @@ def given_flags(args: argparse.Namespace, cls, skip: tuple[str, ...] = ()) -> di
     return values
 
 
-__all__ = ["ConfigError", "add_dataclass_flags", "given_flags", "number"]
+__all__ = ["add_dataclass_flags", "given_flags", "number"]
