@@ -35,10 +35,10 @@ from PIL import Image
 
 import advmoe
 from advmoe.macs import measure_macs
+from serving.config import PROBE_NICENESS
 
 from .bench_sparse import build
 
-PROBE_NICENESS = 10  # serving.service.PROBE_NICENESS (not imported: it would start reading ADVMOE_* at import)
 
 # (name, model, runtime, execution): the model is the BentoML model the variant serves.
 VARIANTS = (
@@ -84,14 +84,6 @@ def png_images(n: int, image_size: int, seed: int = 0) -> list[bytes]:
         Image.fromarray(rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8)).save(buffer, "PNG")
         images.append(buffer.getvalue())
     return images
-
-
-def server_processes(server) -> list:
-    """The server's processes: `bentoml serve` and its workers (the API workers run the model)."""
-    import psutil
-
-    root = psutil.Process(server.process.pid)
-    return [root, *root.children(recursive=True)]
 
 
 def cpu_seconds(processes: list) -> dict[str, float]:
@@ -210,7 +202,7 @@ def run(concurrency=(1, 8, 32, 64), duration_s=15.0, rounds=1, runtimes=("onnxru
                    "ADVMOE_PROBE_ENABLED": "1" if probe_check else "0"}
             log = (log_dir or workdir) / f"serve-{name.replace(' ', '-')}-{runtime}.log"
             servers[variant] = Server(env, log_path=log, ready_timeout_s=300).start()
-            processes[variant] = server_processes(servers[variant])
+            processes[variant] = servers[variant].processes()
             print(f"serving {variant_label(variant)} at {servers[variant].url}", flush=True)
         samples = {(variant, n, level): [] for variant in variants for n in images_per_request for level in levels}
 

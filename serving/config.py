@@ -9,6 +9,7 @@ from dataclasses import dataclass, fields
 RUNTIMES = ("onnxruntime", "torch", "pt2")
 EXECUTIONS = ("sparse", "masked")
 ATTACKS = ("fgsm", "pgd")
+PROBE_NICENESS = 10  # the probe worker's: under /predict load it gets about a tenth of a core
 
 
 class ConfigError(ValueError):
@@ -22,7 +23,7 @@ class ServingConfig:
     execution: str = "sparse"  # torch runtime only: sparse dispatch or masked (every expert, then select)
     # API worker processes, each with the model and its batcher; 0 = one per core. On 2 cores, 2
     # workers of 1 thread served more images per second and per CPU second than 1 of 2 threads
-    # (`advmoe bench serve --workers N --threads M`, README).
+    # (`advmoe bench serve --workers N --threads M`, docs/clients.md).
     workers: int = 0
     threads: int = 0  # compute threads of each worker's model; 0 = the cores shared out over the workers
     max_batch_size: int = 64  # inputs per request, and the adaptive batcher's cap

@@ -121,13 +121,18 @@ class Server:
             return ""
         return "; its log ends with:\n" + "\n".join(self.log_path.read_text(errors="replace").splitlines()[-15:])
 
+    def processes(self) -> list[psutil.Process]:
+        """`bentoml serve` and its workers (the API workers run the model); [] once it has exited."""
+        try:
+            root = psutil.Process(self.process.pid)
+            return [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
     def stop(self) -> None:
         if self.process is None:
             return
-        try:
-            family = psutil.Process(self.process.pid).children(recursive=True) + [psutil.Process(self.process.pid)]
-        except psutil.NoSuchProcess:
-            family = []
+        family = self.processes()
         for process in family:
             try:
                 process.terminate()

@@ -24,7 +24,7 @@ from starlette.responses import JSONResponse
 from advmoe.card import read_card
 
 from . import probe_report
-from .config import ATTACKS, ServingConfig
+from .config import ATTACKS, PROBE_NICENESS, ServingConfig
 from .http import LenientInput, RequestGate, client_errors, single_file
 from .inputs import InputSpec, RequestError, from_images, from_npy, from_tensor
 from .metrics import metrics
@@ -37,7 +37,6 @@ CONFIG = ServingConfig.from_env()
 NO_RECYCLING = {"max_requests": 2**62, "max_age": 10.0**12}
 # A log line per request costs more than a small model's inference; /metrics counts requests.
 QUIET = {"access": {"enabled": False}}
-PROBE_NICENESS = 10  # the probe worker's: under /predict load it gets about a tenth of a core
 
 
 def stored_model(tag: str):
