@@ -30,10 +30,10 @@ from pathlib import Path
 import torch
 
 import advmoe
-from advmoe.checkpoint import is_checkpoint, read_metrics, update_metrics
+from advmoe.checkpoint import WEIGHTS, is_checkpoint, read_metrics, update_metrics
 from advmoe.io import atomic_directory, atomic_write_text
 from advmoe.stats import mean_std, percent
-from evaluation.robustness import ATTACKS, evaluate_checkpoint
+from evaluation.robustness import evaluate_checkpoint, file_sha256
 from training.config import TrainConfig, resolve
 from training.methods import METHODS, Step
 from training.trainer import make_optimizers, train
@@ -191,6 +191,7 @@ def result_path(results: Path, row: Row, seed: int) -> Path:
 
 
 def finished(results: Path, row: Row, seed: int, cfg: TrainConfig) -> dict | None:
+    """The run's summary if it landed for this config; headline runs also need their AutoAttack."""
     path = result_path(results, row, seed)
     if not path.is_file():
         return None
@@ -198,8 +199,28 @@ def finished(results: Path, row: Row, seed: int, cfg: TrainConfig) -> dict | Non
     return doc if doc.get("config") == cfg.to_dict() else None
 
 
+def _evaluate(best: Path, out: Path, cfg: TrainConfig, n: int, attacks: tuple[str, ...], settings: dict) -> dict:
+    """evaluate_checkpoint, or the eval.json already in `out` when it is of these weights, images
+    and settings (a study cut off during a later attack does not redo the earlier ones)."""
+    path = out / "eval.json"
+    if path.is_file():
+        doc = json.loads(path.read_text())
+        same = (doc.get("checkpoint_sha256") == file_sha256(best / WEIGHTS) and doc.get("first_examples") == n
+                and doc["settings"].get("attacks") == list(attacks)
+                and all(json.dumps(doc["settings"].get(k)) == json.dumps(list(v) if isinstance(v, tuple) else v)
+                        for k, v in settings.items()))
+        if same:
+            return doc
+    return evaluate_checkpoint(best, data_dir=cfg.data_dir, n_examples=n, out=out, progress=False, attacks=attacks,
+                               **settings)
+
+
+def _settings(plan: Plan) -> dict:
+    return {"pgd_steps": PGD_STEPS, "route_steps": ROUTE_STEPS, **plan.attack_settings}
+
+
 def run_one(plan: Plan, row: Row, seed: int, results: Path, log=print) -> dict:
-    """Train, evaluate and summarise one (row, seed); the summary file is written last."""
+    """Train and evaluate one (row, seed) with the main attacks; its summary file is written last."""
     cfg = plan.config(row, seed)
     out = Path(plan.runs) / run_name(row, seed)
     best = out / "best"
@@ -208,20 +229,27 @@ def run_one(plan: Plan, row: Row, seed: int, results: Path, log=print) -> dict:
         log(f"training {run_name(row, seed)} -> {out}")
         train(cfg, out, resume=(out / "config.json").is_file(), log=lambda *a, **k: None)
     train_seconds = time.perf_counter() - start
-    attacks = [a for a in MAIN_ATTACKS if cfg.is_moe or a not in ("route-fixed", "router")]
+    attacks = tuple(a for a in MAIN_ATTACKS if cfg.is_moe or a not in ("route-fixed", "router"))
     log(f"evaluating {run_name(row, seed)} on {plan.eval_examples} test images: {', '.join(attacks)}")
-    settings = {"pgd_steps": PGD_STEPS, "route_steps": ROUTE_STEPS, **plan.attack_settings}
-    main = evaluate_checkpoint(best, data_dir=cfg.data_dir, n_examples=plan.eval_examples, out=out / "eval-main",
-                               progress=False, attacks=tuple(attacks), **settings)
-    aa = None
-    if row.headline:
-        log(f"AutoAttack on {run_name(row, seed)}, {plan.autoattack_examples} test images")
-        aa = evaluate_checkpoint(best, data_dir=cfg.data_dir, n_examples=plan.autoattack_examples,
-                                 out=out / "eval-autoattack", progress=False, attacks=("autoattack",),
-                                 **{**settings, "pgd_steps": (10,)})
+    main = _evaluate(best, out / "eval-main", cfg, plan.eval_examples, attacks, _settings(plan))
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    doc = summarise(row, seed, cfg, main, aa, history)
+    doc = summarise(row, seed, cfg, main, None, history)
     doc["seconds"] = {"train": round(train_seconds, 1), "eval": round(time.perf_counter() - start - train_seconds, 1)}
+    atomic_write_text(result_path(results, row, seed), json.dumps(doc, indent=1) + "\n")
+    return doc
+
+
+def add_autoattack(plan: Plan, row: Row, seed: int, results: Path, doc: dict, log=print) -> dict:
+    """Full AutoAttack (standard) on a headline run's first --autoattack-examples, added to its summary."""
+    cfg = plan.config(row, seed)
+    out = Path(plan.runs) / run_name(row, seed)
+    start = time.perf_counter()
+    log(f"AutoAttack on {run_name(row, seed)}, {plan.autoattack_examples} test images")
+    aa = _evaluate(out / "best", out / "eval-autoattack", cfg, plan.autoattack_examples, ("autoattack",),
+                   {**_settings(plan), "pgd_steps": (10,)})
+    main = json.loads((out / "eval-main" / "eval.json").read_text())
+    doc = {**doc, "autoattack": summarise(row, seed, cfg, main, aa, [])["autoattack"]}
+    doc["seconds"] = {**doc["seconds"], "autoattack": round(time.perf_counter() - start, 1)}
     atomic_write_text(result_path(results, row, seed), json.dumps(doc, indent=1) + "\n")
     return doc
 
@@ -249,19 +277,27 @@ def summarise(row: Row, seed: int, cfg: TrainConfig, main: dict, aa: dict | None
 
 
 def run_study(plan: Plan, rows: list[Row], results: Path = RESULTS, report: Path = REPORT, log=print) -> list[dict]:
+    """Seed by seed: every row's run of that seed (headline rows first), then AutoAttack on the
+    headline runs of that seed. A study cut off early still has every row, and it resumes from
+    the result files that landed."""
     results.mkdir(parents=True, exist_ok=True)
-    # Every row's first seed before any row's second: a study cut off still has every row.
-    order = sorted(((i, row, seed) for row in rows for i, seed in enumerate(row.seeds)), key=lambda t: t[0])
-    docs = []
-    for _, row, seed in order:
-        doc = finished(results, row, seed, plan.config(row, seed))
-        if doc is None:
-            doc = run_one(plan, row, seed, results, log)
-            log(f"done {run_name(row, seed)}: worst case {100 * doc['worst_case']:.1f} %; "
-                f"{result_path(results, row, seed)} written (commit it)")
-            write_report(results, report, plan)
-        docs.append(doc)
-    return docs
+    docs = {}
+    for i in range(max(len(row.seeds) for row in rows)):
+        runs = sorted(((row, row.seeds[i]) for row in rows if i < len(row.seeds)), key=lambda t: not t[0].headline)
+        for row, seed in runs:
+            doc = finished(results, row, seed, plan.config(row, seed))
+            if doc is None:
+                doc = run_one(plan, row, seed, results, log)
+                log(f"done {run_name(row, seed)}: worst case {100 * doc['worst_case']:.1f} %; "
+                    f"{result_path(results, row, seed)} written (commit it)")
+                write_report(results, report, plan)
+            docs[row.key, seed] = doc
+        for row, seed in runs:
+            if row.headline and "autoattack" not in docs[row.key, seed]:
+                docs[row.key, seed] = add_autoattack(plan, row, seed, results, docs[row.key, seed], log)
+                log(f"done AutoAttack on {run_name(row, seed)}: {result_path(results, row, seed)} updated (commit it)")
+                write_report(results, report, plan)
+    return [docs[row.key, seed] for row in rows for seed in row.seeds]
 
 
 # -- shipping ---------------------------------------------------------------------------------------
