@@ -14,6 +14,9 @@ def mean_std(values: list[float | None]) -> tuple[float, float]:
 
 
 def percent(values: list[float | None]) -> str:
-    """'61.3 ± 2.0' for fractions [0.6, 0.62, ...]; 'n/a' when there is none."""
+    """'61.3 ± 2.0' for fractions [0.6, 0.62, ...]; '61.3' for one value (one seed has no
+    spread to show); 'n/a' when there is none."""
     mean, std = mean_std(values)
-    return "n/a" if mean != mean else f"{100 * mean:.1f} ± {100 * std:.1f}"
+    if mean != mean:
+        return "n/a"
+    return f"{100 * mean:.1f}" if sum(v is not None for v in values) == 1 else f"{100 * mean:.1f} ± {100 * std:.1f}"

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import statistics
 import sys
@@ -226,17 +227,14 @@ def run_one(plan: Plan, row: Row, seed: int, results: Path, log=print) -> dict:
     cfg = plan.config(row, seed)
     out = Path(plan.runs) / run_name(row, seed)
     best = out / "best"
-    start = time.perf_counter()
     if not (best / "metrics.json").is_file() or "test_pgd_accuracy" not in read_metrics(best):
         log(f"training {run_name(row, seed)} -> {out}")
         train(cfg, out, resume=(out / "config.json").is_file(), log=lambda *a, **k: None)
-    train_seconds = time.perf_counter() - start
     attacks = tuple(a for a in MAIN_ATTACKS if cfg.is_moe or a not in ("route-fixed", "router"))
     log(f"evaluating {run_name(row, seed)} on {plan.eval_examples} test images: {', '.join(attacks)}")
     main = _evaluate(best, out / "eval-main", cfg, plan.eval_examples, attacks, _settings(plan))
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     doc = summarise(row, seed, cfg, main, None, history)
-    doc["seconds"] = {"train": round(train_seconds, 1), "eval": round(time.perf_counter() - start - train_seconds, 1)}
     atomic_write_text(result_path(results, row, seed), json.dumps(doc, indent=1) + "\n")
     return doc
 
@@ -245,13 +243,12 @@ def add_autoattack(plan: Plan, row: Row, seed: int, results: Path, doc: dict, lo
     """Full AutoAttack (standard) on a headline run's first --autoattack-examples, added to its summary."""
     cfg = plan.config(row, seed)
     out = Path(plan.runs) / run_name(row, seed)
-    start = time.perf_counter()
     log(f"AutoAttack on {run_name(row, seed)}, {plan.autoattack_examples} test images")
     aa = _evaluate(out / "best", out / "eval-autoattack", cfg, plan.autoattack_examples, ("autoattack",),
                    {**_settings(plan), "pgd_steps": (10,)})
     main = json.loads((out / "eval-main" / "eval.json").read_text())
     doc = {**doc, "autoattack": summarise(row, seed, cfg, main, aa, [])["autoattack"]}
-    doc["seconds"] = {**doc["seconds"], "autoattack": round(time.perf_counter() - start, 1)}
+    doc["seconds"] = {**doc["seconds"], "autoattack": aa["seconds"]}
     atomic_write_text(result_path(results, row, seed), json.dumps(doc, indent=1) + "\n")
     return doc
 
@@ -264,7 +261,9 @@ def summarise(row: Row, seed: int, cfg: TrainConfig, main: dict, aa: dict | None
            "pgd": pgd, "pgd_minus_worst": acc[pgd] - main["robust_accuracy"],
            "sanity_passed": main["sanity"]["passed"], "sanity_failed": main["sanity"]["failed"],
            "curve": [{k: r.get(k) for k in ("epoch", "val_clean_accuracy", "val_pgd_accuracy", "epoch_seconds")}
-                     for r in history]}
+                     for r in history],
+           # what the work took (the training epochs and the evaluation), however often it was resumed
+           "seconds": {"train": round(sum(r["epoch_seconds"] for r in history), 1), "eval": main["seconds"]}}
     router = main["attacks"].get("router")
     if router:
         doc["route_flip_rate"] = router["route_flip_rate"]
@@ -455,11 +454,13 @@ def write_report(results: Path, report: Path, plan: Plan, command: str | None = 
     png = report.with_suffix(".png")
     plot(grouped, png)
     first = next(iter(grouped.values()))[0]["config"]
-    hours = sum(d["seconds"]["train"] + d["seconds"]["eval"] for docs in grouped.values() for d in docs) / 3600
+    hours = sum(sum(d["seconds"].values()) for docs in grouped.values() for d in docs) / 3600
+    folder = os.path.relpath(results, report.parent)
     text = f"""# Robustness against cost on Fashion-MNIST
 
-Produced by `{command or 'python -m studies.frontier'}` (studies/frontier.py) from the results in
-`{results}/` ({sum(len(d) for d in grouped.values())} runs, {hours:.1f} hours of this machine's time so far).
+Produced by `{command or 'python -m studies.frontier'}` (studies/frontier.py) from the result files in
+[{folder}/]({folder}/) ({sum(len(d) for d in grouped.values())} runs, {hours:.1f} hours of this machine's time so far:
+training epochs and evaluations, as each result file records them).
 linf ε = {first['eps']:g}; training: {first['epochs']} epochs, {first['train_examples'] or 'all'} training images, PGD-{first['attack_steps']}
 for the training attack; checkpoints selected on validation PGD accuracy. Evaluation on the first
 {plan.eval_examples} test images: PGD-10 and PGD-50 through the straight-through router, APGD-CE then APGD-T,

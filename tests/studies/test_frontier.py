@@ -38,6 +38,10 @@ def test_each_run_leaves_a_result_file_with_its_worst_case(study):
     assert {"pgd-2", "pgd-3", "apgd", "route-fixed", "router"} <= set(moe["accuracy"])
     assert moe["worst_case"] <= min(moe["accuracy"].values())  # per image, so at most every attack's accuracy
     assert moe["autoattack"]["examples"] == 4 and 0 <= moe["route_flip_rate"] <= 1
+    # the cost is what the work took (epochs, evaluations), so a resumed run still counts it
+    history = [json.loads(line) for line in (root / "runs" / "advmoe-tiny-seed0" / "metrics.jsonl").read_text().splitlines()]
+    assert moe["seconds"]["train"] == pytest.approx(sum(r["epoch_seconds"] for r in history), abs=0.1)
+    assert moe["seconds"]["eval"] > 0 and moe["seconds"]["autoattack"] > 0
     dense = json.loads((root / "results" / "pgd-at-tiny-seed0.json").read_text())
     assert "route-fixed" not in dense["accuracy"] and "autoattack" not in dense
     assert dense["macs_per_image"] > moe["macs_per_image"]  # the same width, dense: more MACs
@@ -47,6 +51,7 @@ def test_the_report_and_its_plot_come_from_the_result_files(study):
     plan, rows, root, docs = study
     text = (root / "frontier.md").read_text()
     assert "| AdvMoE, tiny |" in text and "| dense PGD-AT, tiny |" in text
+    assert "[results/](results/)" in text  # the result files, linked from where the report is
     assert "the dense model of the same MACs (dense PGD-AT, tiny)" in text and "PGD-2 minus worst case" in text
     assert (root / "frontier.png").read_bytes()[:4] == b"\x89PNG"
 
