@@ -456,10 +456,11 @@ def write_report(results: Path, report: Path, plan: Plan, command: str | None = 
     first = next(iter(grouped.values()))[0]["config"]
     hours = sum(sum(d["seconds"].values()) for docs in grouped.values() for d in docs) / 3600
     folder = os.path.relpath(results, report.parent)
+    runs = sum(len(d) for d in grouped.values())
     text = f"""# Robustness against cost on Fashion-MNIST
 
 Produced by `{command or 'python -m studies.frontier'}` (studies/frontier.py) from the result files in
-[{folder}/]({folder}/) ({sum(len(d) for d in grouped.values())} runs, {hours:.1f} hours of this machine's time so far:
+[{folder}/]({folder}/) ({runs} run{'s' * (runs != 1)}, {hours:.1f} hours of this machine's time so far:
 training epochs and evaluations, as each result file records them).
 linf ε = {first['eps']:g}; training: {first['epochs']} epochs, {first['train_examples'] or 'all'} training images, PGD-{first['attack_steps']}
 for the training attack; checkpoints selected on validation PGD accuracy. Evaluation on the first
