@@ -377,6 +377,10 @@ def table(grouped: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
+def _mean(docs: list[dict], key: str) -> float:
+    return mean_std([d["accuracy"].get(key) for d in docs])[0]
+
+
 def verdicts(grouped: dict[str, list[dict]]) -> list[str]:
     """Sentences computed from the results (no number typed in); what the issue asks the study to show."""
     dense = {k: d for k, d in grouped.items() if d[0]["row"]["method"] == "pgd-at"}
@@ -393,10 +397,15 @@ def verdicts(grouped: dict[str, list[dict]]) -> list[str]:
         (m, sm), (o, so) = worst[best], worst[other]
         spread = max(sm, so)
         beats = m - o > spread
-        lines.append(f"{b['row']['label']} (the best MoE row) {'beats' if beats else 'does not beat'} {what} "
-                     f"({grouped[other][0]['row']['label']}) on worst-case robust accuracy by more than the seed "
-                     f"spread: {100 * m:.1f} % vs {100 * o:.1f} %, difference {100 * (m - o):+.1f} points, "
-                     f"spread {100 * spread:.1f} points.")
+        line = (f"{b['row']['label']} (the best MoE row) {'beats' if beats else 'does not beat'} {what} "
+                f"({grouped[other][0]['row']['label']}) on worst-case robust accuracy by more than the seed "
+                f"spread: {100 * m:.1f} % vs {100 * o:.1f} %, difference {100 * (m - o):+.1f} points, "
+                f"spread {100 * spread:.1f} points.")
+        if not beats:  # where it loses: the difference under each attack both rows ran
+            diff = {name: _mean(grouped[best], k) - _mean(grouped[other], k) for k, name in COLUMNS}
+            diffs = [f"{name} {100 * v:+.1f}" for name, v in diff.items() if not math.isnan(v)]
+            line += f" Difference by attack, in points: {', '.join(diffs)}."
+        lines.append(line)
 
     compare(equal, "the dense model of the same MACs")
     moe_at = [k for k in moe if grouped[k][0]["row"]["method"] == "moe-at"]

@@ -101,3 +101,20 @@ def test_ship_fails_with_what_to_fix_and_leaves_nothing(study, tmp_path, monkeyp
     with pytest.raises(error, match=match):
         frontier.ship(root / "results", root / runs, tmp_path / "shipped", log=lambda *a: None)
     assert list(tmp_path.iterdir()) == []  # no half-shipped copy, no temporary folder left behind
+
+
+def _planted(key: str, method: str, macs: int, worst: list[float], apgd: list[float]) -> list[dict]:
+    return [{"row": {"key": key, "method": method, "label": key}, "seed": seed, "macs_per_image": macs,
+             "accuracy": {"clean": 0.83, "pgd-10": 0.73, "apgd": a}, "worst_case": w, "pgd": "pgd-10",
+             "pgd_minus_worst": 0.73 - w, "route_flip_rate": 0.04 if method != "pgd-at" else None}
+            for seed, (w, a) in enumerate(zip(worst, apgd))]
+
+
+@pytest.mark.parametrize("moe_worst, beats", [([0.75, 0.76], True), ([0.715, 0.74], False), ([0.65, 0.66], False)])
+def test_the_verdicts_weigh_the_difference_against_the_seed_spread(moe_worst, beats):
+    grouped = {"dense": _planted("dense", "pgd-at", 11, [0.71, 0.72], [0.71, 0.72]),
+               "moe": _planted("moe", "advmoe", 10, moe_worst, moe_worst)}
+    first = frontier.verdicts(grouped)[0]
+    assert first.startswith("moe (the best MoE row) " + ("beats" if beats else "does not beat") + " the dense model")
+    # a loss says where: the difference under each attack both rows ran
+    assert ("Difference by attack, in points: clean +0.0, PGD-10 +0.0, APGD-CE+T" in first) == (not beats)
