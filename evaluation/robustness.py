@@ -55,6 +55,7 @@ ATTACKS = {
     "pgd": "PGD-K through the straight-through router, one run per K of --pgd-steps",
     "autoattack": "AutoAttack standard: APGD-CE, APGD-T, FAB-T, Square",
     "apgd": "APGD-CE, then APGD-T on its survivors (AutoAttack's first two; skipped when autoattack runs)",
+    "fab": "FAB-T alone, on every clean-correct example (AutoAttack's third; skipped when autoattack runs)",
     "route-fixed": "PGD with every route forced to each expert in turn, judged on the real model",
     "router": "PGD on the router scores: how often the route (and the prediction) flips",
     "square": "Square alone (gradient-free): the cross-check for gradient masking",
@@ -207,12 +208,12 @@ class _Evaluator:
         self.is_moe = model.cfg.is_moe
         self.shared_router = model.router is not None
         self.gradient_aa = autoattack.STANDARD[:3] if "autoattack" in attacks else ()
-        self.cascades = {"autoattack": (*self.gradient_aa, "square"), "apgd": APGD}
+        self.cascades = {"autoattack": (*self.gradient_aa, "square"), "apgd": APGD, "fab": ("fab-t",)}
 
     def stages_per_unit(self) -> int:
         a, s = self.attacks, self.s
         return (1 + len(set(s.pgd_steps)) * ("pgd" in a) + len(self.gradient_aa) + ("square" in a or "autoattack" in a)
-                + len(APGD) * ("apgd" in a) + self.masked.cfg.num_experts * ("route-fixed" in a) + ("router" in a))
+                + len(APGD) * ("apgd" in a) + ("fab" in a) + self.masked.cfg.num_experts * ("route-fixed" in a) + ("router" in a))
 
     # -- helpers --------------------------------------------------------------------------
     def stage(self, text: str) -> None:
@@ -255,6 +256,8 @@ class _Evaluator:
             self.cascade(out, x, y, "autoattack", self.gradient_aa, square=True)
         if "apgd" in self.attacks:
             self.cascade(out, x, y, "apgd", APGD, square=False)
+        if "fab" in self.attacks:
+            self.cascade(out, x, y, "fab", self.cascades["fab"], square=False)
         if "route-fixed" in self.attacks:
             self.route_fixed(out, x, y)
         if "router" in self.attacks:
@@ -419,9 +422,10 @@ def evaluate_model(model: nn.Module, x: Tensor, y: Tensor, settings: EvalSetting
             if name in attacks:
                 attacks.remove(name)
                 skipped[name] = "dense model (no router): no route to fix or to attack"
-    if "apgd" in attacks and "autoattack" in attacks:
-        attacks.remove("apgd")
-        skipped["apgd"] = "AutoAttack runs APGD-CE and APGD-T already"
+    for name, parts in (("apgd", "APGD-CE and APGD-T"), ("fab", "FAB-T")):
+        if name in attacks and "autoattack" in attacks:
+            attacks.remove(name)
+            skipped[name] = f"AutoAttack runs {parts} already"
     rank, world = _world()
     units = _units(len(x), s.batch_size)
     mine = [u for u in range(len(units)) if u % world == rank]
@@ -508,7 +512,7 @@ def _attack_entry(ev: _Evaluator, out: Results, name: str, y: Tensor) -> dict:
         total = (sum(p["seconds"] for p in parts), sum(p["cpu_seconds"] for p in parts))
         standard = (name == "autoattack" and ev.gradient_aa == autoattack.STANDARD[:3] and s.square_queries == 5000
                     and s.apgd_iterations == 100)
-        kind = "AutoAttack " + ("standard" if standard else "custom") if name == "autoattack" else "APGD"
+        kind = "AutoAttack " + ("standard" if standard else "custom") if name == "autoattack" else name.upper()
         entry.update(_timing(n, total), components=parts, standard=standard, description=(
             f"{kind} (pyautoattack): {', '.join(p['name'].upper() for p in parts)} in cascade; robust if no "
             "component fools the example"))
@@ -545,7 +549,7 @@ def _checks(out: Results, c: dict[str, Tensor], y: Tensor, sweep: dict, relative
     pgd_names = [k for k in c if k.startswith("pgd-")]
     checks.append(sanity.more_steps({int(k[4:]): c[k].float().mean().item() for k in pgd_names}, len(y)))
     # gradient attacks through the router; AutoAttack without its Square part
-    gradient = {k: c[k] for k in pgd_names + ["apgd"] if k in c}
+    gradient = {k: c[k] for k in pgd_names + ["apgd", "fab"] if k in c}
     if "autoattack-gradient/pred" in out.rows:
         gradient["autoattack-gradient"] = out.correct("autoattack-gradient", y)
     route = {k: c[k] for k in ROUTE_ATTACKS if k in c}

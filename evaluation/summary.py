@@ -1,7 +1,8 @@
 """The short markdown summary of an eval.json document (eval.md, and what `advmoe eval` prints)."""
 from __future__ import annotations
 
-LABELS = {"clean": "clean", "autoattack": "AutoAttack", "apgd": "APGD-CE + APGD-T", "route-fixed": "route-fixed", "router": "router attack",
+LABELS = {"clean": "clean", "autoattack": "AutoAttack", "apgd": "APGD-CE + APGD-T", "fab": "FAB-T", "route-fixed": "route-fixed",
+          "router": "router attack",
           "square": "Square alone"}
 
 

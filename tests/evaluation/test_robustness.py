@@ -97,6 +97,7 @@ def test_autoattack_and_route_fixed_are_at_least_as_strong_as_pgd10(full):
     assert [r["expert"] for r in routes] == [0, 1]
     assert set(full["experts"]["per_route"]) == {"0", "1"}
     assert "AutoAttack runs APGD-CE and APGD-T already" in full["skipped"]["apgd"]
+    assert "AutoAttack runs FAB-T already" in full["skipped"]["fab"]
 
 
 def test_apgd_alone_is_autoattacks_first_two_in_cascade(trained, full):
@@ -106,6 +107,19 @@ def test_apgd_alone_is_autoattacks_first_two_in_cascade(trained, full):
     assert [c["name"] for c in apgd["components"]] == ["apgd-ce", "apgd-t"]
     assert apgd["components"][1]["attacked"] <= apgd["components"][0]["attacked"]  # APGD-T attacks the survivors
     assert doc["accuracy"]["apgd"] == apgd["components"][1]["accuracy_after"] <= doc["accuracy"]["clean"]
+
+
+def test_fab_alone_attacks_every_clean_correct_example(trained):
+    """FAB-T on its own (AutoAttack's third attack): with APGD and Square run elsewhere on the
+    same images, a study composes AutoAttack per example without running APGD twice."""
+    model, x, y = trained
+    doc = evaluate_model(model, x, y, EvalSettings(**{**FAST, "attacks": ("fab",), "apgd_iterations": 20}), progress=False)
+    fab = doc["attacks"]["fab"]
+    assert [c["name"] for c in fab["components"]] == ["fab-t"]
+    assert fab["components"][0]["attacked"] == round(doc["accuracy"]["clean"] * len(y))
+    assert doc["accuracy"]["fab"] <= doc["accuracy"]["clean"] and fab["max_perturbation"] <= EPS + 1e-5
+    assert doc["per_example"]["robust"] == "".join(
+        str(int(c == f == "1")) for c, f in zip(doc["per_example"]["clean"], doc["per_example"]["fab"]))
 
 
 def test_the_worst_case_is_taken_per_example(full):

@@ -42,6 +42,10 @@ def test_each_run_leaves_a_result_file_with_its_worst_case(study):
     history = [json.loads(line) for line in (root / "runs" / "advmoe-tiny-seed0" / "metrics.jsonl").read_text().splitlines()]
     assert moe["seconds"]["train"] == pytest.approx(sum(r["epoch_seconds"] for r in history), abs=0.1)
     assert moe["seconds"]["eval"] > 0 and moe["seconds"]["autoattack"] > 0
+    rest = json.loads((root / "runs" / "advmoe-tiny-seed0" / "eval-autoattack" / "eval.json").read_text())
+    assert rest["attacks_run"] == ["fab", "square"]  # APGD-CE and APGD-T are not run twice
+    assert moe["autoattack"]["standard"] is False  # 3 iterations, 10 queries: said so
+    assert moe["autoattack"]["worst_case_with_main"] <= moe["autoattack"]["accuracy"]
     dense = json.loads((root / "results" / "pgd-at-tiny-seed0.json").read_text())
     assert "route-fixed" not in dense["accuracy"] and "autoattack" not in dense
     assert dense["macs_per_image"] > moe["macs_per_image"]  # the same width, dense: more MACs
@@ -118,3 +122,20 @@ def test_the_verdicts_weigh_the_difference_against_the_seed_spread(moe_worst, be
     assert first.startswith("moe (the best MoE row) " + ("beats" if beats else "does not beat") + " the dense model")
     # a loss says where: the difference under each attack both rows ran
     assert ("Difference by attack, in points: clean +0.0, PGD-10 +0.0, APGD-CE+T" in first) == (not beats)
+
+
+def _eval_doc(sha: str = "w", **bits) -> dict:
+    return {"examples": len(next(iter(bits.values()))), "checkpoint_sha256": sha, "autoattack_flags": [],
+            "settings": {"apgd_iterations": 100, "square_queries": 5000},
+            "per_example": {"label": [0] * len(next(iter(bits.values()))), **bits}}
+
+
+def test_autoattack_is_composed_per_image_from_its_four_attacks():
+    main = _eval_doc(clean="11110", apgd="11100", robust="10100")
+    rest = _eval_doc(clean="1111", fab="1011", square="1110")
+    rest["examples"] = 4
+    aa = frontier.compose_autoattack(main, rest)
+    # images 0 and 2 survive all four attacks; 1 falls to FAB-T; 3 to APGD and Square
+    assert (aa["accuracy"], aa["worst_case_with_main"], aa["standard"]) == (0.5, 0.5, True)
+    with pytest.raises(ValueError, match="different weights"):
+        frontier.compose_autoattack(main, {**rest, "checkpoint_sha256": "other"})
