@@ -381,18 +381,20 @@ COLUMNS = (("clean", "clean"), ("pgd-10", "PGD-10"), ("pgd-50", "PGD-50"), ("apg
 
 def table(grouped: dict[str, list[dict]]) -> str:
     lines = ["| row | MACs per image | seeds | " + " | ".join(name for _, name in COLUMNS)
-             + " | **worst case** | PGD - worst | route flips | AutoAttack (worst with the rest) |",
-             "|---" * (len(COLUMNS) + 7) + "|"]
+             + " | **worst case** | PGD - worst | route flips | busiest expert | AutoAttack (worst with the rest) |",
+             "|---" * (len(COLUMNS) + 8) + "|"]
     for key, docs in grouped.items():
         cells = [percent([d["accuracy"].get(k) for d in docs]) if any(k in d["accuracy"] for d in docs) else "-"
                  for k, _ in COLUMNS]
         flips = percent([d.get("route_flip_rate") for d in docs]) if "route_flip_rate" in docs[0] else "-"
+        # its share of the clean test routes: 100 % is a collapsed router, a dense model in effect
+        busiest = percent([max(d["expert_share"]) for d in docs]) if "expert_share" in docs[0] else "-"
         aa = [d["autoattack"] for d in docs if "autoattack" in d]
         aa_cell = f"{percent([a['accuracy'] for a in aa])} ({percent([a['worst_case_with_main'] for a in aa])})" if aa else "-"
         lines.append(f"| {docs[0]['row']['label']} | {docs[0]['macs_per_image'] / 1e6:.2f} M | "
                      f"{', '.join(str(d['seed']) for d in docs)} | " + " | ".join(cells)
                      + f" | **{percent([d['worst_case'] for d in docs])}** | {percent([d['pgd_minus_worst'] for d in docs])} "
-                     f"| {flips} | {aa_cell} |")
+                     f"| {flips} | {busiest} | {aa_cell} |")
     return "\n".join(lines)
 
 
@@ -497,7 +499,9 @@ the route-fixed and the router attack; the **worst case** counts an image only i
 them. Headline rows add AutoAttack (standard) on the first {plan.autoattack_examples}: its APGD-CE and APGD-T are the
 main evaluation's, FAB-T and Square run on every clean-correct image of those, and an image survives
 AutoAttack if none of the four fools it; in brackets, the worst case over AutoAttack and everything else
-on those images. Mean ± standard deviation over seeds.
+on those images. Route flips: the share of images whose route the router attack changes; busiest
+expert: the share of clean test routes that go to the most used expert (100 % is a router collapsed
+to one expert, a dense model of the expert's width in effect). Mean ± standard deviation over seeds.
 
 ![frontier]({png.name})
 

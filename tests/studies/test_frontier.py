@@ -56,6 +56,8 @@ def test_the_report_and_its_plot_come_from_the_result_files(study):
     text = (root / "frontier.md").read_text()
     assert "| AdvMoE, tiny |" in text and "| dense PGD-AT, tiny |" in text
     assert "[results/](results/)" in text  # the result files, linked from where the report is
+    moe_row = next(line for line in text.splitlines() if line.startswith("| AdvMoE, tiny |")).split(" | ")
+    assert moe_row[-2] != "-" and moe_row[-3] != "-"  # route flips and the busiest expert's share: MoE rows have them
     assert "the dense model of the same MACs (dense PGD-AT, tiny)" in text and "PGD-2 minus worst case" in text
     assert (root / "frontier.png").read_bytes()[:4] == b"\x89PNG"
 
