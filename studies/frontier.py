@@ -288,6 +288,8 @@ def summarise(row: Row, seed: int, cfg: TrainConfig, main: dict, history: list[d
                      for r in history],
            # what the work took (the training epochs and the evaluation), however often it was resumed
            "seconds": {"train": round(sum(r["epoch_seconds"] for r in history), 1), "eval": main["seconds"]}}
+    if "apgd" in main["attacks"]:  # what APGD-CE finds alone, before APGD-T
+        doc["apgd_components"] = {c["name"]: c["accuracy_after"] for c in main["attacks"]["apgd"]["components"]}
     router = main["attacks"].get("router")
     if router:
         doc["route_flip_rate"] = router["route_flip_rate"]

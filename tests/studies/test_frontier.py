@@ -37,6 +37,7 @@ def test_each_run_leaves_a_result_file_with_its_worst_case(study):
     moe = json.loads((root / "results" / "advmoe-tiny-seed0.json").read_text())
     assert {"pgd-2", "pgd-3", "apgd", "route-fixed", "router"} <= set(moe["accuracy"])
     assert moe["worst_case"] <= min(moe["accuracy"].values())  # per image, so at most every attack's accuracy
+    assert moe["apgd_components"]["apgd-t"] == moe["accuracy"]["apgd"] <= moe["apgd_components"]["apgd-ce"]
     assert moe["autoattack"]["examples"] == 4 and 0 <= moe["route_flip_rate"] <= 1
     # the cost is what the work took (epochs, evaluations), so a resumed run still counts it
     history = [json.loads(line) for line in (root / "runs" / "advmoe-tiny-seed0" / "metrics.jsonl").read_text().splitlines()]
