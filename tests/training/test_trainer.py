@@ -142,3 +142,20 @@ def test_the_fashion_mnist_preset_starts_its_attack_uniform_and_the_cifar_preset
     # Fashion-MNIST at eps 0.1 overfits catastrophically from the normal start (reports/attack_start.md).
     assert resolve("fmnist-tiny").attack_start == "uniform"
     assert resolve("cifar10-resnet18").attack_start == resolve().attack_start == "normal"
+
+
+def test_a_collapse_of_validation_robustness_is_warned_and_the_best_checkpoint_kept(data, tmp_path, monkeypatch):
+    """Catastrophic overfitting: validation PGD accuracy falls far under its best while training
+    goes on. The log says so, with what to try, and `best/` stays the better epoch."""
+    scores = iter([0.6, 0.3, 0.3])  # two epochs, then the final test
+
+    def falling(model, dataset, cfg, device, **kwargs):
+        return {"clean_accuracy": 0.8, "pgd_accuracy": next(scores), "examples": 1}
+
+    monkeypatch.setattr(trainer, "validate", falling)
+    lines = []
+    trainer.train(config(data, method="standard", epochs=2), tmp_path / "run", log=lines.append, test_examples=8)
+    warnings = [line for line in lines if "overfit catastrophically" in line]
+    assert len(warnings) == 1 and "from its best 60.0% to 30.0%" in warnings[0] and "--attack-steps" in warnings[0]
+    assert json.loads((tmp_path / "run/best/metrics.json").read_text())["epoch"] == 1
+    assert trainer.overfitting_warning(0.6, 0.55) is None  # a dip of a few points is noise, not a collapse
