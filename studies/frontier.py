@@ -35,6 +35,7 @@ import advmoe
 from advmoe.checkpoint import WEIGHTS, is_checkpoint, read_metrics, update_metrics
 from advmoe.io import atomic_directory, atomic_write_text
 from advmoe.stats import mean_std, percent
+from evaluation import sanity
 from evaluation.robustness import evaluate_checkpoint, file_sha256
 from training.config import TrainConfig, resolve
 from training.methods import METHODS, Step
@@ -272,8 +273,14 @@ def compose_autoattack(main: dict, rest: dict) -> dict:
     worst = [a and r == "1" for a, r in zip(survives, main["per_example"]["robust"][:n])]
     standard = (main["settings"]["apgd_iterations"] == rest["settings"]["apgd_iterations"] == 100
                 and rest["settings"]["square_queries"] == 5000)
+    # the masking check against every white-box attack of both evaluations (rest's own eval.json
+    # can only set Square against FAB-T)
+    white_box = torch.tensor([r == f == "1" for r, f in zip(main["per_example"]["robust"][:n], rest["per_example"]["fab"])])
+    square = torch.tensor([b == "1" for b in rest["per_example"]["square"]])
+    check = sanity.square_vs_white_box(square, white_box, square.float().mean().item(), white_box.float().mean().item())
     return {"examples": n, "accuracy": sum(survives) / n, "worst_case_with_main": sum(worst) / n,
             "standard": standard, "flags": sorted(set(main["autoattack_flags"]) | set(rest["autoattack_flags"])),
+            "square_check": check,
             "composed_of": "APGD-CE and APGD-T from the main evaluation, FAB-T and Square on every clean-correct image"}
 
 
@@ -434,6 +441,12 @@ def verdicts(grouped: dict[str, list[dict]]) -> list[str]:
     moe_at = [k for k in moe if grouped[k][0]["row"]["method"] == "moe-at"]
     if moe_at and moe_at[0] != best:
         compare(moe_at[0], "MoE-AT")
+    for docs in grouped.values():  # the gradient-masking check of the composed AutoAttack
+        for d in docs:
+            check = d.get("autoattack", {}).get("square_check")
+            if check and not check["passed"]:
+                lines.append(f"{d['row']['label']}, seed {d['seed']}: Square found what every white-box attack missed, a "
+                             f"sign of gradient masking ({check['detail']}).")
     gap = mean_std([x["pgd_minus_worst"] for x in grouped[best]])[0]
     flips = mean_std([x.get("route_flip_rate") for x in grouped[best]])[0]
     lines.append(f"{b['row']['label']}: {b['pgd'].upper()} minus worst case {100 * gap:.1f} points (target at most 5: "

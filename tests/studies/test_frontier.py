@@ -140,5 +140,18 @@ def test_autoattack_is_composed_per_image_from_its_four_attacks():
     aa = frontier.compose_autoattack(main, rest)
     # images 0 and 2 survive all four attacks; 1 falls to FAB-T; 3 to APGD and Square
     assert (aa["accuracy"], aa["worst_case_with_main"], aa["standard"]) == (0.5, 0.5, True)
+    assert aa["square_check"]["passed"]  # Square fooled nothing that every white-box attack missed
+    masked = frontier.compose_autoattack(main, {**rest, "per_example": {**rest["per_example"], "square": "0000"}})
+    assert not masked["square_check"]["passed"] and "2 of 4 examples fooled by Square only" in masked["square_check"]["detail"]
     with pytest.raises(ValueError, match="different weights"):
         frontier.compose_autoattack(main, {**rest, "checkpoint_sha256": "other"})
+
+
+def test_a_failed_masking_check_of_autoattack_is_a_verdict():
+    grouped = {"dense": _planted("dense", "pgd-at", 11, [0.71, 0.72], [0.71, 0.72]),
+               "moe": _planted("moe", "advmoe", 10, [0.56, 0.57], [0.58, 0.59])}
+    grouped["moe"][1]["autoattack"] = {"square_check": {"passed": False, "detail": "12 of 500 examples fooled by Square only"}}
+    lines = frontier.verdicts(grouped)
+    assert [line for line in lines if "gradient masking" in line] == [
+        "moe, seed 1: Square found what every white-box attack missed, a sign of gradient masking "
+        "(12 of 500 examples fooled by Square only)."]
