@@ -199,7 +199,7 @@ def result_path(results: Path, row: Row, seed: int) -> Path:
 
 
 def finished(results: Path, row: Row, seed: int, cfg: TrainConfig) -> dict | None:
-    """The run's summary if it landed for this config; headline runs also need their AutoAttack."""
+    """The run's summary if it landed for this config (run_study adds AutoAttack to it later)."""
     path = result_path(results, row, seed)
     if not path.is_file():
         return None
