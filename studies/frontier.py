@@ -39,7 +39,7 @@ from evaluation import sanity
 from evaluation.robustness import evaluate_checkpoint, file_sha256
 from training.config import TrainConfig, resolve
 from training.methods import METHODS, Step
-from training.trainer import make_optimizers, train
+from training.trainer import COLLAPSE_SHARE, make_optimizers, train
 
 RESULTS = Path("reports/robustness_frontier")
 REPORT = Path("reports/robustness_frontier.md")
@@ -338,7 +338,8 @@ def ship(results: Path, runs: Path, dest: Path, log=print) -> dict:
     metrics.json (so the model card and /model_info report them).
 
     The row is the MoE row with the best mean worst case among those at most SHIP_MAX_MACS of
-    their dense twin's MACs; within it, the seed whose best checkpoint scored highest on
+    their dense twin's MACs whose router has not collapsed (a router that sends nearly every image
+    to one expert makes a dense model of the expert's width, carrying dead experts); within it, the seed whose best checkpoint scored highest on
     *validation* PGD accuracy: choosing a seed by its test results would be selecting on the test set."""
     grouped = load_results(results)
     if not grouped:
@@ -350,10 +351,14 @@ def ship(results: Path, runs: Path, dest: Path, log=print) -> dict:
             continue
         cfg = resolve(None, **docs[0]["config"])
         twin = macs_per_image(advmoe.dense_twin(row["model"]), row["width"], cfg)
-        if docs[0]["macs_per_image"] <= SHIP_MAX_MACS * twin:
+        busiest = statistics.mean(max(d["expert_share"]) for d in docs)
+        if busiest > COLLAPSE_SHARE:
+            log(f"not shipping {key}: its busiest expert takes {busiest:.0%} of the clean test routes (collapsed)")
+        elif docs[0]["macs_per_image"] <= SHIP_MAX_MACS * twin:
             candidates[key] = docs
     if not candidates:
-        raise ValueError(f"no finished MoE run in {results} costs at most {SHIP_MAX_MACS:.2f}x its dense twin's MACs")
+        raise ValueError(f"no finished MoE run in {results} both costs at most {SHIP_MAX_MACS:.2f}x its dense twin's "
+                         f"MACs and keeps its experts in use (busiest expert at most {COLLAPSE_SHARE:.0%} of the routes)")
     key = max(candidates, key=lambda k: mean_std([d["worst_case"] for d in candidates[k]])[0])
     doc = max(candidates[key], key=lambda d: max(r["val_pgd_accuracy"] for r in d["curve"]))
     name = f"{doc['row']['key']}-seed{doc['seed']}"  # run_name's

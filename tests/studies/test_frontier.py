@@ -81,6 +81,7 @@ def test_the_dense_row_of_equal_macs_costs_what_the_moe_model_costs():
 def test_ship_copies_the_best_moe_run_with_its_study_numbers(study, tmp_path, monkeypatch):
     plan, rows, root, docs = study
     monkeypatch.setattr(frontier, "SHIP_MAX_MACS", 1.0)  # at width 0.0625 the shared router costs as much as the experts
+    monkeypatch.setattr(frontier, "COLLAPSE_SHARE", 1.0)  # a router trained on 64 images may well send all to one expert
     moe = next(d for d in docs if d["row"]["method"] != "pgd-at")
     values = frontier.ship(root / "results", root / "runs", tmp_path / "shipped", log=lambda *a: None)
     card = advmoe.checkpoint.read_card(tmp_path / "shipped")
@@ -94,15 +95,17 @@ def _fail_to_write(*args, **kwargs):
     raise OSError("disk full")
 
 
-@pytest.mark.parametrize("max_macs,runs,broken,error,match", [
-    (0.01, "runs", False, ValueError, "at most 0.01x its dense twin"),  # no MoE run sparse enough
-    (1.0, "elsewhere", False, ValueError, "advmoe-tiny-seed0 is the run to ship, but .* holds no checkpoint"),
-    (1.0, "runs", True, OSError, "disk full"),  # the numbers cannot be written
-], ids=["not-sparse-enough", "run-gone", "write-fails"])
-def test_ship_fails_with_what_to_fix_and_leaves_nothing(study, tmp_path, monkeypatch, max_macs, runs, broken, error,
-                                                         match):
+@pytest.mark.parametrize("max_macs,collapse,runs,broken,error,match", [
+    (0.01, 0.9, "runs", False, ValueError, "at most 0.01x its dense twin"),  # no MoE run sparse enough
+    (1.0, 0.0, "runs", False, ValueError, r"keeps its experts in use"),  # every router counts as collapsed
+    (1.0, 1.0, "elsewhere", False, ValueError, "advmoe-tiny-seed0 is the run to ship, but .* holds no checkpoint"),
+    (1.0, 1.0, "runs", True, OSError, "disk full"),  # the numbers cannot be written
+], ids=["not-sparse-enough", "collapsed", "run-gone", "write-fails"])
+def test_ship_fails_with_what_to_fix_and_leaves_nothing(study, tmp_path, monkeypatch, max_macs, collapse, runs, broken,
+                                                         error, match):
     plan, rows, root, docs = study
     monkeypatch.setattr(frontier, "SHIP_MAX_MACS", max_macs)
+    monkeypatch.setattr(frontier, "COLLAPSE_SHARE", collapse)
     if broken:
         monkeypatch.setattr(frontier, "update_metrics", _fail_to_write)
     with pytest.raises(error, match=match):
