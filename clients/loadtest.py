@@ -124,7 +124,7 @@ class LevelResult:
     requests: int  # sent in the level
     errors: int  # failed: no answer, a non-200 status, or an answer without the predictions
     error_rate: float
-    seconds: float  # from the start of the level until its last request ended
+    seconds: float  # the level's window, or until its last answer if that came later (or the budget ended it)
     images: int  # inputs in the successful requests
     throughput_rps: float  # successful requests per second
     images_per_s: float  # successful inputs per second
@@ -208,11 +208,17 @@ def _ms(value: float | None) -> str:
 def summarize(concurrency: int, batch_size: int, child: dict, work: dict, num_experts: int = 0) -> LevelResult:
     records = np.asarray(child["records"], dtype=np.float64).reshape(-1, 3)  # start, latency, ok
     ok = records[:, 2] > 0
-    seconds = float((records[:, 0] + records[:, 1]).max()) if len(records) else 0.0
+    ended = float((records[:, 0] + records[:, 1]).max()) if len(records) else 0.0
     good = records[ok, 1] * 1000
     latency = ({"p50_ms": np.percentile(good, 50), "p95_ms": np.percentile(good, 95),
                 "p99_ms": np.percentile(good, 99), "mean_ms": good.mean(), "max_ms": good.max()} if len(good) else {})
     n_ok, n = int(ok.sum()), max(len(records), int(child.get("issued", 0)))
+    plan = child.get("plan") or {}
+    # When the clock, not the request budget, ended the level, load was offered for its whole
+    # window: the last answer can come before the deadline (the next request was due just after
+    # it), and that gap is part of the level.
+    budget_spent = plan.get("max_requests") is not None and n >= plan["max_requests"]
+    seconds = ended if budget_spent else max(ended, float(plan.get("duration_s", 0.0)))
     errors = dict(child["errors"])
     if n > len(records):  # still in flight when the level's hard stop came
         errors["no answer before the level's hard stop"] = n - len(records)

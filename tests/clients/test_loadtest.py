@@ -129,3 +129,17 @@ def test_requests_left_in_flight_at_the_hard_stop_count_as_errors():
     assert level.p50_ms == pytest.approx(150) and level.max_ms == pytest.approx(200)
     nothing = summarize(1, 1, {"records": [], "issued": 0, "errors": {}}, {**work, "expert_usage": {}})
     assert nothing.requests == 0 and nothing.p99_ms is None and nothing.throughput_rps == 0
+
+
+@pytest.mark.parametrize("plan, seconds", [
+    ({"duration_s": 5.0, "max_requests": 100}, 5.0),  # the clock ended it: the whole window counts
+    ({"duration_s": 5.0, "max_requests": 2}, 4.7),  # the budget ended it: until the last answer
+    ({"duration_s": 4.0, "max_requests": None}, 4.7),  # answers after the deadline count too
+])
+def test_a_level_lasts_its_window_or_until_its_last_answer(plan, seconds):
+    """Under CPU load the last answer of a timed level can come just before its deadline, the next
+    request due just after: the level still offered load for its whole window."""
+    child = {"records": [[0.0, 2.0, True], [2.1, 2.6, True]], "issued": 2, "errors": {}, "plan": plan}
+    work = {"mean_batch_size": 1.0, "model_calls": 2, "expert_usage": {}}
+    level = summarize(1, 1, child, work)
+    assert level.seconds == pytest.approx(seconds) and level.throughput_rps == pytest.approx(2 / seconds)
