@@ -213,10 +213,9 @@ def _evaluate(best: Path, out: Path, cfg: TrainConfig, n: int, attacks: tuple[st
     path = out / "eval.json"
     if path.is_file():
         doc = json.loads(path.read_text())
+        wanted = json.loads(json.dumps({"attacks": attacks, **settings}))  # as eval.json stores them: tuples as lists
         same = (doc.get("checkpoint_sha256") == file_sha256(best / WEIGHTS) and doc.get("first_examples") == n
-                and doc["settings"].get("attacks") == list(attacks)
-                and all(json.dumps(doc["settings"].get(k)) == json.dumps(list(v) if isinstance(v, tuple) else v)
-                        for k, v in settings.items()))
+                and all(doc["settings"].get(k) == v for k, v in wanted.items()))
         if same:
             return doc
     return evaluate_checkpoint(best, data_dir=cfg.data_dir, n_examples=n, out=out, progress=False, attacks=attacks,
