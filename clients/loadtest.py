@@ -139,6 +139,7 @@ class LevelResult:
     expert_share: list[float]  # per expert, over all layers
     error_messages: dict[str, int] = field(default_factory=dict)
     spawned_users: int = 0
+    stopped_by: str = "clock"  # "clock" (duration_s ran out) or "request budget" (max_requests sent)
 
 
 @dataclass
@@ -174,15 +175,15 @@ class LoadTestResult:
             + (" (the same machine as the server: the client's CPU time is taken from the server)"
                if self.machine.get("loopback") else ""),
             f"- started {self.started}", "",
-            "| concurrency | requests | errors | req/s | images/s | p50 ms | p95 ms | p99 ms | mean batch | "
-            "expert share (0 / 1 / ...) |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+            "| concurrency | requests | errors | seconds | stopped by | req/s | images/s | p50 ms | p95 ms | p99 ms | "
+            "mean batch | expert share (0 / 1 / ...) |",
+            "|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|",
         ]
         for r in self.levels:
             batch = f"{r.mean_batch_size:.2f}" if r.mean_batch_size is not None else "n/a"
             share = " / ".join(f"{100 * x:.0f}" for x in r.expert_share) + " %" if r.expert_share else "n/a"
             lines.append(f"| {r.concurrency} | {r.requests} | {r.errors} ({100 * r.error_rate:.1f} %) | "
-                         f"{r.throughput_rps:.1f} | {r.images_per_s:.1f} | {_ms(r.p50_ms)} | {_ms(r.p95_ms)} | "
+                         f"{r.seconds:.1f} | {r.stopped_by} | {r.throughput_rps:.1f} | {r.images_per_s:.1f} | {_ms(r.p50_ms)} | {_ms(r.p95_ms)} | "
                          f"{_ms(r.p99_ms)} | {batch} | {share} |")
         lines += ["", "mean batch: inputs per model call after adaptive batching (`advmoe_batch_size`); expert "
                       "share: samples routed to expert 0 / 1 / ... over all MoE layers "
@@ -229,7 +230,7 @@ def summarize(concurrency: int, batch_size: int, child: dict, work: dict, num_ex
         **{key: float(latency[key]) if latency else None for key in ("p50_ms", "p95_ms", "p99_ms", "mean_ms", "max_ms")},
         mean_batch_size=work["mean_batch_size"], model_calls=work["model_calls"], expert_usage=work["expert_usage"],
         expert_share=expert_share(work["expert_usage"], num_experts), error_messages=errors,
-        spawned_users=child.get("spawned_users", 0))
+        spawned_users=child.get("spawned_users", 0), stopped_by="request budget" if budget_spent else "clock")
 
 
 # -- running ----------------------------------------------------------------------------------

@@ -16,13 +16,18 @@ from clients.loadtest import expert_share, require_loopback, run_level, run_load
 
 def test_a_10_second_load_test_completes_without_errors_and_writes_its_report(server, tmp_path):
     metrics_before = httpx.get(f"{server.url}/metrics", timeout=10).text
-    result = run_loadtest(server.url, concurrency=(1, 8), duration_s=5, max_requests=2000, out_dir=tmp_path)
+    result = run_loadtest(server.url, concurrency=(1, 8), duration_s=5, max_requests=20000, out_dir=tmp_path)
     assert "locust" not in sys.modules, "locust runs in a process of its own"
     assert [level.concurrency for level in result.levels] == [1, 8]
     for level in result.levels:
         assert level.spawned_users == level.concurrency
         assert level.requests > level.concurrency and level.errors == 0 and level.error_rate == 0
-        assert 5 <= level.seconds < 5 + 5  # the level stopped by itself: 5 s, then the requests in flight
+        # the level stops by itself: after its 5 s and the requests then in flight, or at its budget
+        # (a fast machine can send 20000 requests in under 5 s)
+        if level.stopped_by == "clock":
+            assert 5 <= level.seconds < 5 + 5 and level.requests < 20000
+        else:
+            assert level.stopped_by == "request budget" and level.requests == 20000 and level.seconds < 5 + 5
         assert level.throughput_rps == pytest.approx(level.requests / level.seconds)
         assert level.images == level.requests and level.images_per_s == level.throughput_rps  # one image a request
         assert 0 < level.p50_ms <= level.p95_ms <= level.p99_ms <= level.max_ms
@@ -51,6 +56,7 @@ def test_the_request_budget_stops_a_level_and_the_cli_writes_its_report(server, 
     assert "loadtest.md" in capsys.readouterr().out
     level = json.loads((tmp_path / "loadtest.json").read_text())["levels"][0]
     assert level["requests"] == 12 and level["errors"] == 0 and level["seconds"] < 15
+    assert level["stopped_by"] == "request budget" and "| request budget |" in (tmp_path / "loadtest.md").read_text()
     assert level["images_per_s"] == pytest.approx(2 * level["throughput_rps"])
     # 12 requests of 2 inputs: the 8 given inputs three times over, routed as the client sees them
     with Client(server.url) as client:
@@ -131,15 +137,16 @@ def test_requests_left_in_flight_at_the_hard_stop_count_as_errors():
     assert nothing.requests == 0 and nothing.p99_ms is None and nothing.throughput_rps == 0
 
 
-@pytest.mark.parametrize("plan, seconds", [
-    ({"duration_s": 5.0, "max_requests": 100}, 5.0),  # the clock ended it: the whole window counts
-    ({"duration_s": 5.0, "max_requests": 2}, 4.7),  # the budget ended it: until the last answer
-    ({"duration_s": 4.0, "max_requests": None}, 4.7),  # answers after the deadline count too
+@pytest.mark.parametrize("plan, seconds, stopped_by", [
+    ({"duration_s": 5.0, "max_requests": 100}, 5.0, "clock"),  # the clock ended it: the whole window counts
+    ({"duration_s": 5.0, "max_requests": 2}, 4.7, "request budget"),  # the budget ended it: until the last answer
+    ({"duration_s": 4.0, "max_requests": None}, 4.7, "clock"),  # answers after the deadline count too
 ])
-def test_a_level_lasts_its_window_or_until_its_last_answer(plan, seconds):
+def test_a_level_lasts_its_window_or_until_its_last_answer(plan, seconds, stopped_by):
     """Under CPU load the last answer of a timed level can come just before its deadline, the next
     request due just after: the level still offered load for its whole window."""
     child = {"records": [[0.0, 2.0, True], [2.1, 2.6, True]], "issued": 2, "errors": {}, "plan": plan}
     work = {"mean_batch_size": 1.0, "model_calls": 2, "expert_usage": {}}
     level = summarize(1, 1, child, work)
     assert level.seconds == pytest.approx(seconds) and level.throughput_rps == pytest.approx(2 / seconds)
+    assert level.stopped_by == stopped_by
