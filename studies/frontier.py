@@ -133,19 +133,27 @@ def default_rows(plan: Plan) -> list[Row]:
 
 
 # -- cost -----------------------------------------------------------------------------------------
-def _step_seconds(cfg: TrainConfig, batches: int = 2) -> float:
-    """Seconds of one training step of cfg's method on random data (after a warm-up)."""
+def _fastest(run, repeats: int = 3) -> float:
+    """Seconds of the fastest of `repeats` calls of run(): the one other work on the machine
+    slowed least (timeit's rule); the first call, a warm-up, is not timed."""
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def _step_seconds(cfg: TrainConfig) -> float:
+    """Seconds of one training step of cfg's method on random data."""
     info = advmoe.get_dataset_info(cfg.dataset)
     torch.manual_seed(0)
     model = advmoe.create_model(cfg.model, **cfg.model_kwargs(info)).train()
     step = Step(model, cfg, make_optimizers(cfg, model))
     x = torch.rand(cfg.batch_size, info.in_channels, info.image_size, info.image_size)
     y = torch.randint(0, info.num_classes, (cfg.batch_size,))
-    METHODS[cfg.method].step(step, x, y)
-    start = time.perf_counter()
-    for _ in range(batches):
-        METHODS[cfg.method].step(step, x, y)
-    return (time.perf_counter() - start) / batches
+    return _fastest(lambda: METHODS[cfg.method].step(step, x, y))
 
 
 def _pass_seconds(cfg: TrainConfig, batch: int = 64) -> float:
@@ -153,40 +161,51 @@ def _pass_seconds(cfg: TrainConfig, batch: int = 64) -> float:
     info = advmoe.get_dataset_info(cfg.dataset)
     model = advmoe.create_model(cfg.model, **cfg.model_kwargs(info)).eval().requires_grad_(False)
     x = torch.rand(batch, info.in_channels, info.image_size, info.image_size, requires_grad=True)
-    torch.autograd.grad(model(x).sum(), x)
-    start = time.perf_counter()
-    torch.autograd.grad(model(x).sum(), x)
-    return (time.perf_counter() - start) / batch
+    return _fastest(lambda: torch.autograd.grad(model(x).sum(), x)) / batch
 
 
-def estimate(plan: Plan, rows: list[Row]) -> list[dict]:
-    """Hours per row (all its seeds): training from a measured step, evaluation from counted passes."""
+def estimate(plan: Plan, rows: list[Row], results: Path | None = None) -> list[dict]:
+    """Hours per row (all its seeds). A row with finished runs in `results` costs what they took
+    (their mean); otherwise training comes from a measured step and evaluation from counted passes."""
     out = []
     for row in rows:
         cfg = plan.config(row, row.seeds[0])
-        train_size = cfg.train_examples or len(advmoe.load_dataset(cfg.dataset, "train", cfg.data_dir, cfg.val_size))
-        batches = math.ceil(train_size / cfg.batch_size)
-        val_passes = cfg.val_examples * (1 + cfg.eval_steps)
-        per_pass = _pass_seconds(cfg)
-        train_h = cfg.epochs * (batches * _step_seconds(cfg) + val_passes * per_pass) / 3600
-        passes = {k: v for k, v in EVAL_PASSES.items() if cfg.is_moe or k not in ("route-fixed", "router")}
-        eval_h = plan.eval_examples * sum(passes.values()) * per_pass / 3600
+        landed = [d for d in (finished(results, row, s, plan.config(row, s)) for s in row.seeds) if d] if results else []
+        took = {k: [d["seconds"][k] / 3600 for d in landed if k in d["seconds"]] for k in ("train", "eval", "autoattack")}
+        per_pass = _pass_seconds(cfg) if not (took["train"] and took["eval"]) else 0.0
+        if took["train"]:
+            train_h = sum(took["train"]) / len(took["train"])
+        else:
+            train_size = cfg.train_examples or len(advmoe.load_dataset(cfg.dataset, "train", cfg.data_dir, cfg.val_size))
+            batches = math.ceil(train_size / cfg.batch_size)
+            val_passes = cfg.val_examples * (1 + cfg.eval_steps)
+            train_h = cfg.epochs * (batches * _step_seconds(cfg) + val_passes * per_pass) / 3600
+        if took["eval"]:
+            eval_h = sum(took["eval"]) / len(took["eval"])
+        else:
+            passes = {k: v for k, v in EVAL_PASSES.items() if cfg.is_moe or k not in ("route-fixed", "router")}
+            eval_h = plan.eval_examples * sum(passes.values()) * per_pass / 3600
         if row.headline:
-            eval_h += plan.autoattack_examples * sum(AUTOATTACK_PASSES.values()) * per_pass / 3600
+            eval_h += (sum(took["autoattack"]) / len(took["autoattack"]) if took["autoattack"] else
+                       plan.autoattack_examples * sum(AUTOATTACK_PASSES.values()) * (per_pass or _pass_seconds(cfg)) / 3600)
         out.append({"row": row.key, "seeds": len(row.seeds), "train_hours": train_h * len(row.seeds),
-                    "eval_hours": eval_h * len(row.seeds), "macs": macs_per_image(row.model, row.width, cfg)})
+                    "eval_hours": eval_h * len(row.seeds), "macs": macs_per_image(row.model, row.width, cfg),
+                    "measured_runs": len(landed)})
     return out
 
 
 def print_estimate(costs: list[dict], done: set[str], rows: list[Row], log=print) -> None:
-    log("| row | MACs per image | seeds | training (h) | evaluation (h) |\n|---|---|---|---|---|")
+    log("| row | MACs per image | seeds | training (h) | evaluation (h) | from |\n|---|---|---|---|---|---|")
     for c in costs:
-        log(f"| {c['row']} | {c['macs'] / 1e6:.2f} M | {c['seeds']} | {c['train_hours']:.1f} | {c['eval_hours']:.1f} |")
+        source = f"{c['measured_runs']} finished run(s)" if c["measured_runs"] else "a measured step"
+        log(f"| {c['row']} | {c['macs'] / 1e6:.2f} M | {c['seeds']} | {c['train_hours']:.1f} | {c['eval_hours']:.1f} "
+            f"| {source} |")
     remaining = sum((c["train_hours"] + c["eval_hours"]) * sum(f"{c['row']}-seed{s}" not in done for s in r.seeds)
                     / len(r.seeds) for c, r in zip(costs, rows))
     total = sum(c["train_hours"] + c["eval_hours"] for c in costs)
     log(f"\nestimated: {total:.1f} hours in all on this machine, {remaining:.1f} hours for the runs not done yet "
-        f"({len(done)} done); training from a measured step, evaluation from counted attack passes")
+        f"({len(done)} done); rows with finished runs at what those took, the others with training from a "
+        "measured step and evaluation from counted attack passes")
 
 
 # -- one run ----------------------------------------------------------------------------------------
@@ -575,7 +594,7 @@ def main(argv: list[str] | None = None) -> int:
         print(write_report(results, report, plan, command.strip()) or f"no results in {results}")
         return 0
     done = {p.stem for p in results.glob("*.json")}
-    print_estimate(estimate(plan, rows), done, rows)
+    print_estimate(estimate(plan, rows, results), done, rows)
     if args.plan:
         return 0
     run_study(plan, rows, results, report)

@@ -71,6 +71,18 @@ def test_a_second_call_reuses_the_results(study, monkeypatch):
     assert [d["worst_case"] for d in again] == [d["worst_case"] for d in docs]
 
 
+def test_the_estimate_costs_rows_with_finished_runs_at_what_they_took(study):
+    plan, rows, root, docs = study
+    measured = frontier.estimate(plan, rows, root / "results")
+    assert [c["measured_runs"] for c in measured] == [1, 1]
+    moe = next(d for d in docs if d["row"]["headline"])
+    cost = next(c for c in measured if c["row"] == "advmoe-tiny")
+    assert cost["train_hours"] == pytest.approx(moe["seconds"]["train"] / 3600)
+    assert cost["eval_hours"] == pytest.approx((moe["seconds"]["eval"] + moe["seconds"]["autoattack"]) / 3600)
+    counted = frontier.estimate(plan, rows)  # nothing landed: a timed step and counted attack passes
+    assert [c["measured_runs"] for c in counted] == [0, 0] and all(c["train_hours"] > 0 < c["eval_hours"] for c in counted)
+
+
 def test_the_dense_row_of_equal_macs_costs_what_the_moe_model_costs():
     cfg = resolve("fmnist-tiny")
     target = frontier.macs_per_image(cfg.model, 0.5, cfg)
