@@ -351,6 +351,16 @@ def run_study(plan: Plan, rows: list[Row], results: Path = RESULTS, report: Path
 SHIP_MAX_MACS = 0.40  # of the dense twin's: the shipped model must be really sparse
 
 
+def collapsed(docs: list[dict]) -> float | None:
+    """The busiest expert's mean share of the clean test routes when it is over COLLAPSE_SHARE (a
+    router that sends nearly every image to one expert: a dense model of the expert's width
+    carrying dead experts), else None."""
+    if "expert_share" not in docs[0]:
+        return None
+    busiest = statistics.mean(max(d["expert_share"]) for d in docs)
+    return busiest if busiest > COLLAPSE_SHARE else None
+
+
 def ship(results: Path, runs: Path, dest: Path, log=print) -> dict:
     """Copy the best MoE run of the study to `dest` as the model to serve, its study numbers in
     metrics.json (so the model card and /model_info report them).
@@ -369,8 +379,8 @@ def ship(results: Path, runs: Path, dest: Path, log=print) -> dict:
             continue
         cfg = resolve(None, **docs[0]["config"])
         twin = macs_per_image(advmoe.dense_twin(row["model"]), row["width"], cfg)
-        busiest = statistics.mean(max(d["expert_share"]) for d in docs)
-        if busiest > COLLAPSE_SHARE:
+        busiest = collapsed(docs)
+        if busiest is not None:
             log(f"not shipping {key}: its busiest expert takes {busiest:.0%} of the clean test routes (collapsed)")
         elif docs[0]["macs_per_image"] <= SHIP_MAX_MACS * twin:
             candidates[key] = docs
@@ -441,10 +451,14 @@ def verdicts(grouped: dict[str, list[dict]]) -> list[str]:
     if not dense or not moe:
         return ["Not enough rows finished for a verdict yet."]
     worst = {k: mean_std([x["worst_case"] for x in d]) for k, d in grouped.items()}
-    best = max(moe, key=lambda k: worst[k][0])
+    # the best MoE row that is still a mixture: a collapsed router makes a dense model of one expert
+    mixtures = {k: d for k, d in moe.items() if collapsed(d) is None} or moe
+    best = max(mixtures, key=lambda k: worst[k][0])
     b = grouped[best][0]
     equal = min(dense, key=lambda k: abs(dense[k][0]["macs_per_image"] - b["macs_per_image"]))
-    lines = []
+    lines = [f"{d[0]['row']['label']}: its router collapsed (busiest expert {100 * collapsed(d):.0f} % of the clean "
+             f"routes), so it is not a mixture of experts any more and not the best MoE row whatever its accuracy."
+             for d in moe.values() if collapsed(d) is not None]
 
     def compare(other: str, what: str) -> None:
         (m, sm), (o, so) = worst[best], worst[other]
@@ -470,12 +484,35 @@ def verdicts(grouped: dict[str, list[dict]]) -> list[str]:
             if check and not check["passed"]:
                 lines.append(f"{d['row']['label']}, seed {d['seed']}: Square found what every white-box attack missed, a "
                              f"sign of gradient masking ({check['detail']}).")
+    lines += [curve_verdict(d) for d in grouped.values()]
     gap = mean_std([x["pgd_minus_worst"] for x in grouped[best]])[0]
     flips = mean_std([x.get("route_flip_rate") for x in grouped[best]])[0]
     lines.append(f"{b['row']['label']}: {b['pgd'].upper()} minus worst case {100 * gap:.1f} points (target at most 5: "
                  f"{'met' if gap <= 0.05 else 'missed'}); route flips under the router attack {100 * flips:.1f} % "
                  f"(target at most 10 %: {'met' if flips <= 0.10 else 'missed'}).")
     return lines
+
+
+LEVEL_OFF = 0.01  # a last epoch that adds less validation PGD accuracy than this: levelled off
+
+
+def mean_curve(docs: list[dict]) -> list[float]:
+    """Validation PGD accuracy per epoch, the mean over the seeds that reached the epoch."""
+    epochs = max(len(x["curve"]) for x in docs)
+    return [statistics.mean(x["curve"][e]["val_pgd_accuracy"] for x in docs if e < len(x["curve"])) for e in range(epochs)]
+
+
+def curve_verdict(docs: list[dict]) -> str:
+    """Whether the row's validation robustness levelled off: the curve's peak, and what its last epoch added."""
+    curve = mean_curve(docs)
+    label, peak = docs[0]["row"]["label"], max(range(len(curve)), key=curve.__getitem__)
+    text = (f"{label}: validation PGD accuracy by epoch {', '.join(f'{100 * v:.1f}' for v in curve)} %")
+    if peak < len(curve) - 1 and curve[-1] < curve[peak] - LEVEL_OFF:
+        return text + f"; it peaked at epoch {peak + 1} and fell after it (overfitting; the checkpoint kept is the peak's)."
+    if len(curve) > 1 and curve[-1] - curve[-2] >= LEVEL_OFF:
+        return text + (f"; still rising ({100 * (curve[-1] - curve[-2]):+.1f} points in the last epoch): more epochs "
+                       "would likely raise it.")
+    return text + "; levelled off."
 
 
 def plot(grouped: dict[str, list[dict]], path: Path) -> None:
@@ -501,9 +538,8 @@ def plot(grouped: dict[str, list[dict]], path: Path) -> None:
     frontier.grid(alpha=0.3)
     frontier.legend(fontsize=7)
     for key, d in grouped.items():
-        epochs = max(len(x["curve"]) for x in d)
-        mean = [statistics.mean(x["curve"][e]["val_pgd_accuracy"] for x in d if e < len(x["curve"])) for e in range(epochs)]
-        curves.plot(range(1, epochs + 1), [100 * v for v in mean], marker=".", label=d[0]["row"]["label"])
+        mean = mean_curve(d)
+        curves.plot(range(1, len(mean) + 1), [100 * v for v in mean], marker=".", label=d[0]["row"]["label"])
     curves.set(xlabel="epoch", ylabel="validation PGD accuracy (%)", title="Does validation robustness level off?")
     curves.grid(alpha=0.3)
     curves.legend(fontsize=7)

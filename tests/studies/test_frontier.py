@@ -125,10 +125,13 @@ def test_ship_fails_with_what_to_fix_and_leaves_nothing(study, tmp_path, monkeyp
     assert list(tmp_path.iterdir()) == []  # no half-shipped copy, no temporary folder left behind
 
 
-def _planted(key: str, method: str, macs: int, worst: list[float], apgd: list[float]) -> list[dict]:
+def _planted(key: str, method: str, macs: int, worst: list[float], apgd: list[float], busiest: float = 0.55,
+             curve: tuple[float, ...] = (0.6, 0.7, 0.705)) -> list[dict]:
+    moe = {"route_flip_rate": 0.04, "expert_share": [busiest, 1 - busiest]} if method != "pgd-at" else {}
     return [{"row": {"key": key, "method": method, "label": key}, "seed": seed, "macs_per_image": macs,
              "accuracy": {"clean": 0.83, "pgd-10": 0.73, "apgd": a}, "worst_case": w, "pgd": "pgd-10",
-             "pgd_minus_worst": 0.73 - w, "route_flip_rate": 0.04 if method != "pgd-at" else None}
+             "pgd_minus_worst": 0.73 - w, "curve": [{"epoch": e + 1, "val_pgd_accuracy": v} for e, v in enumerate(curve)],
+             **moe}
             for seed, (w, a) in enumerate(zip(worst, apgd))]
 
 
@@ -140,6 +143,29 @@ def test_the_verdicts_weigh_the_difference_against_the_seed_spread(moe_worst, be
     assert first.startswith("moe (the best MoE row) " + ("beats" if beats else "does not beat") + " the dense model")
     # a loss says where: the difference under each attack both rows ran
     assert ("Difference by attack, in points: clean +0.0, PGD-10 +0.0, APGD-CE+T" in first) == (not beats)
+
+
+def test_a_collapsed_moe_row_is_not_the_best_moe_row_whatever_its_accuracy():
+    grouped = {"dense": _planted("dense", "pgd-at", 11, [0.71, 0.72], [0.71, 0.72]),
+               "moe-at": _planted("moe-at", "moe-at", 10, [0.62, 0.62], [0.62, 0.62], busiest=1.0),
+               "advmoe": _planted("advmoe", "advmoe", 10, [0.56, 0.57], [0.58, 0.59])}
+    lines = frontier.verdicts(grouped)
+    assert lines[0].startswith("moe-at: its router collapsed (busiest expert 100 %")
+    assert lines[1].startswith("advmoe (the best MoE row) does not beat the dense model")
+    assert lines[2].startswith("advmoe (the best MoE row) does not beat MoE-AT (moe-at)")
+    # every row collapsed: the best of them is still judged, and said to be collapsed
+    only = {k: grouped[k] for k in ("dense", "moe-at")}
+    assert any(line.startswith("moe-at (the best MoE row)") for line in frontier.verdicts(only))
+
+
+@pytest.mark.parametrize("curve, verdict", [
+    ((0.55, 0.63, 0.657), "still rising (+2.7 points in the last epoch)"),
+    ((0.55, 0.63, 0.635), "levelled off."),
+    ((0.53, 0.629, 0.32), "it peaked at epoch 2 and fell after it"),
+])
+def test_the_report_says_whether_validation_robustness_levelled_off(curve, verdict):
+    line = frontier.curve_verdict(_planted("advmoe", "advmoe", 10, [0.56], [0.58], curve=curve))
+    assert verdict in line and line.startswith("advmoe: validation PGD accuracy by epoch")
 
 
 def _eval_doc(sha: str = "w", **bits) -> dict:
