@@ -14,7 +14,7 @@ _EXPORTS = {
     "gate": ("Route", "route"),
     "layers": ("ConvNorm2d", "LayerGate", "MoEConv2d"),
     "macs": ("count_macs",),
-    "models": ("ModelConfig", "MoENet", "set_execution"),
+    "models": ("ModelConfig", "MoENet", "set_execution", "set_gate_grad"),
     "registry": ("create_model", "dense_twin", "is_moe_model", "list_models", "register_model"),
     "data": ("DatasetNotFoundError", "get_dataset_info", "list_datasets", "load_dataset"),
     "card": ("ModelCard",),

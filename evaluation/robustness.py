@@ -44,7 +44,7 @@ import advmoe
 from advmoe.attacks import check_eps, cross_entropy, pgd
 from advmoe.checkpoint import WEIGHTS, read_config
 from advmoe.io import atomic_write_text
-from advmoe.gate import expert_share
+from advmoe.gate import GATE_GRADS, expert_share
 from advmoe.settings import ConfigError, setting, validate_choices
 from advmoe.route_attacks import detached_routers, forced_route, route_fixed_pgd, router_pgd
 
@@ -82,6 +82,9 @@ class EvalSettings:
     sweep: tuple[float, ...] | None = setting(None, "eps of the sanity sweep (default: eps x 1/4, 1/2, 1, 2 and 0.5)")
     sweep_examples: int = setting(200, "images of the eps sweep of the sanity checks")
     gradient_examples: int = setting(64, "images of the router-gradient check")
+    gate_grad: str | None = setting(None, "the straight-through gradient the white-box attacks follow through the "
+                                    "route (default: the model's own); the forward pass, so every accuracy of a given "
+                                    "input, is the same either way", choices=GATE_GRADS)
 
     def validate(self) -> None:
         if not self.attacks:
@@ -432,15 +435,22 @@ def evaluate_model(model: nn.Module, x: Tensor, y: Tensor, settings: EvalSetting
     if progress is None:
         progress = sys.stderr.isatty() and not os.environ.get("CI") and rank == 0
     started = _Clock()
-    with tqdm(total=1, disable=not progress, unit="stage") as bar:
-        ev = _Evaluator(model, s, attacks, bar)
-        bar.total = ev.stages_per_unit() * len(mine) + (len(s.sweep_eps()) + is_moe) * (rank == 0)
-        results = [(u, ev.unit_results(u, x[units[u]], y[units[u]])) for u in mine]
-        gathered = _gather(results, rank, world)
-        if gathered is None:
-            return None
-        sweep = ev.sweep(x, y)
-        relative_change = ev.router_gradient(x, y) if is_moe else None
+    own_gate_grad = model.cfg.gate_grad
+    if is_moe and s.gate_grad:
+        advmoe.set_gate_grad(model, s.gate_grad)
+    try:
+        with tqdm(total=1, disable=not progress, unit="stage") as bar:
+            ev = _Evaluator(model, s, attacks, bar)
+            bar.total = ev.stages_per_unit() * len(mine) + (len(s.sweep_eps()) + is_moe) * (rank == 0)
+            results = [(u, ev.unit_results(u, x[units[u]], y[units[u]])) for u in mine]
+            gathered = _gather(results, rank, world)
+            if gathered is None:
+                return None
+            sweep = ev.sweep(x, y)
+            relative_change = ev.router_gradient(x, y) if is_moe else None
+    finally:
+        if is_moe:
+            advmoe.set_gate_grad(model, own_gate_grad)
     out = Results()
     for part in gathered:
         out.extend(part)

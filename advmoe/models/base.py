@@ -265,6 +265,20 @@ def set_execution(model: nn.Module, mode: str, channels_last: bool = True) -> nn
     return model
 
 
+def set_gate_grad(model: nn.Module, grad: str) -> nn.Module:
+    """Where the straight-through gradient of the gate goes from now on (gate.GATE_GRADS), for
+    the shared router and every per-layer gate. The forward pass is the same either way: only
+    training and gradient attacks see the change. It is part of the config a checkpoint saves."""
+    if grad not in GATE_GRADS:
+        raise ValueError(f"gate grad must be one of {tuple(GATE_GRADS)}, got {grad!r}")
+    if not isinstance(model, MoENet):
+        raise TypeError(f"set_gate_grad needs an advmoe model, got {type(model).__name__}")
+    model.cfg.gate_grad = grad
+    for m in model.moe_layers:
+        m.gate_grad = grad
+    return model
+
+
 def _per_channel(values, channels: int) -> tuple[float, ...]:
     values = tuple(float(v) for v in values)
     return values * channels if len(values) == 1 else values

@@ -44,6 +44,29 @@ def test_every_parameter_router_included_gets_a_gradient_in_masked_mode(name, ro
     assert not no_grad, f"parameters without gradient: {no_grad}"
 
 
+@pytest.mark.parametrize("name,router", model_variants(MOE_MODELS), ids=variant_id)
+def test_set_gate_grad_changes_the_router_gradient_not_the_forward_pass(name, router):
+    torch.manual_seed(0)
+    model = small_model(name, router).eval()
+    balance_routing(model, torch.rand(16, 3, 32, 32))
+    x = torch.rand(8, 3, 32, 32)
+
+    def forward_and_router_grad():
+        model.zero_grad()
+        logits = model(x)
+        logits.logsumexp(1).sum().backward()
+        return logits.detach(), torch.cat([p.grad.flatten() for p in model.router_parameters()])
+
+    softmax_logits, softmax_grad = forward_and_router_grad()
+    advmoe.set_gate_grad(model, "chosen")
+    assert model.cfg.gate_grad == "chosen" and all(m.gate_grad == "chosen" for m in model.moe_layers)
+    chosen_logits, chosen_grad = forward_and_router_grad()
+    torch.testing.assert_close(chosen_logits, softmax_logits)
+    assert not torch.allclose(chosen_grad, softmax_grad)
+    with pytest.raises(ValueError, match="gate grad must be one of"):
+        advmoe.set_gate_grad(model, "none")
+
+
 @pytest.mark.parametrize("name,router", model_variants(), ids=variant_id)
 def test_router_and_expert_parameters_partition_the_model(name, router):
     model = small_model(name, router)

@@ -122,6 +122,21 @@ def test_fab_alone_attacks_every_clean_correct_example(trained):
         str(int(c == f == "1")) for c, f in zip(doc["per_example"]["clean"], doc["per_example"]["fab"]))
 
 
+def test_the_attacks_can_follow_the_other_straight_through_gradient(trained):
+    """--gate-grad chosen: the white-box attacks follow the reference code's gradient through the
+    route; the model answers the same (clean accuracy), and keeps its own setting afterwards."""
+    model, x, y = trained
+    settings = {**FAST, "attacks": ("pgd",), "pgd_steps": (10,)}
+    own = evaluate_model(model, x, y, EvalSettings(**settings), progress=False)
+    chosen = evaluate_model(model, x, y, EvalSettings(**settings, gate_grad="chosen"), progress=False)
+    assert model.cfg.gate_grad == "softmax" and all(m.gate_grad == "softmax" for m in model.moe_layers)
+    assert chosen["settings"]["gate_grad"] == "chosen" and own["settings"]["gate_grad"] is None
+    assert chosen["per_example"]["clean"] == own["per_example"]["clean"]
+    assert chosen["per_example"]["pgd-10"] != own["per_example"]["pgd-10"]  # another gradient, other examples found
+    with pytest.raises(advmoe.ConfigError, match="unknown gate-grad 'none'"):
+        evaluate_model(model, x, y, EvalSettings(**settings, gate_grad="none"), progress=False)
+
+
 def test_the_worst_case_is_taken_per_example(full):
     bits = full["per_example"]
     names = [k for k in bits if k not in ("label", "robust")]
