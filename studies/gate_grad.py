@@ -1,0 +1,165 @@
+"""What the attacks find under each straight-through gradient of the gate.
+
+    python -m studies.gate_grad RUN/best --examples 500
+    python -m studies.gate_grad RUN/best --reuse softmax=RUN/eval-main/eval.json   # an evaluation already run
+
+The gate's forward pass is a hard choice of expert; its backward pass is a surrogate, either
+through the softmax to every expert's logit (`softmax`, ours) or to the chosen expert's logit
+only (`chosen`, the reference code's). The model, and so its verdict on any image, is the same
+under both; only the gradients that training and white-box attacks follow differ. This evaluates
+one checkpoint with PGD-10/50 and APGD-CE + APGD-T under each gradient on the same first test
+images and reports the accuracy under each, and per image under both (an image counts only if it
+survives the attacks of both evaluations). Evaluations are kept under --runs and reused when they
+are of the same weights, images and settings.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from advmoe.checkpoint import WEIGHTS, CheckpointError, read_config
+from advmoe.gate import GATE_GRADS
+from advmoe.io import atomic_write_text
+from advmoe.settings import ConfigError
+from evaluation.robustness import EvalSettings, evaluate_checkpoint, file_sha256
+
+ATTACKS = ("pgd", "apgd")
+RUNS = Path("runs/gate_grad")
+REPORT = Path("reports/gate_grad.md")
+
+
+def own_gate_grad(checkpoint: Path) -> str:
+    return read_config(checkpoint)["model_args"].get("gate_grad", "softmax")
+
+
+def matches(doc: dict, checkpoint: Path, n: int, grad: str, settings: dict) -> bool:
+    """Whether an eval.json is of these weights, at least n images, this gradient and these settings."""
+    used = doc["settings"].get("gate_grad") or own_gate_grad(checkpoint)
+    wanted = json.loads(json.dumps(settings))  # as eval.json stores them: tuples as lists
+    attacks = set(wanted.pop("attacks")) <= set(doc["settings"]["attacks"])  # it may have run more
+    return (doc.get("checkpoint_sha256") == file_sha256(checkpoint / WEIGHTS) and doc["examples"] >= n
+            and used == grad and attacks and all(doc["settings"].get(k) == v for k, v in wanted.items()))
+
+
+def evaluation(checkpoint: Path, n: int, grad: str, settings: dict, runs: Path, reuse: Path | None,
+               data_dir: str | None = None, log=print) -> dict:
+    """The eval.json of `grad`: the one given with --reuse, the one kept under `runs`, or a new one."""
+    for path in (reuse, runs / grad / "eval.json"):
+        if path is not None and path.is_file():
+            doc = json.loads(path.read_text())
+            if matches(doc, checkpoint, n, grad, settings):
+                log(f"{grad}: reusing {path}")
+                return doc
+            if path == reuse:
+                raise ValueError(f"{path} is not an evaluation of {checkpoint} on at least {n} images with the "
+                                 f"{grad} gradient and the settings {settings}")
+    log(f"{grad}: evaluating {checkpoint} on {n} test images ({', '.join(settings['attacks'])})")
+    return evaluate_checkpoint(checkpoint, data_dir=data_dir, n_examples=n, out=runs / grad, progress=False,
+                               gate_grad=grad, **settings)
+
+
+def compare(docs: dict[str, dict], n: int) -> dict:
+    """Accuracy per attack under each gradient and under both, on the first n images."""
+    per = {g: {k: v[:n] for k, v in d["per_example"].items()} for g, d in docs.items()}
+    labels = {tuple(p["label"]) for p in per.values()}
+    if len(labels) != 1:
+        raise ValueError("the evaluations are not of the same images")
+    first = next(iter(per.values()))
+    if any(p["clean"] != first["clean"] for p in per.values()):
+        raise ValueError("the evaluations disagree on clean images: not the same model")
+    # the attacks both ran; "robust" is each evaluation's own worst case, over whatever else it ran
+    keys = [k for k in first if k not in ("label", "robust") and all(k in p for p in per.values())]
+    for p in per.values():  # the worst case over the attacks both ran, per image
+        p["worst"] = "".join(str(int(all(p[k][i] == "1" for k in keys))) for i in range(n))
+    keys += ["worst", "robust"]
+    accuracy = {k: {g: p[k].count("1") / n for g, p in per.items()} for k in keys}
+    for k in keys:  # an image counts under both only if it survives the attack under each gradient
+        accuracy[k]["both"] = sum(all(p[k][i] == "1" for p in per.values()) for i in range(n)) / n
+    return {"examples": n, "accuracy": accuracy,
+            "sanity_failed": {g: d["sanity"]["failed"] for g, d in docs.items()},
+            "seconds": {g: d["seconds"] for g, d in docs.items()}}
+
+
+NAMES = {"clean": "clean", "pgd-10": "PGD-10", "pgd-50": "PGD-50", "apgd": "APGD-CE + APGD-T",
+         "worst": "worst case of these", "robust": "each evaluation's worst case, over every attack it ran"}
+
+
+def report(result: dict, checkpoint: Path, command: str) -> str:
+    n, acc = result["examples"], result["accuracy"]
+    grads = [g for g in GATE_GRADS if g in next(iter(acc.values()))]
+    lines = [
+        "# Which straight-through gradient the attacks follow", "",
+        f"Produced by `{command}` (studies/gate_grad.py) on `{checkpoint}`, the first {n} test images.",
+        "The forward pass is the same under both gradients, so is every clean verdict; `softmax` sends the "
+        "gate's gradient through the softmax to every expert's logit (ours), `chosen` to the chosen expert's "
+        "logit only (the reference code's). *Both*: an image counts only if it survives the attack under each.",
+        "", "| attack | " + " | ".join(f"`{g}`" for g in grads) + " | both |", "|---" * (len(grads) + 2) + "|"]
+    for key, name in NAMES.items():
+        if key in acc:
+            lines.append(f"| {name} | " + " | ".join(f"{100 * acc[key][g]:.1f}" for g in grads)
+                         + f" | {100 * acc[key]['both']:.1f} |")
+    lines.append("")
+    weaker = max(grads, key=lambda g: acc["worst"][g])
+    stronger = min(grads, key=lambda g: acc["worst"][g])
+    lines.append(f"- The same attacks leave {100 * (acc['worst'][weaker] - acc['worst'][stronger]):.1f} points more "
+                 f"images standing when they follow `{weaker}` than when they follow `{stronger}`. Images that only "
+                 f"the `{weaker}` attacks fool: {100 * (acc['worst'][stronger] - acc['worst']['both']):.1f} points of "
+                 f"these attacks' worst case, {100 * (acc['robust'][stronger] - acc['robust']['both']):.1f} points of "
+                 f"the `{stronger}` evaluation's whole worst case.")
+    for g, failed in result["sanity_failed"].items():
+        if failed:
+            lines.append(f"- `{g}` evaluation: sanity checks failed: {', '.join(failed)}.")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m studies.gate_grad", description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", type=Path, help="an MoE checkpoint directory")
+    parser.add_argument("--examples", type=int, default=500, help="first test images (default: 500)")
+    parser.add_argument("--reuse", action="append", default=[], metavar="GRAD=EVAL_JSON",
+                        help="an eval.json already run with that gradient (default settings, at least --examples images)")
+    parser.add_argument("--runs", type=Path, default=RUNS, help=f"where new evaluations go (default: {RUNS})")
+    parser.add_argument("--report", type=Path, default=REPORT, help=f"(default: {REPORT}; its .json beside it)")
+    parser.add_argument("--data-dir", help="where the test set is (default: the dataset's usual place)")
+    parser.add_argument("--pgd-steps", type=int, nargs="+", default=list(EvalSettings().pgd_steps))
+    parser.add_argument("--apgd-iterations", type=int, default=EvalSettings().apgd_iterations)
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    reuse = {}
+    for item in args.reuse:
+        grad, _, path = item.partition("=")
+        if grad not in GATE_GRADS or not path:
+            parser.error(f"--reuse {item!r}: write GRAD=PATH with GRAD one of {', '.join(GATE_GRADS)}")
+        reuse[grad] = Path(path)
+    try:
+        if read_config(args.checkpoint)["model_args"].get("num_experts", 0) < 1:
+            parser.exit(2, f"python -m studies.gate_grad: error: {args.checkpoint} is a dense model: it has no gate\n")
+    except CheckpointError as e:
+        parser.exit(2, f"python -m studies.gate_grad: error: {e}\n")
+    if args.examples < 1:
+        parser.error(f"--examples must be at least 1, got {args.examples}")
+    defaults = EvalSettings()
+    settings = {"attacks": ATTACKS, "pgd_steps": tuple(args.pgd_steps), "apgd_iterations": args.apgd_iterations,
+                "step": defaults.step, "seed": defaults.seed}
+    try:
+        docs = {g: evaluation(args.checkpoint, args.examples, g, settings, args.runs, reuse.get(g), args.data_dir)
+                for g in GATE_GRADS}
+        result = compare(docs, args.examples)
+    except (ValueError, ConfigError) as e:
+        parser.exit(2, f"python -m studies.gate_grad: error: {e}\n")
+    command = "python -m studies.gate_grad " + " ".join(argv if argv is not None else sys.argv[1:])
+    text = report(result, args.checkpoint, command)
+    atomic_write_text(args.report.with_suffix(".json"), json.dumps(result, indent=1) + "\n")
+    atomic_write_text(args.report, text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,84 @@
+"""studies.gate_grad: one checkpoint attacked under each straight-through gradient, compared per
+image; evaluations reused when they match, refused when they do not."""
+import json
+
+import pytest
+import torch
+
+import advmoe
+from advmoe.calibrate import balance_routing, calibrate_batchnorm
+from helpers import small_model
+from studies import gate_grad
+
+FAST = ["--examples", "12", "--pgd-steps", "3", "--apgd-iterations", "4", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A Fashion-MNIST-shaped MoE checkpoint (untrained, calibrated, both experts in use)."""
+    torch.manual_seed(0)
+    model = small_model("moe_resnet18", "shared", in_channels=1, image_size=28, width=0.0625, router_blocks=1,
+                        router_width=4)
+    x = torch.rand(32, 1, 28, 28)
+    calibrate_batchnorm(model, x)
+    balance_routing(model, x)
+    return advmoe.save_checkpoint(model, tmp_path_factory.mktemp("gate") / "best",
+                                  config={"dataset": "fashion_mnist", "training": {"eps": 0.1}})
+
+
+@pytest.fixture(scope="module")
+def study(checkpoint, fashion_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("gate_grad")
+    args = [str(checkpoint), "--data-dir", str(fashion_dir), "--runs", str(root / "runs"),
+            "--report", str(root / "gate_grad.md"), *FAST]
+    assert gate_grad.main(args) == 0
+    return root, args
+
+
+def test_both_gradients_attack_the_same_model_and_images(study):
+    root, _ = study
+    docs = {g: json.loads((root / "runs" / g / "eval.json").read_text()) for g in ("softmax", "chosen")}
+    assert docs["softmax"]["settings"]["gate_grad"] == "softmax" and docs["chosen"]["settings"]["gate_grad"] == "chosen"
+    assert docs["softmax"]["per_example"]["clean"] == docs["chosen"]["per_example"]["clean"]
+    result = json.loads((root / "gate_grad.json").read_text())
+    for attack, acc in result["accuracy"].items():  # both: an image must survive under each gradient
+        assert acc["both"] <= min(acc["softmax"], acc["chosen"]), attack
+    for grad in ("softmax", "chosen"):  # per image, so at most every attack's accuracy
+        assert result["accuracy"]["worst"][grad] <= min(result["accuracy"][k][grad] for k in ("pgd-3", "apgd"))
+    text = (root / "gate_grad.md").read_text()
+    assert "| `softmax` | `chosen` | both |" in text and "Images that only the" in text
+    assert "python -m studies.gate_grad " in text  # the command that made it
+
+
+def test_a_second_call_reuses_both_evaluations(study, monkeypatch):
+    root, args = study
+    monkeypatch.setattr(gate_grad, "evaluate_checkpoint", lambda *a, **k: pytest.fail("evaluated again"))
+    assert gate_grad.main(args) == 0
+
+
+def test_a_reused_evaluation_must_match(study, checkpoint, capsys):
+    root, args = study
+    # more PGD steps than the evaluation given: it cannot stand in for this one
+    other = [a if a != "3" else "5" for a in args]
+    with pytest.raises(SystemExit) as exit:
+        gate_grad.main([*other, "--reuse", f"chosen={root / 'runs' / 'chosen' / 'eval.json'}"])
+    assert exit.value.code == 2 and "is not an evaluation of" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--reuse", "nonsense=x.json"], "write GRAD=PATH"),
+    (["--examples", "0"], "--examples must be at least 1"),
+])
+def test_bad_input_is_refused_with_what_to_fix(checkpoint, extra, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit:
+        gate_grad.main([str(checkpoint), "--runs", str(tmp_path), "--report", str(tmp_path / "r.md"), *extra])
+    assert exit.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "r.md").exists()
+
+
+def test_a_dense_model_has_no_gate(tmp_path, capsys):
+    dense = advmoe.save_checkpoint(small_model("resnet18", in_channels=1, image_size=28), tmp_path / "dense",
+                                   config={"dataset": "fashion_mnist"})
+    with pytest.raises(SystemExit) as exit:
+        gate_grad.main([str(dense), "--runs", str(tmp_path / "runs")])
+    assert exit.value.code == 2 and "is a dense model: it has no gate" in capsys.readouterr().err
