@@ -19,6 +19,7 @@ from whatever results exist.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -172,22 +173,22 @@ def estimate(plan: Plan, rows: list[Row], results: Path | None = None) -> list[d
         cfg = plan.config(row, row.seeds[0])
         landed = [d for d in (finished(results, row, s, plan.config(row, s)) for s in row.seeds) if d] if results else []
         took = {k: [d["seconds"][k] / 3600 for d in landed if k in d["seconds"]] for k in ("train", "eval", "autoattack")}
-        per_pass = _pass_seconds(cfg) if not (took["train"] and took["eval"]) else 0.0
+        per_pass = functools.cache(lambda: _pass_seconds(cfg))  # timed only if something needs it
         if took["train"]:
             train_h = sum(took["train"]) / len(took["train"])
         else:
             train_size = cfg.train_examples or len(advmoe.load_dataset(cfg.dataset, "train", cfg.data_dir, cfg.val_size))
             batches = math.ceil(train_size / cfg.batch_size)
             val_passes = cfg.val_examples * (1 + cfg.eval_steps)
-            train_h = cfg.epochs * (batches * _step_seconds(cfg) + val_passes * per_pass) / 3600
+            train_h = cfg.epochs * (batches * _step_seconds(cfg) + val_passes * per_pass()) / 3600
         if took["eval"]:
             eval_h = sum(took["eval"]) / len(took["eval"])
         else:
             passes = {k: v for k, v in EVAL_PASSES.items() if cfg.is_moe or k not in ("route-fixed", "router")}
-            eval_h = plan.eval_examples * sum(passes.values()) * per_pass / 3600
+            eval_h = plan.eval_examples * sum(passes.values()) * per_pass() / 3600
         if row.headline:
             eval_h += (sum(took["autoattack"]) / len(took["autoattack"]) if took["autoattack"] else
-                       plan.autoattack_examples * sum(AUTOATTACK_PASSES.values()) * (per_pass or _pass_seconds(cfg)) / 3600)
+                       plan.autoattack_examples * sum(AUTOATTACK_PASSES.values()) * per_pass() / 3600)
         out.append({"row": row.key, "seeds": len(row.seeds), "train_hours": train_h * len(row.seeds),
                     "eval_hours": eval_h * len(row.seeds), "macs": macs_per_image(row.model, row.width, cfg),
                     "measured_runs": len(landed)})
