@@ -183,8 +183,8 @@ class LoadTestResult:
             batch = f"{r.mean_batch_size:.2f}" if r.mean_batch_size is not None else "n/a"
             share = " / ".join(f"{100 * x:.0f}" for x in r.expert_share) + " %" if r.expert_share else "n/a"
             lines.append(f"| {r.concurrency} | {r.requests} | {r.errors} ({100 * r.error_rate:.1f} %) | "
-                         f"{r.seconds:.1f} | {r.stopped_by} | {r.throughput_rps:.1f} | {r.images_per_s:.1f} | {_ms(r.p50_ms)} | {_ms(r.p95_ms)} | "
-                         f"{_ms(r.p99_ms)} | {batch} | {share} |")
+                         f"{r.seconds:.1f} | {r.stopped_by} | {r.throughput_rps:.1f} | {r.images_per_s:.1f} | "
+                         f"{_ms(r.p50_ms)} | {_ms(r.p95_ms)} | {_ms(r.p99_ms)} | {batch} | {share} |")
         lines += ["", "mean batch: inputs per model call after adaptive batching (`advmoe_batch_size`); expert "
                       "share: samples routed to expert 0 / 1 / ... over all MoE layers "
                       "(`advmoe_expert_routed_samples_total`); both are /metrics deltas over the level."]

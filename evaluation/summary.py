@@ -16,7 +16,9 @@ def summary(doc: dict) -> str:
     lines = [f"# Robustness of {where.strip() or 'a model'}", "",
              f"{data}, linf eps = {doc['eps']:.4g} ({doc.get('eps_source', 'given')}), "
              f"{'MoE' if doc['moe'] else 'dense'} model; {doc['seconds']:.0f} s on "
-             f"{doc['threads']} CPU thread(s)" + (f" and {doc['device']}" if doc.get("device", "cpu") != "cpu" else "") + ".", "",
+             f"{doc['threads']} CPU thread(s)" + (f" and {doc['device']}" if doc.get("device", "cpu") != "cpu" else "") + "."
+             + (f" The white-box attacks followed the `{grad}` straight-through gradient of the gate, not the model's own."
+                if (grad := doc.get("settings", {}).get("gate_grad")) else ""), "",
              "| attack | accuracy | seconds | examples/s |", "|---|---|---|---|"]
     for name, entry in doc["attacks"].items():
         rate = entry.get("examples_per_second")
