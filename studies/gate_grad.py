@@ -48,10 +48,16 @@ def matches(doc: dict, checkpoint: Path, n: int, grad: str, settings: dict) -> b
 def evaluation(checkpoint: Path, n: int, grad: str, settings: dict, runs: Path, reuse: Path | None,
                data_dir: str | None = None, log=print) -> dict:
     """The eval.json of `grad`: the one given with --reuse, the one kept under `runs`, or a new one."""
+    if reuse is not None and not reuse.is_file():
+        raise ValueError(f"--reuse {grad}={reuse}: no such file")
     for path in (reuse, runs / grad / "eval.json"):
         if path is not None and path.is_file():
-            doc = json.loads(path.read_text())
-            if matches(doc, checkpoint, n, grad, settings):
+            try:
+                doc = json.loads(path.read_text())
+                same = matches(doc, checkpoint, n, grad, settings)
+            except (ValueError, KeyError, TypeError, AttributeError):  # not JSON, or not an eval.json
+                doc, same = None, False
+            if same:
                 log(f"{grad}: reusing {path}")
                 return doc
             if path == reuse:

@@ -67,9 +67,13 @@ def test_a_reused_evaluation_must_match(study, checkpoint, capsys):
 
 @pytest.mark.parametrize("extra, message", [
     (["--reuse", "nonsense=x.json"], "write GRAD=PATH"),
+    (["--reuse", "chosen=missing.json"], "--reuse chosen=missing.json: no such file"),
+    (["--reuse", "chosen={here}/broken.json"], "broken.json is not an evaluation of"),
     (["--examples", "0"], "--examples must be at least 1"),
 ])
 def test_bad_input_is_refused_with_what_to_fix(checkpoint, extra, message, capsys, tmp_path):
+    (tmp_path / "broken.json").write_text("{not json")
+    extra = [a.format(here=tmp_path) for a in extra]
     with pytest.raises(SystemExit) as exit:
         gate_grad.main([str(checkpoint), "--runs", str(tmp_path), "--report", str(tmp_path / "r.md"), *extra])
     assert exit.value.code == 2 and message in capsys.readouterr().err
