@@ -686,6 +686,21 @@ def _distributed_setup(device: torch.device) -> bool:
     return True
 
 
+def evaluated_with(doc: dict, checkpoint: Path, n: int, settings: dict, at_least: bool = False) -> bool:
+    """Whether an eval.json document is of `checkpoint`'s weights, its first n test images and
+    `settings` (EvalSettings fields), so that it can stand in for running them again. at_least:
+    an evaluation of more images, or with more attacks, will do as well."""
+    wanted = json.loads(json.dumps(settings))  # as eval.json stores them: tuples as lists
+    have = doc["settings"]
+    attacks = wanted.pop("attacks", None)
+    if attacks is not None and not (set(attacks) <= set(have["attacks"]) if at_least else attacks == have["attacks"]):
+        return False
+    images = doc.get("first_examples")
+    return (doc.get("checkpoint_sha256") == file_sha256(checkpoint / WEIGHTS)
+            and images is not None and (images >= n if at_least else images == n)
+            and all(have.get(k) == v for k, v in wanted.items()))
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

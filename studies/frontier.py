@@ -33,11 +33,11 @@ from pathlib import Path
 import torch
 
 import advmoe
-from advmoe.checkpoint import WEIGHTS, is_checkpoint, read_metrics, update_metrics
+from advmoe.checkpoint import is_checkpoint, read_metrics, update_metrics
 from advmoe.io import atomic_directory, atomic_write_text
 from advmoe.stats import mean_std, percent
 from evaluation import sanity
-from evaluation.robustness import evaluate_checkpoint, file_sha256
+from evaluation.robustness import evaluate_checkpoint, evaluated_with
 from training.config import TrainConfig, resolve
 from training.methods import METHODS, Step
 from training.trainer import COLLAPSE_SHARE, make_optimizers, train
@@ -233,10 +233,7 @@ def _evaluate(best: Path, out: Path, cfg: TrainConfig, n: int, attacks: tuple[st
     path = out / "eval.json"
     if path.is_file():
         doc = json.loads(path.read_text())
-        wanted = json.loads(json.dumps({"attacks": attacks, **settings}))  # as eval.json stores them: tuples as lists
-        same = (doc.get("checkpoint_sha256") == file_sha256(best / WEIGHTS) and doc.get("first_examples") == n
-                and all(doc["settings"].get(k) == v for k, v in wanted.items()))
-        if same:
+        if evaluated_with(doc, best, n, {"attacks": attacks, **settings}):
             return doc
     return evaluate_checkpoint(best, data_dir=cfg.data_dir, n_examples=n, out=out, progress=False, attacks=attacks,
                                **settings)

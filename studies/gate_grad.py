@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from advmoe.checkpoint import WEIGHTS, CheckpointError, read_config
+from advmoe.checkpoint import CheckpointError, read_config
 from advmoe.gate import GATE_GRADS
 from advmoe.io import atomic_write_text
 from advmoe.settings import ConfigError
-from evaluation.robustness import EvalSettings, evaluate_checkpoint, file_sha256
+from evaluation.robustness import EvalSettings, evaluate_checkpoint, evaluated_with
 
 ATTACKS = ("pgd", "apgd")
 RUNS = Path("runs/gate_grad")
@@ -39,10 +39,7 @@ def own_gate_grad(checkpoint: Path) -> str:
 def matches(doc: dict, checkpoint: Path, n: int, grad: str, settings: dict) -> bool:
     """Whether an eval.json is of these weights, at least n images, this gradient and these settings."""
     used = doc["settings"].get("gate_grad") or own_gate_grad(checkpoint)
-    wanted = json.loads(json.dumps(settings))  # as eval.json stores them: tuples as lists
-    attacks = set(wanted.pop("attacks")) <= set(doc["settings"]["attacks"])  # it may have run more
-    return (doc.get("checkpoint_sha256") == file_sha256(checkpoint / WEIGHTS) and doc["examples"] >= n
-            and used == grad and attacks and all(doc["settings"].get(k) == v for k, v in wanted.items()))
+    return used == grad and evaluated_with(doc, checkpoint, n, settings, at_least=True)
 
 
 def evaluation(checkpoint: Path, n: int, grad: str, settings: dict, runs: Path, reuse: Path | None,
