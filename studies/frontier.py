@@ -260,13 +260,21 @@ def run_one(plan: Plan, row: Row, seed: int, results: Path, log=print) -> dict:
     return doc
 
 
-def add_autoattack(plan: Plan, row: Row, seed: int, results: Path, doc: dict, log=print) -> dict:
+def add_autoattack(plan: Plan, row: Row, seed: int, results: Path, doc: dict, log=print) -> dict | None:
     """Full AutoAttack (standard) on a headline run's first --autoattack-examples, added to its
     summary. Its first two attacks, APGD-CE and APGD-T, are the main evaluation's (the same
     package, settings and images); FAB-T and Square run here, each on every clean-correct image.
-    Per image that is AutoAttack's cascade, without running APGD twice (a third of its cost)."""
+    Per image that is AutoAttack's cascade, without running APGD twice (a third of its cost).
+
+    None when the run's checkpoint or main evaluation is gone (a result file that outlived its run
+    folder, as on a fresh machine): the row's AutoAttack then comes from its other seeds, and the
+    report says which."""
     cfg = plan.config(row, seed)
     out = Path(plan.runs) / run_name(row, seed)
+    if not is_checkpoint(out / "best") or not (out / "eval-main" / "eval.json").is_file():
+        log(f"no AutoAttack on {run_name(row, seed)}: its checkpoint or main evaluation is not in {out} any more; "
+            "the row's AutoAttack comes from its other seeds")
+        return None
     log(f"AutoAttack on {run_name(row, seed)}, {plan.autoattack_examples} test images: FAB-T and Square "
         "(APGD-CE and APGD-T from the main evaluation)")
     rest = _evaluate(out / "best", out / "eval-autoattack", cfg, plan.autoattack_examples, AUTOATTACK_REST,
@@ -275,6 +283,7 @@ def add_autoattack(plan: Plan, row: Row, seed: int, results: Path, doc: dict, lo
     doc = {**doc, "autoattack": compose_autoattack(main, rest)}
     doc["seconds"] = {**doc["seconds"], "autoattack": rest["seconds"]}
     atomic_write_text(result_path(results, row, seed), json.dumps(doc, indent=1) + "\n")
+    log(f"done AutoAttack on {run_name(row, seed)}: {result_path(results, row, seed)} updated (commit it)")
     return doc
 
 
@@ -322,26 +331,28 @@ def summarise(row: Row, seed: int, cfg: TrainConfig, main: dict, history: list[d
 
 
 def run_study(plan: Plan, rows: list[Row], results: Path = RESULTS, report: Path = REPORT, log=print) -> list[dict]:
-    """Seed by seed: every row's run of that seed (headline rows first), then AutoAttack on the
-    headline runs of that seed. A study cut off early still has every row, and it resumes from
-    the result files that landed."""
+    """The headline rows first, seed by seed, then the other rows, seed by seed: the runs the
+    verdicts rest on land before the ones that fill in the frontier. A headline run gets its
+    AutoAttack right after its main evaluation, while its checkpoint is at hand. The study resumes
+    from the result files that landed."""
     results.mkdir(parents=True, exist_ok=True)
     docs = {}
-    for i in range(max(len(row.seeds) for row in rows)):
-        runs = sorted(((row, row.seeds[i]) for row in rows if i < len(row.seeds)), key=lambda t: not t[0].headline)
-        for row, seed in runs:
-            doc = finished(results, row, seed, plan.config(row, seed))
-            if doc is None:
-                doc = run_one(plan, row, seed, results, log)
-                log(f"done {run_name(row, seed)}: worst case {100 * doc['worst_case']:.1f} %; "
-                    f"{result_path(results, row, seed)} written (commit it)")
-                write_report(results, report, plan)
-            docs[row.key, seed] = doc
-        for row, seed in runs:
-            if row.headline and "autoattack" not in docs[row.key, seed]:
-                docs[row.key, seed] = add_autoattack(plan, row, seed, results, docs[row.key, seed], log)
-                log(f"done AutoAttack on {run_name(row, seed)}: {result_path(results, row, seed)} updated (commit it)")
-                write_report(results, report, plan)
+    for headline in (True, False):
+        for i in range(max(len(row.seeds) for row in rows)):
+            for row in (r for r in rows if r.headline == headline and i < len(r.seeds)):
+                seed = row.seeds[i]
+                doc = finished(results, row, seed, plan.config(row, seed))
+                if doc is None:
+                    doc = run_one(plan, row, seed, results, log)
+                    log(f"done {run_name(row, seed)}: worst case {100 * doc['worst_case']:.1f} %; "
+                        f"{result_path(results, row, seed)} written (commit it)")
+                    write_report(results, report, plan)
+                if row.headline and "autoattack" not in doc:
+                    with_autoattack = add_autoattack(plan, row, seed, results, doc, log)
+                    if with_autoattack:
+                        doc = with_autoattack
+                        write_report(results, report, plan)
+                docs[row.key, seed] = doc
     return [docs[row.key, seed] for row in rows for seed in row.seeds]
 
 
@@ -431,6 +442,8 @@ def table(grouped: dict[str, list[dict]]) -> str:
         busiest = percent([max(d["expert_share"]) for d in docs]) if "expert_share" in docs[0] else "-"
         aa = [d["autoattack"] for d in docs if "autoattack" in d]
         aa_cell = f"{percent([a['accuracy'] for a in aa])} ({percent([a['worst_case_with_main'] for a in aa])})" if aa else "-"
+        if aa and len(aa) < len(docs):  # a seed whose checkpoint was gone before its AutoAttack ran
+            aa_cell += f", seed {', '.join(str(d['seed']) for d in docs if 'autoattack' in d)}"
         lines.append(f"| {docs[0]['row']['label']} | {docs[0]['macs_per_image'] / 1e6:.2f} M | "
                      f"{', '.join(str(d['seed']) for d in docs)} | " + " | ".join(cells)
                      + f" | **{percent([d['worst_case'] for d in docs])}** | {percent([d['pgd_minus_worst'] for d in docs])} "

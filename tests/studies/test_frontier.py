@@ -71,6 +71,41 @@ def test_a_second_call_reuses_the_results(study, monkeypatch):
     assert [d["worst_case"] for d in again] == [d["worst_case"] for d in docs]
 
 
+def test_a_result_that_outlived_its_run_folder_gets_no_autoattack_and_says_so(study, tmp_path, monkeypatch):
+    """A fresh machine keeps the committed result files but not the run folders: the study goes on
+    (the row's AutoAttack comes from its other seeds) instead of failing on the missing checkpoint."""
+    plan, rows, root, docs = study
+    results = tmp_path / "results"
+    results.mkdir()
+    for path in (root / "results").glob("*.json"):
+        doc = json.loads(path.read_text())
+        doc.pop("autoattack", None)
+        (results / path.name).write_text(json.dumps(doc))
+    monkeypatch.setattr(frontier, "train", lambda *a, **k: pytest.fail("trained again"))
+    monkeypatch.setattr(frontier, "evaluate_checkpoint", lambda *a, **k: pytest.fail("evaluated again"))
+    logged = []
+    gone = frontier.Plan(**{**plan.__dict__, "runs": str(tmp_path / "gone")})
+    again = frontier.run_study(gone, rows, results, tmp_path / "frontier.md", log=logged.append)
+    assert all("autoattack" not in d for d in again)
+    assert any(line.startswith("no AutoAttack on advmoe-tiny-seed0: its checkpoint or main evaluation is not in")
+               for line in logged)
+
+
+def test_headline_runs_of_every_seed_come_before_the_other_rows(study, tmp_path, monkeypatch):
+    plan, rows, root, docs = study
+    order = []
+
+    def run_one(plan, row, seed, results, log):
+        order.append(f"{row.key}-seed{seed}")
+        return {"worst_case": 0.5, "autoattack": {}}
+
+    monkeypatch.setattr(frontier, "run_one", run_one)
+    monkeypatch.setattr(frontier, "write_report", lambda *a, **k: "")
+    two = [frontier.Row(r.key, r.label, r.method, r.model, r.width, (0, 1), r.headline) for r in rows]
+    frontier.run_study(plan, two, tmp_path / "results", tmp_path / "frontier.md", log=lambda *a: None)
+    assert order == ["advmoe-tiny-seed0", "advmoe-tiny-seed1", "pgd-at-tiny-seed0", "pgd-at-tiny-seed1"]
+
+
 def test_the_estimate_costs_rows_with_finished_runs_at_what_they_took(study):
     plan, rows, root, docs = study
     measured = frontier.estimate(plan, rows, root / "results")
@@ -186,6 +221,15 @@ def test_autoattack_is_composed_per_image_from_its_four_attacks():
     assert not masked["square_check"]["passed"] and "2 of 4 examples fooled by Square only" in masked["square_check"]["detail"]
     with pytest.raises(ValueError, match="different weights"):
         frontier.compose_autoattack(main, {**rest, "checkpoint_sha256": "other"})
+
+
+def test_the_table_says_which_seeds_autoattack_covers_when_not_all():
+    grouped = {"moe": _planted("moe", "advmoe", 10, [0.56, 0.57], [0.58, 0.59])}
+    grouped["moe"][1]["autoattack"] = {"accuracy": 0.55, "worst_case_with_main": 0.54}
+    row = frontier.table(grouped).splitlines()[-1]
+    assert row.endswith("| 55.0 (54.0), seed 1 |")
+    grouped["moe"][0]["autoattack"] = {"accuracy": 0.55, "worst_case_with_main": 0.54}
+    assert frontier.table(grouped).splitlines()[-1].endswith("| 55.0 ± 0.0 (54.0 ± 0.0) |")
 
 
 def test_a_failed_masking_check_of_autoattack_is_a_verdict():
