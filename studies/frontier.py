@@ -376,7 +376,8 @@ def ship(results: Path, runs: Path, dest: Path, log=print) -> dict:
 
     The row is the MoE row with the best mean worst case among those at most SHIP_MAX_MACS of
     their dense twin's MACs whose router has not collapsed (a router that sends nearly every image
-    to one expert makes a dense model of the expert's width, carrying dead experts); within it, the seed whose best checkpoint scored highest on
+    to one expert makes a dense model of the expert's width, carrying dead experts); within it, of
+    the seeds whose checkpoint is still in `runs`, the one whose best checkpoint scored highest on
     *validation* PGD accuracy: choosing a seed by its test results would be selecting on the test set."""
     grouped = load_results(results)
     if not grouped:
@@ -397,11 +398,19 @@ def ship(results: Path, runs: Path, dest: Path, log=print) -> dict:
         raise ValueError(f"no finished MoE run in {results} both costs at most {SHIP_MAX_MACS:.2f}x its dense twin's "
                          f"MACs and keeps its experts in use (busiest expert at most {COLLAPSE_SHARE:.0%} of the routes)")
     key = max(candidates, key=lambda k: mean_std([d["worst_case"] for d in candidates[k]])[0])
-    doc = max(candidates[key], key=lambda d: max(r["val_pgd_accuracy"] for r in d["curve"]))
-    name = f"{doc['row']['key']}-seed{doc['seed']}"  # run_name's
-    source = runs / name / "best"
-    if not is_checkpoint(source):
-        raise ValueError(f"{name} is the run to ship, but {source} holds no checkpoint; pass the study's --runs folder")
+    def source(d: dict) -> Path:
+        return runs / f"{d['row']['key']}-seed{d['seed']}" / "best"  # run_name's
+
+    # a seed whose run folder is gone (the result file came from another machine) cannot be copied
+    at_hand = [d for d in candidates[key] if is_checkpoint(source(d))]
+    if not at_hand:
+        names = ", ".join(source(d).parent.name for d in candidates[key])
+        raise ValueError(f"{key} is the row to ship, but no run of it ({names}) holds a checkpoint in {runs}; "
+                         "pass the study's --runs folder")
+    doc = max(at_hand, key=lambda d: max(r["val_pgd_accuracy"] for r in d["curve"]))
+    for gone in (d for d in candidates[key] if d not in at_hand):
+        log(f"not shipping {key} seed {gone['seed']}: its checkpoint is not in {runs} any more")
+    name = source(doc).parent.name
     values = {"clean_accuracy": doc["accuracy"]["clean"], "robust_accuracy": doc["worst_case"],
               "robust_examples": doc["examples"], "robust_attacks": sorted(k for k in doc["accuracy"] if k != "clean"),
               "route_flip_rate": doc.get("route_flip_rate"), "route_flip_attack": "router attack",
@@ -409,7 +418,7 @@ def ship(results: Path, runs: Path, dest: Path, log=print) -> dict:
     if "autoattack" in doc:
         values |= {"autoattack_accuracy": doc["autoattack"]["accuracy"], "autoattack_examples": doc["autoattack"]["examples"]}
     with atomic_directory(dest, may_replace=is_checkpoint) as tmp:  # dest appears whole, numbers included
-        shutil.copytree(source, tmp, dirs_exist_ok=True)
+        shutil.copytree(source(doc), tmp, dirs_exist_ok=True)
         card = update_metrics(tmp, **values)
     log(f"shipped {values['study_run']} ({doc['row']['label']}, seed {doc['seed']}) to {dest}: clean "
         f"{100 * card.clean_accuracy:.1f} %, worst case {100 * card.robust_accuracy:.1f} % on {doc['examples']} test images")

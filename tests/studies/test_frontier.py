@@ -138,6 +138,26 @@ def test_ship_copies_the_best_moe_run_with_its_study_numbers(study, tmp_path, mo
     assert advmoe.load_checkpoint(tmp_path / "shipped").cfg.is_moe
 
 
+def test_ship_passes_over_a_seed_whose_checkpoint_is_gone(study, tmp_path, monkeypatch):
+    """A second seed that scored higher on validation but trained on another machine (its result
+    file committed, its run folder not here) is not the one copied."""
+    plan, rows, root, docs = study
+    monkeypatch.setattr(frontier, "SHIP_MAX_MACS", 1.0)
+    monkeypatch.setattr(frontier, "COLLAPSE_SHARE", 1.0)
+    results = tmp_path / "results"
+    results.mkdir()
+    for path in (root / "results").glob("*.json"):
+        (results / path.name).write_text(path.read_text())
+    other = json.loads((results / "advmoe-tiny-seed0.json").read_text())
+    other["seed"] = 1
+    other["curve"] = [{**r, "val_pgd_accuracy": 1.0} for r in other["curve"]]
+    (results / "advmoe-tiny-seed1.json").write_text(json.dumps(other))
+    logged = []
+    values = frontier.ship(results, root / "runs", tmp_path / "shipped", log=logged.append)
+    assert values["study_run"] == "advmoe-tiny-seed0"
+    assert any(line.startswith("not shipping advmoe-tiny seed 1: its checkpoint is not in") for line in logged)
+
+
 def _fail_to_write(*args, **kwargs):
     raise OSError("disk full")
 
@@ -145,7 +165,7 @@ def _fail_to_write(*args, **kwargs):
 @pytest.mark.parametrize("max_macs,collapse,runs,broken,error,match", [
     (0.01, 0.9, "runs", False, ValueError, "at most 0.01x its dense twin"),  # no MoE run sparse enough
     (1.0, 0.0, "runs", False, ValueError, r"keeps its experts in use"),  # every router counts as collapsed
-    (1.0, 1.0, "elsewhere", False, ValueError, "advmoe-tiny-seed0 is the run to ship, but .* holds no checkpoint"),
+    (1.0, 1.0, "elsewhere", False, ValueError, r"advmoe-tiny is the row to ship, but no run of it \(advmoe-tiny-seed0\) holds"),
     (1.0, 1.0, "runs", True, OSError, "disk full"),  # the numbers cannot be written
 ], ids=["not-sparse-enough", "collapsed", "run-gone", "write-fails"])
 def test_ship_fails_with_what_to_fix_and_leaves_nothing(study, tmp_path, monkeypatch, max_macs, collapse, runs, broken,
