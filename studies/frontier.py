@@ -482,12 +482,15 @@ def verdicts(grouped: dict[str, list[dict]]) -> list[str]:
 
     def compare(other: str, what: str) -> None:
         (m, sm), (o, so) = worst[best], worst[other]
-        spread = max(sm, so)
+        # a row of one seed has no spread to show: the larger spread of the two rows stands in for
+        # it, and with one seed in each there is none yet, which the sentence says
+        spreads = [sd for key, sd in ((best, sm), (other, so)) if len(grouped[key]) > 1]
+        spread = max(spreads, default=0.0)
         beats = m - o > spread
         line = (f"{b['row']['label']} (the best MoE row) {'beats' if beats else 'does not beat'} {what} "
                 f"({grouped[other][0]['row']['label']}) on worst-case robust accuracy by more than the seed "
                 f"spread: {100 * m:.1f} % vs {100 * o:.1f} %, difference {100 * (m - o):+.1f} points, "
-                f"spread {100 * spread:.1f} points.")
+                + (f"spread {100 * spread:.1f} points." if spreads else "one seed in each, so no spread known yet."))
         if not beats:  # where it loses: the difference under each attack both rows ran
             diff = {name: _mean(grouped[best], k) - _mean(grouped[other], k) for k, name in COLUMNS}
             diffs = [f"{name} {100 * v:+.1f}" for name, v in diff.items() if not math.isnan(v)]

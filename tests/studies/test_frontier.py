@@ -200,6 +200,15 @@ def test_the_verdicts_weigh_the_difference_against_the_seed_spread(moe_worst, be
     assert ("Difference by attack, in points: clean +0.0, PGD-10 +0.0, APGD-CE+T" in first) == (not beats)
 
 
+def test_a_comparison_of_single_seeds_says_it_has_no_spread_yet():
+    grouped = {"dense": _planted("dense", "pgd-at", 11, [0.71], [0.71]),
+               "moe": _planted("moe", "advmoe", 10, [0.56], [0.56])}
+    assert frontier.verdicts(grouped)[0].endswith("difference -15.0 points, one seed in each, so no spread known yet. "
+                                                  "Difference by attack, in points: clean +0.0, PGD-10 +0.0, APGD-CE+T -15.0.")
+    grouped["moe"] = _planted("moe", "advmoe", 10, [0.56, 0.60], [0.56, 0.60])  # the spread of the row that has one
+    assert "difference -13.0 points, spread 2.8 points." in frontier.verdicts(grouped)[0]
+
+
 def test_a_collapsed_moe_row_is_not_the_best_moe_row_whatever_its_accuracy():
     grouped = {"dense": _planted("dense", "pgd-at", 11, [0.71, 0.72], [0.71, 0.72]),
                "moe-at": _planted("moe-at", "moe-at", 10, [0.62, 0.62], [0.62, 0.62], busiest=1.0),
