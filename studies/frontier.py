@@ -398,6 +398,7 @@ def ship(results: Path, runs: Path, dest: Path, log=print) -> dict:
         raise ValueError(f"no finished MoE run in {results} both costs at most {SHIP_MAX_MACS:.2f}x its dense twin's "
                          f"MACs and keeps its experts in use (busiest expert at most {COLLAPSE_SHARE:.0%} of the routes)")
     key = max(candidates, key=lambda k: mean_std([d["worst_case"] for d in candidates[k]])[0])
+
     def source(d: dict) -> Path:
         return runs / f"{d['row']['key']}-seed{d['seed']}" / "best"  # run_name's
 
