@@ -42,24 +42,34 @@ def matches(doc: dict, checkpoint: Path, n: int, grad: str, settings: dict) -> b
     return used == grad and evaluated_with(doc, checkpoint, n, settings, at_least=True)
 
 
-def evaluation(checkpoint: Path, n: int, grad: str, settings: dict, runs: Path, reuse: Path | None,
-               data_dir: str | None = None, log=print) -> dict:
-    """The eval.json of `grad`: the one given with --reuse, the one kept under `runs`, or a new one."""
-    if reuse is not None and not reuse.is_file():
-        raise ValueError(f"--reuse {grad}={reuse}: no such file")
-    for path in (reuse, runs / grad / "eval.json"):
-        if path is not None and path.is_file():
-            try:
-                doc = json.loads(path.read_text())
-                same = matches(doc, checkpoint, n, grad, settings)
-            except (ValueError, KeyError, TypeError, AttributeError):  # not JSON, or not an eval.json
-                doc, same = None, False
-            if same:
-                log(f"{grad}: reusing {path}")
-                return doc
-            if path == reuse:
-                raise ValueError(f"{path} is not an evaluation of {checkpoint} on at least {n} images with the "
-                                 f"{grad} gradient and the settings {settings}")
+def _matching(path: Path, checkpoint: Path, n: int, grad: str, settings: dict) -> dict | None:
+    """The eval.json at `path` if it is of these weights, images, gradient and settings, else None."""
+    try:
+        doc = json.loads(path.read_text())
+        return doc if matches(doc, checkpoint, n, grad, settings) else None
+    except (ValueError, KeyError, TypeError, AttributeError):  # not JSON, or not an eval.json
+        return None
+
+
+def reused(checkpoint: Path, n: int, grad: str, settings: dict, path: Path, log=print) -> dict:
+    """The eval.json given with --reuse, refused unless it can stand in for this evaluation."""
+    if not path.is_file():
+        raise ValueError(f"--reuse {grad}={path}: no such file")
+    doc = _matching(path, checkpoint, n, grad, settings)
+    if doc is None:
+        raise ValueError(f"{path} is not an evaluation of {checkpoint} on at least {n} images with the "
+                         f"{grad} gradient and the settings {settings}")
+    log(f"{grad}: reusing {path}")
+    return doc
+
+
+def evaluation(checkpoint: Path, n: int, grad: str, settings: dict, runs: Path, data_dir: str | None = None,
+               log=print) -> dict:
+    """The eval.json of `grad` kept under `runs` when it matches, or a new one."""
+    kept = runs / grad / "eval.json"
+    if kept.is_file() and (doc := _matching(kept, checkpoint, n, grad, settings)) is not None:
+        log(f"{grad}: reusing {kept}")
+        return doc
     log(f"{grad}: evaluating {checkpoint} on {n} test images ({', '.join(settings['attacks'])})")
     return evaluate_checkpoint(checkpoint, data_dir=data_dir, n_examples=n, out=runs / grad, progress=False,
                                gate_grad=grad, **settings)
@@ -151,8 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     settings = {"attacks": ATTACKS, "pgd_steps": tuple(args.pgd_steps), "apgd_iterations": args.apgd_iterations,
                 "step": defaults.step, "seed": defaults.seed}
     try:
-        docs = {g: evaluation(args.checkpoint, args.examples, g, settings, args.runs, reuse.get(g), args.data_dir)
-                for g in GATE_GRADS}
+        # every --reuse is checked before anything runs: a bad one must not cost an evaluation first
+        docs = {g: reused(args.checkpoint, args.examples, g, settings, path) for g, path in reuse.items()}
+        for grad in GATE_GRADS:
+            if grad not in docs:
+                docs[grad] = evaluation(args.checkpoint, args.examples, grad, settings, args.runs, args.data_dir)
+        docs = {g: docs[g] for g in GATE_GRADS}
         result = compare(docs, args.examples)
     except (ValueError, ConfigError) as e:
         parser.exit(2, f"python -m studies.gate_grad: error: {e}\n")

@@ -71,7 +71,9 @@ def test_a_reused_evaluation_must_match(study, checkpoint, capsys):
     (["--reuse", "chosen={here}/broken.json"], "broken.json is not an evaluation of"),
     (["--examples", "0"], "--examples must be at least 1"),
 ])
-def test_bad_input_is_refused_with_what_to_fix(checkpoint, extra, message, capsys, tmp_path):
+def test_bad_input_is_refused_with_what_to_fix(checkpoint, extra, message, capsys, tmp_path, monkeypatch):
+    # refused before any evaluation runs, not after the other gradient's
+    monkeypatch.setattr(gate_grad, "evaluate_checkpoint", lambda *a, **k: pytest.fail("evaluated before refusing"))
     (tmp_path / "broken.json").write_text("{not json")
     extra = [a.format(here=tmp_path) for a in extra]
     with pytest.raises(SystemExit) as exit:
