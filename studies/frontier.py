@@ -33,11 +33,11 @@ from pathlib import Path
 import torch
 
 import advmoe
-from advmoe.checkpoint import is_checkpoint, read_metrics, update_metrics
+from advmoe.checkpoint import WEIGHTS, is_checkpoint, read_metrics, update_metrics
 from advmoe.io import atomic_directory, atomic_write_text
 from advmoe.stats import mean_std, percent
 from evaluation import sanity
-from evaluation.robustness import evaluate_checkpoint, evaluated_with
+from evaluation.robustness import evaluate_checkpoint, evaluated_with, file_sha256
 from training.config import TrainConfig, resolve
 from training.methods import METHODS, Step
 from training.trainer import COLLAPSE_SHARE, make_optimizers, train
@@ -313,7 +313,7 @@ def summarise(row: Row, seed: int, cfg: TrainConfig, main: dict, history: list[d
     acc = main["accuracy"]
     pgd = min((k for k in acc if k.startswith("pgd-")), key=lambda k: int(k[4:]))  # PGD-10 with the defaults
     doc = {"row": asdict(row), "seed": seed, "config": cfg.to_dict(), "macs_per_image": macs_per_image(row.model, row.width, cfg),
-           "examples": main["examples"], "accuracy": acc, "worst_case": main["robust_accuracy"],
+           "checkpoint_sha256": main["checkpoint_sha256"], "examples": main["examples"], "accuracy": acc, "worst_case": main["robust_accuracy"],
            "pgd": pgd, "pgd_minus_worst": acc[pgd] - main["robust_accuracy"],
            "sanity_passed": main["sanity"]["passed"], "sanity_failed": main["sanity"]["failed"],
            "curve": [{k: r.get(k) for k in ("epoch", "val_clean_accuracy", "val_pgd_accuracy", "epoch_seconds")}
@@ -412,10 +412,17 @@ def ship(results: Path, runs: Path, dest: Path, log=print) -> dict:
     for gone in (d for d in candidates[key] if d not in at_hand):
         log(f"not shipping {key} seed {gone['seed']}: its checkpoint is not in {runs} any more")
     name = source(doc).parent.name
+    # the numbers go with the weights they were measured on, or not at all (a run trained again
+    # after its evaluation, say); result files from before the digest have it in the evaluation
+    measured = doc.get("checkpoint_sha256") or json.loads((source(doc).parent / "eval-main" / "eval.json").read_text())[
+        "checkpoint_sha256"]
+    if file_sha256(source(doc) / WEIGHTS) != measured:
+        raise ValueError(f"{source(doc)} is not the checkpoint the study evaluated (its weights changed since); "
+                         f"run `python -m studies.frontier --rows {key}` again to evaluate them")
     values = {"clean_accuracy": doc["accuracy"]["clean"], "robust_accuracy": doc["worst_case"],
               "robust_examples": doc["examples"], "robust_attacks": sorted(k for k in doc["accuracy"] if k != "clean"),
               "route_flip_rate": doc.get("route_flip_rate"), "route_flip_attack": "router attack",
-              "study_run": name}
+              "study_run": name, "study_checkpoint_sha256": measured}
     if "autoattack" in doc:
         values |= {"autoattack_accuracy": doc["autoattack"]["accuracy"], "autoattack_examples": doc["autoattack"]["examples"]}
     with atomic_directory(dest, may_replace=is_checkpoint) as tmp:  # dest appears whole, numbers included

@@ -2,12 +2,14 @@
 evaluate and leave one result file each; the report, its PNG and its verdicts come from those
 files; a second call finds them and trains nothing."""
 import json
+import shutil
 
 import pytest
 
 import advmoe
 import advmoe.checkpoint
-
+from advmoe.checkpoint import read_metrics
+from evaluation.robustness import file_sha256
 from studies import frontier
 from training.config import resolve
 
@@ -136,6 +138,22 @@ def test_ship_copies_the_best_moe_run_with_its_study_numbers(study, tmp_path, mo
     assert card.robust_accuracy == moe["worst_case"] and card.autoattack_accuracy == moe["autoattack"]["accuracy"]
     assert card.clean_accuracy == moe["accuracy"]["clean"] and card.route_flip_rate == moe["route_flip_rate"]
     assert advmoe.load_checkpoint(tmp_path / "shipped").cfg.is_moe
+    # the numbers are of these weights: the digest the evaluation took of them
+    shipped = file_sha256(tmp_path / "shipped" / "model.safetensors")
+    assert read_metrics(tmp_path / "shipped")["study_checkpoint_sha256"] == moe["checkpoint_sha256"] == shipped
+
+
+def test_ship_refuses_weights_that_changed_since_their_evaluation(study, tmp_path, tmp_path_factory, monkeypatch):
+    plan, rows, root, docs = study
+    monkeypatch.setattr(frontier, "SHIP_MAX_MACS", 1.0)
+    monkeypatch.setattr(frontier, "COLLAPSE_SHARE", 1.0)
+    runs = tmp_path_factory.mktemp("retrained")
+    shutil.copytree(root / "runs" / "advmoe-tiny-seed0", runs / "advmoe-tiny-seed0")
+    weights = runs / "advmoe-tiny-seed0" / "best" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes() + b" ")  # e.g. trained again after the evaluation
+    with pytest.raises(ValueError, match=r"is not the checkpoint the study evaluated .* --rows advmoe-tiny"):
+        frontier.ship(root / "results", runs, tmp_path / "shipped", log=lambda *a: None)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_ship_passes_over_a_seed_whose_checkpoint_is_gone(study, tmp_path, monkeypatch):
