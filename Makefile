@@ -1,6 +1,6 @@
 # Two commands set everything up on a fresh machine (see README.md):
-#   make run    the main job: export the small Fashion-MNIST model (shipped in checkpoints/, trained
-#               by `make train` if absent) and serve it with BentoML on http://127.0.0.1:3000
+#   make run    the main job: export the robust Fashion-MNIST MoE model shipped in checkpoints/ and
+#               serve it with BentoML on http://127.0.0.1:3000
 #   make test   the whole test suite, Triton's included (what .ci/run runs)
 PYTHON ?= python3
 VENV ?= .venv
@@ -17,30 +17,44 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The model `make run` serves: the robustness study's best MoE run (`python -m studies.frontier
+# --ship checkpoints/fmnist-moe`, docs/frontier.md). `make run CHECKPOINT=checkpoints/fmnist-tiny`
+# serves the small model `make train ship` makes instead.
+CHECKPOINT ?= checkpoints/fmnist-moe
+TINY := checkpoints/fmnist-tiny
 RUN := runs/fmnist-tiny
-CHECKPOINT := checkpoints/fmnist-tiny
-EXPORT := runs/export/fmnist-tiny
+# Each checkpoint is a BentoML model of its own name, so the one served is the one asked for.
+MODEL = $(notdir $(CHECKPOINT))
+EXPORT = runs/export/$(MODEL)
 PORT ?= 3000
 
 run: serve
 
 # Export again when the checkpoint changed, or when the BentoML store lacks the model.
 serve: $(EXPORT)/export.json
-	@$(BIN)/python -c "import bentoml; bentoml.models.get('advmoe:latest')" >/dev/null 2>&1 || \
-		$(BIN)/advmoe export $(CHECKPOINT) --out $(EXPORT) --format all --force
-	$(BIN)/advmoe serve --port $(PORT) --probe
+	@$(BIN)/python -c "import bentoml; bentoml.models.get('$(MODEL):latest')" >/dev/null 2>&1 || \
+		$(BIN)/advmoe export $(CHECKPOINT) --out $(EXPORT) --format all --force --name $(MODEL)
+	$(BIN)/advmoe serve --model-tag $(MODEL):latest --port $(PORT) --probe
 
 export: $(EXPORT)/export.json
 
 $(EXPORT)/export.json: $(CHECKPOINT)/model.safetensors | install
-	$(BIN)/advmoe export $(CHECKPOINT) --out $(EXPORT) --format all --force
+	$(BIN)/advmoe export $(CHECKPOINT) --out $(EXPORT) --format all --force --name $(MODEL)
 
-# The shipped checkpoint is `make train`'s best epoch (chosen on validation PGD accuracy).
-$(CHECKPOINT)/model.safetensors:
+# The small checkpoint is `make train`'s best epoch (chosen on validation PGD accuracy), made
+# when missing; any other must come from where it was made.
+ifeq ($(CHECKPOINT),$(TINY))
+$(TINY)/model.safetensors:
 	$(MAKE) train ship
+else
+$(CHECKPOINT)/model.safetensors:
+	@echo "make: $(CHECKPOINT)/model.safetensors is missing. Restore the shipped one (git checkout -- $(CHECKPOINT)), \
+	ship the study's best run there (python -m studies.frontier --ship $(CHECKPOINT)), or serve the small \
+	model: make run CHECKPOINT=$(TINY)" >&2; exit 2
+endif
 
 ship: $(RUN)/best/model.safetensors
-	rm -rf $(CHECKPOINT) && mkdir -p $(dir $(CHECKPOINT)) && cp -r $(RUN)/best $(CHECKPOINT)
+	rm -rf $(TINY) && mkdir -p $(dir $(TINY)) && cp -r $(RUN)/best $(TINY)
 
 # The Triton client tests run a local Triton server from a venv of its own (nvidia-pytriton pins
 # numpy 1.26): made once (about a minute), then reused.

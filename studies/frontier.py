@@ -420,7 +420,8 @@ def ship(results: Path, runs: Path, dest: Path, log=print) -> dict:
         raise ValueError(f"{source(doc)} is not the checkpoint the study evaluated (its weights changed since); "
                          f"run `python -m studies.frontier --rows {key}` again to evaluate them")
     values = {"clean_accuracy": doc["accuracy"]["clean"], "robust_accuracy": doc["worst_case"],
-              "robust_examples": doc["examples"], "robust_attacks": sorted(k for k in doc["accuracy"] if k != "clean"),
+              "robust_examples": doc["examples"],  # "robust" is the worst case over the others, not an attack
+              "robust_attacks": sorted(k for k in doc["accuracy"] if k not in ("clean", "robust")),
               "route_flip_rate": doc.get("route_flip_rate"), "route_flip_attack": "router attack",
               "study_run": name, "study_checkpoint_sha256": measured}
     if "autoattack" in doc:

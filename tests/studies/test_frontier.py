@@ -2,7 +2,9 @@
 evaluate and leave one result file each; the report, its PNG and its verdicts come from those
 files; a second call finds them and trains nothing."""
 import json
+import re
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -287,3 +289,24 @@ def test_a_failed_masking_check_of_autoattack_is_a_verdict():
     assert [line for line in lines if "gradient masking" in line] == [
         "moe, seed 1: Square found what every white-box attack missed, a sign of gradient masking "
         "(12 of 500 examples fooled by Square only)."]
+
+
+# -- the model `make run` serves ----------------------------------------------------------------
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_make_run_serves_the_shipped_study_model_with_the_numbers_of_its_result_file():
+    served = re.search(r"^CHECKPOINT \?= (\S+)$", (ROOT / "Makefile").read_text(), re.M).group(1)
+    metrics = read_metrics(ROOT / served)
+    doc = json.loads((ROOT / frontier.RESULTS / f"{metrics['study_run']}.json").read_text())
+    assert metrics["study_checkpoint_sha256"] == file_sha256(ROOT / served / "model.safetensors")
+    assert doc.get("checkpoint_sha256", metrics["study_checkpoint_sha256"]) == metrics["study_checkpoint_sha256"]
+    assert (metrics["clean_accuracy"], metrics["robust_accuracy"], metrics["robust_examples"]) == (
+        doc["accuracy"]["clean"], doc["worst_case"], doc["examples"])
+    assert metrics["route_flip_rate"] == doc["route_flip_rate"]
+    assert metrics["robust_attacks"] == sorted(set(doc["accuracy"]) - {"clean", "robust"})
+    assert metrics["autoattack_accuracy"] == doc["autoattack"]["accuracy"]
+    card = advmoe.checkpoint.read_card(ROOT / served)
+    assert card.num_experts > 1 and card.robust_accuracy == doc["worst_case"]
+    twin = frontier.macs_per_image(advmoe.dense_twin(doc["row"]["model"]), doc["row"]["width"], resolve(None, **doc["config"]))
+    assert doc["macs_per_image"] <= frontier.SHIP_MAX_MACS * twin
