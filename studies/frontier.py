@@ -313,7 +313,8 @@ def summarise(row: Row, seed: int, cfg: TrainConfig, main: dict, history: list[d
     acc = main["accuracy"]
     pgd = min((k for k in acc if k.startswith("pgd-")), key=lambda k: int(k[4:]))  # PGD-10 with the defaults
     doc = {"row": asdict(row), "seed": seed, "config": cfg.to_dict(), "macs_per_image": macs_per_image(row.model, row.width, cfg),
-           "checkpoint_sha256": main["checkpoint_sha256"], "examples": main["examples"], "accuracy": acc, "worst_case": main["robust_accuracy"],
+           "checkpoint_sha256": main["checkpoint_sha256"],  # the weights these numbers are of
+           "examples": main["examples"], "accuracy": acc, "worst_case": main["robust_accuracy"],
            "pgd": pgd, "pgd_minus_worst": acc[pgd] - main["robust_accuracy"],
            "sanity_passed": main["sanity"]["passed"], "sanity_failed": main["sanity"]["failed"],
            "curve": [{k: r.get(k) for k in ("epoch", "val_clean_accuracy", "val_pgd_accuracy", "epoch_seconds")}
@@ -414,8 +415,11 @@ def ship(results: Path, runs: Path, dest: Path, log=print) -> dict:
     name = source(doc).parent.name
     # the numbers go with the weights they were measured on, or not at all (a run trained again
     # after its evaluation, say); result files from before the digest have it in the evaluation
-    measured = doc.get("checkpoint_sha256") or json.loads((source(doc).parent / "eval-main" / "eval.json").read_text())[
-        "checkpoint_sha256"]
+    evaluation = source(doc).parent / "eval-main" / "eval.json"
+    if "checkpoint_sha256" not in doc and not evaluation.is_file():
+        raise ValueError(f"{evaluation} is gone, and with it the digest of the weights the study evaluated; "
+                         f"run `python -m studies.frontier --rows {key}` again to evaluate them")
+    measured = doc.get("checkpoint_sha256") or json.loads(evaluation.read_text())["checkpoint_sha256"]
     if file_sha256(source(doc) / WEIGHTS) != measured:
         raise ValueError(f"{source(doc)} is not the checkpoint the study evaluated (its weights changed since); "
                          f"run `python -m studies.frontier --rows {key}` again to evaluate them")

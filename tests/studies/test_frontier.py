@@ -158,6 +158,23 @@ def test_ship_refuses_weights_that_changed_since_their_evaluation(study, tmp_pat
     assert list(tmp_path.iterdir()) == []
 
 
+def test_ship_refuses_an_older_result_file_whose_evaluation_is_gone(study, tmp_path, tmp_path_factory, monkeypatch):
+    """A result file from before the digest was kept in it needs the run's eval.json to tell."""
+    plan, rows, root, docs = study
+    monkeypatch.setattr(frontier, "SHIP_MAX_MACS", 1.0)
+    monkeypatch.setattr(frontier, "COLLAPSE_SHARE", 1.0)
+    copy = tmp_path_factory.mktemp("older")
+    shutil.copytree(root / "runs" / "advmoe-tiny-seed0", copy / "runs" / "advmoe-tiny-seed0")
+    shutil.rmtree(copy / "runs" / "advmoe-tiny-seed0" / "eval-main")
+    shutil.copytree(root / "results", copy / "results")
+    older = json.loads((copy / "results" / "advmoe-tiny-seed0.json").read_text())
+    del older["checkpoint_sha256"]
+    (copy / "results" / "advmoe-tiny-seed0.json").write_text(json.dumps(older))
+    with pytest.raises(ValueError, match=r"eval-main/eval.json is gone, and with it the digest"):
+        frontier.ship(copy / "results", copy / "runs", tmp_path / "shipped", log=lambda *a: None)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_ship_passes_over_a_seed_whose_checkpoint_is_gone(study, tmp_path, monkeypatch):
     """A second seed that scored higher on validation but trained on another machine (its result
     file committed, its run folder not here) is not the one copied."""
