@@ -414,12 +414,14 @@ def ship(results: Path, runs: Path, dest: Path, log=print) -> dict:
         log(f"not shipping {key} seed {gone['seed']}: its checkpoint is not in {runs} any more")
     name = source(doc).parent.name
     # the numbers go with the weights they were measured on, or not at all (a run trained again
-    # after its evaluation, say); result files from before the digest have it in the evaluation
-    evaluation = source(doc).parent / "eval-main" / "eval.json"
-    if "checkpoint_sha256" not in doc and not evaluation.is_file():
-        raise ValueError(f"{evaluation} is gone, and with it the digest of the weights the study evaluated; "
-                         f"run `python -m studies.frontier --rows {key}` again to evaluate them")
-    measured = doc.get("checkpoint_sha256") or json.loads(evaluation.read_text())["checkpoint_sha256"]
+    # after its evaluation, say)
+    measured = doc.get("checkpoint_sha256")
+    if measured is None:  # a result file from before the digest: it is in the run's evaluation
+        evaluation = source(doc).parent / "eval-main" / "eval.json"
+        if not evaluation.is_file():
+            raise ValueError(f"{evaluation} is gone, and with it the digest of the weights the study evaluated; "
+                             f"run `python -m studies.frontier --rows {key}` again to evaluate them")
+        measured = json.loads(evaluation.read_text())["checkpoint_sha256"]
     if file_sha256(source(doc) / WEIGHTS) != measured:
         raise ValueError(f"{source(doc)} is not the checkpoint the study evaluated (its weights changed since); "
                          f"run `python -m studies.frontier --rows {key}` again to evaluate them")

@@ -162,11 +162,9 @@ def main(argv: list[str] | None = None) -> int:
                 "step": defaults.step, "seed": defaults.seed}
     try:
         # every --reuse is checked before anything runs: a bad one must not cost an evaluation first
-        docs = {g: reused(args.checkpoint, args.examples, g, settings, path) for g, path in reuse.items()}
-        for grad in GATE_GRADS:
-            if grad not in docs:
-                docs[grad] = evaluation(args.checkpoint, args.examples, grad, settings, args.runs, args.data_dir)
-        docs = {g: docs[g] for g in GATE_GRADS}
+        given = {g: reused(args.checkpoint, args.examples, g, settings, path) for g, path in reuse.items()}
+        docs = {g: given[g] if g in given else
+                evaluation(args.checkpoint, args.examples, g, settings, args.runs, args.data_dir) for g in GATE_GRADS}
         result = compare(docs, args.examples)
     except (ValueError, ConfigError) as e:
         parser.exit(2, f"python -m studies.gate_grad: error: {e}\n")
