@@ -31,6 +31,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -684,6 +685,16 @@ def _distributed_setup(device: torch.device) -> bool:
         return False
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return True
+
+
+def kept_evaluation(path: Path, accept: Callable[[dict], bool]) -> dict | None:
+    """The eval.json at `path` when `accept` says it can stand in for running the evaluation again
+    (evaluated_with, usually), else None: also when it is missing, not JSON or not an eval.json."""
+    try:
+        doc = json.loads(Path(path).read_text())
+        return doc if accept(doc) else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def evaluated_with(doc: dict, checkpoint: Path, n: int, settings: dict, at_least: bool = False) -> bool:

@@ -37,7 +37,7 @@ from advmoe.checkpoint import WEIGHTS, is_checkpoint, read_metrics, update_metri
 from advmoe.io import atomic_directory, atomic_write_text
 from advmoe.stats import mean_std, percent
 from evaluation import sanity
-from evaluation.robustness import evaluate_checkpoint, evaluated_with, file_sha256
+from evaluation.robustness import evaluate_checkpoint, evaluated_with, file_sha256, kept_evaluation
 from training.config import TrainConfig, resolve
 from training.methods import METHODS, Step
 from training.trainer import COLLAPSE_SHARE, make_optimizers, train
@@ -230,13 +230,9 @@ def finished(results: Path, row: Row, seed: int, cfg: TrainConfig) -> dict | Non
 def _evaluate(best: Path, out: Path, cfg: TrainConfig, n: int, attacks: tuple[str, ...], settings: dict) -> dict:
     """evaluate_checkpoint, or the eval.json already in `out` when it is of these weights, images
     and settings (a study cut off during a later attack does not redo the earlier ones)."""
-    path = out / "eval.json"
-    if path.is_file():
-        doc = json.loads(path.read_text())
-        if evaluated_with(doc, best, n, {"attacks": attacks, **settings}):
-            return doc
-    return evaluate_checkpoint(best, data_dir=cfg.data_dir, n_examples=n, out=out, progress=False, attacks=attacks,
-                               **settings)
+    kept = kept_evaluation(out / "eval.json", lambda doc: evaluated_with(doc, best, n, {"attacks": attacks, **settings}))
+    return kept or evaluate_checkpoint(best, data_dir=cfg.data_dir, n_examples=n, out=out, progress=False,
+                                       attacks=attacks, **settings)
 
 
 def _settings(plan: Plan) -> dict:

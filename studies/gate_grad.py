@@ -25,7 +25,7 @@ from advmoe.checkpoint import CheckpointError, read_config
 from advmoe.gate import GATE_GRADS
 from advmoe.io import atomic_write_text
 from advmoe.settings import ConfigError
-from evaluation.robustness import EvalSettings, evaluate_checkpoint, evaluated_with
+from evaluation.robustness import EvalSettings, evaluate_checkpoint, evaluated_with, kept_evaluation
 
 ATTACKS = ("pgd", "apgd")
 RUNS = Path("runs/gate_grad")
@@ -42,20 +42,11 @@ def matches(doc: dict, checkpoint: Path, n: int, grad: str, settings: dict) -> b
     return used == grad and evaluated_with(doc, checkpoint, n, settings, at_least=True)
 
 
-def _matching(path: Path, checkpoint: Path, n: int, grad: str, settings: dict) -> dict | None:
-    """The eval.json at `path` if it is of these weights, images, gradient and settings, else None."""
-    try:
-        doc = json.loads(path.read_text())
-        return doc if matches(doc, checkpoint, n, grad, settings) else None
-    except (ValueError, KeyError, TypeError, AttributeError):  # not JSON, or not an eval.json
-        return None
-
-
 def reused(checkpoint: Path, n: int, grad: str, settings: dict, path: Path, log=print) -> dict:
     """The eval.json given with --reuse, refused unless it can stand in for this evaluation."""
     if not path.is_file():
         raise ValueError(f"--reuse {grad}={path}: no such file")
-    doc = _matching(path, checkpoint, n, grad, settings)
+    doc = kept_evaluation(path, lambda kept: matches(kept, checkpoint, n, grad, settings))
     if doc is None:
         raise ValueError(f"{path} is not an evaluation of {checkpoint} on at least {n} images with the "
                          f"{grad} gradient and the settings {settings}")
@@ -67,7 +58,7 @@ def evaluation(checkpoint: Path, n: int, grad: str, settings: dict, runs: Path, 
                log=print) -> dict:
     """The eval.json of `grad` kept under `runs` when it matches, or a new one."""
     kept = runs / grad / "eval.json"
-    if kept.is_file() and (doc := _matching(kept, checkpoint, n, grad, settings)) is not None:
+    if (doc := kept_evaluation(kept, lambda d: matches(d, checkpoint, n, grad, settings))) is not None:
         log(f"{grad}: reusing {kept}")
         return doc
     log(f"{grad}: evaluating {checkpoint} on {n} test images ({', '.join(settings['attacks'])})")

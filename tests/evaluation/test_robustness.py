@@ -18,7 +18,7 @@ from advmoe.attacks import cross_entropy, pgd
 from advmoe.calibrate import balance_routing, calibrate_batchnorm
 from advmoe.gate import Route
 from cli.main import main as cli
-from evaluation.robustness import EvalSettings, evaluate_model, worst_case
+from evaluation.robustness import EvalSettings, evaluate_model, kept_evaluation, worst_case
 from evaluation.summary import summary
 from helpers import small_model
 
@@ -258,3 +258,15 @@ def test_two_ranks_give_the_per_example_results_of_one_process(checkpoint, fashi
     assert two["attacks"]["autoattack"]["components"][0]["attacked"] == one["attacks"]["autoattack"]["components"][0]["attacked"]
     assert two["sanity"]["checks"] == one["sanity"]["checks"]
     assert result.stdout.count("wrote ") == 1  # rank 0 alone writes and reports
+
+
+def test_a_kept_evaluation_is_reused_only_when_it_is_whole_and_accepted(tmp_path):
+    path = tmp_path / "eval.json"
+    assert kept_evaluation(path, lambda doc: True) is None  # missing
+    path.write_text('{"settings": {"attacks": ["pgd"]')  # cut off mid-write (by something other than us)
+    assert kept_evaluation(path, lambda doc: True) is None
+    path.write_text("[1, 2]")  # JSON, but no eval.json: the check's KeyError/TypeError means "no"
+    assert kept_evaluation(path, lambda doc: doc["settings"]["attacks"] == ["pgd"]) is None
+    path.write_text('{"settings": {"attacks": ["pgd"]}}')
+    assert kept_evaluation(path, lambda doc: doc["settings"]["attacks"] == ["apgd"]) is None
+    assert kept_evaluation(path, lambda doc: doc["settings"]["attacks"] == ["pgd"]) == {"settings": {"attacks": ["pgd"]}}

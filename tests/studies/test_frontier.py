@@ -75,6 +75,20 @@ def test_a_second_call_reuses_the_results(study, monkeypatch):
     assert [d["worst_case"] for d in again] == [d["worst_case"] for d in docs]
 
 
+def test_a_study_cut_off_after_an_evaluation_reuses_it(study, tmp_path, monkeypatch):
+    """Cut off between an evaluation's eval.json and the run's result file: the next call writes the
+    result from the eval.json instead of attacking again."""
+    plan, rows, root, docs = study
+    results = tmp_path / "results"
+    shutil.copytree(root / "results", results)
+    (results / "pgd-at-tiny-seed0.json").unlink()
+    monkeypatch.setattr(frontier, "train", lambda *a, **k: pytest.fail("trained again"))
+    monkeypatch.setattr(frontier, "evaluate_checkpoint", lambda *a, **k: pytest.fail("evaluated again"))
+    again = frontier.run_study(plan, rows, results, tmp_path / "frontier.md", log=lambda *a: None)
+    assert json.loads((results / "pgd-at-tiny-seed0.json").read_text())["worst_case"] == docs[0]["worst_case"]
+    assert [d["worst_case"] for d in again] == [d["worst_case"] for d in docs]
+
+
 def test_a_result_that_outlived_its_run_folder_gets_no_autoattack_and_says_so(study, tmp_path, monkeypatch):
     """A fresh machine keeps the committed result files but not the run folders: the study goes on
     (the row's AutoAttack comes from its other seeds) instead of failing on the missing checkpoint."""
