@@ -509,6 +509,17 @@ def verdicts(grouped: dict[str, list[dict]]) -> list[str]:
         lines.append(line)
 
     compare(equal, "the dense model of the same MACs")
+    if len(dense) > 1:  # what capacity buys a dense model here: whether the MoE width starves its experts
+        by_cost = sorted(dense, key=lambda k: dense[k][0]["macs_per_image"])
+        lines.append("Dense PGD-AT's worst case by cost: " + ", ".join(
+            f"{dense[k][0]['macs_per_image'] / 1e6:.1f} M MACs {100 * worst[k][0]:.1f} %" for k in by_cost) + ".")
+    twins = [k for k in dense if grouped[k][0]["row"].get("width", -1) == b["row"].get("width")]
+    if twins:  # the sparse model against the dense model it was cut from: what it keeps for what it saves
+        t, (m, o) = grouped[twins[0]][0], (worst[best][0], worst[twins[0]][0])
+        lines.append(f"{b['row']['label']} costs {b['macs_per_image'] / t['macs_per_image']:.2f}x the MACs of its "
+                     f"full-width twin ({t['row']['label']}) and "
+                     + (f"keeps {100 * m / o:.0f} % of its worst-case accuracy " if o > 0 else "is compared on worst case ")
+                     + f"({100 * m:.1f} % vs {100 * o:.1f} %).")
     moe_at = [k for k in moe if grouped[k][0]["row"]["method"] == "moe-at"]
     if moe_at and moe_at[0] != best:
         compare(moe_at[0], "MoE-AT")

@@ -232,9 +232,9 @@ def test_ship_fails_with_what_to_fix_and_leaves_nothing(study, tmp_path, monkeyp
 
 
 def _planted(key: str, method: str, macs: int, worst: list[float], apgd: list[float], busiest: float = 0.55,
-             curve: tuple[float, ...] = (0.6, 0.7, 0.705)) -> list[dict]:
+             curve: tuple[float, ...] = (0.6, 0.7, 0.705), width: float = 0.25) -> list[dict]:
     moe = {"route_flip_rate": 0.04, "expert_share": [busiest, 1 - busiest]} if method != "pgd-at" else {}
-    return [{"row": {"key": key, "method": method, "label": key}, "seed": seed, "macs_per_image": macs,
+    return [{"row": {"key": key, "method": method, "label": key, "width": width}, "seed": seed, "macs_per_image": macs,
              "accuracy": {"clean": 0.83, "pgd-10": 0.73, "apgd": a}, "worst_case": w, "pgd": "pgd-10",
              "pgd_minus_worst": 0.73 - w, "curve": [{"epoch": e + 1, "val_pgd_accuracy": v} for e, v in enumerate(curve)],
              **moe}
@@ -251,6 +251,19 @@ def test_the_verdicts_weigh_the_difference_against_the_seed_spread(moe_worst, be
     assert ("Difference by attack, in points: clean +0.0, PGD-10 +0.0, APGD-CE+T" in first) == (not beats)
 
 
+def test_the_verdicts_say_what_width_buys_a_dense_model_and_what_the_moe_keeps_of_its_twin():
+    grouped = {"dense-wide": _planted("dense-wide", "pgd-at", 28, [0.77, 0.79], [0.77, 0.79]),
+               "dense": _planted("dense", "pgd-at", 11, [0.71, 0.72], [0.71, 0.72], width=0.15625),
+               "moe": _planted("moe", "advmoe", 10, [0.58, 0.60], [0.58, 0.60])}
+    lines = frontier.verdicts(grouped)
+    assert lines[0].startswith("moe (the best MoE row) does not beat the dense model of the same MACs (dense)")
+    assert lines[1] == "Dense PGD-AT's worst case by cost: 0.0 M MACs 71.5 %, 0.0 M MACs 78.0 %."
+    assert lines[2] == ("moe costs 0.36x the MACs of its full-width twin (dense-wide) and keeps 76 % of its worst-case "
+                        "accuracy (59.0 % vs 78.0 %).")
+    del grouped["dense-wide"]  # no twin, one dense row: neither sentence
+    assert not any(line.startswith(("Dense PGD-AT's worst case by cost", "moe costs")) for line in frontier.verdicts(grouped))
+
+
 def test_a_comparison_of_single_seeds_says_it_has_no_spread_yet():
     grouped = {"dense": _planted("dense", "pgd-at", 11, [0.71], [0.71]),
                "moe": _planted("moe", "advmoe", 10, [0.56], [0.56])}
@@ -261,7 +274,7 @@ def test_a_comparison_of_single_seeds_says_it_has_no_spread_yet():
 
 
 def test_a_collapsed_moe_row_is_not_the_best_moe_row_whatever_its_accuracy():
-    grouped = {"dense": _planted("dense", "pgd-at", 11, [0.71, 0.72], [0.71, 0.72]),
+    grouped = {"dense": _planted("dense", "pgd-at", 11, [0.71, 0.72], [0.71, 0.72], width=0.15625),
                "moe-at": _planted("moe-at", "moe-at", 10, [0.62, 0.62], [0.62, 0.62], busiest=1.0),
                "advmoe": _planted("advmoe", "advmoe", 10, [0.56, 0.57], [0.58, 0.59])}
     lines = frontier.verdicts(grouped)
