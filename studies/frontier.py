@@ -5,6 +5,7 @@ methods, worst-case robust accuracy against MACs per image.
     nice python -m studies.frontier               # run (resumes: finished runs are skipped)
     python -m studies.frontier --report-only      # the report from the results there are
     python -m studies.frontier --ship checkpoints/fmnist-moe   # the best MoE run, as the model to serve
+    nice python -m studies.frontier --rows advmoe-w0.25 --variant steps3 --set attack_steps=3   # a lever, beside
 
 Each (row, seed) is one run: train (runs/frontier/ROW-seedS, resumed if cut off), evaluate its
 best checkpoint (selected on validation PGD accuracy, never on test images) on the first
@@ -27,6 +28,7 @@ import shutil
 import statistics
 import sys
 import time
+import tomllib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -35,6 +37,7 @@ import torch
 import advmoe
 from advmoe.checkpoint import WEIGHTS, is_checkpoint, read_metrics, update_metrics
 from advmoe.io import atomic_directory, atomic_write_text
+from advmoe.settings import ConfigError
 from advmoe.stats import mean_std, percent
 from evaluation import sanity
 from evaluation.robustness import evaluate_checkpoint, evaluated_with, file_sha256, kept_evaluation
@@ -95,6 +98,34 @@ class Plan:
         cfg = resolve(self.preset, **{**self.overrides, "method": row.method, "model": row.model, "width": row.width,
                                       "seed": seed, "epochs": self.epochs})
         return replace(cfg, train_examples=self.train_examples).validate()  # None: every training image
+
+
+def parse_settings(pairs: list[str]) -> dict:
+    """KEY=VALUE pairs as TrainConfig overrides, each value read as TOML (3, 0.1, true, "name")."""
+    settings = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key or not value.strip():
+            raise ValueError(f"--set {pair!r}: write KEY=VALUE, e.g. attack_steps=3")
+        if key == "epochs":
+            raise ValueError("--set epochs: give it with --epochs")
+        try:
+            settings[key] = tomllib.loads(f"value = {value.strip()}")["value"]
+        except tomllib.TOMLDecodeError:
+            raise ValueError(f"--set {pair!r}: {value.strip()!r} is not a TOML value (quote a string: "
+                             f"{key}=\"...\")") from None
+    return settings
+
+
+def variant_rows(rows: list[Row], name: str, settings: dict) -> list[Row]:
+    """The rows again, as rows of their own (run folders, result files, table lines) trained with
+    `settings` changed: a lever such as more epochs or a stronger training attack is measured
+    beside the study's runs instead of over them."""
+    if not name or not all(c.isalnum() or c in "._" for c in name):
+        raise ValueError(f"variant name {name!r}: use letters, digits, '.' and '_' (it goes into file names)")
+    changed = ", ".join(f"{k}={v}" for k, v in settings.items())
+    return [replace(row, key=f"{row.key}-{name}", label=f"{row.label} ({name}: {changed})") for row in rows]
 
 
 def macs_per_image(model: str, width: float, cfg: TrainConfig) -> int:
@@ -224,7 +255,11 @@ def finished(results: Path, row: Row, seed: int, cfg: TrainConfig) -> dict | Non
     if not path.is_file():
         return None
     doc = json.loads(path.read_text())
-    return doc if doc.get("config") == cfg.to_dict() else None
+    if doc.get("config") != cfg.to_dict():  # retraining would overwrite a committed result
+        diff = sorted(k for k, v in cfg.to_dict().items() if (doc.get("config") or {}).get(k) != v)
+        raise ValueError(f"{path} is a result of other settings (they differ in {', '.join(diff)}): to measure "
+                         f"these settings beside it, name them with --variant NAME")
+    return doc
 
 
 def _evaluate(best: Path, out: Path, cfg: TrainConfig, n: int, attacks: tuple[str, ...], settings: dict) -> dict:
@@ -649,20 +684,40 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", default=str(RESULTS))
     parser.add_argument("--report", default=str(REPORT))
     parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="training settings for every run of this call (TOML values: attack_steps=3); give them a "
+                        "--variant name to measure them beside the study's runs")
+    parser.add_argument("--variant", metavar="NAME", help="run the rows as rows of their own, ROW-NAME, trained with "
+                        "the --set settings and --epochs")
     parser.add_argument("--ship", metavar="DEST", help="copy the best MoE run to DEST (e.g. checkpoints/fmnist-moe) with "
                         "its study numbers in metrics.json; trains nothing")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        settings = parse_settings(args.set)
+    except ValueError as e:
+        parser.error(str(e))
     plan = Plan(preset=args.preset, moe_width=args.moe_width, epochs=args.epochs, train_examples=args.train_examples,
                 eval_examples=args.eval_examples, autoattack_examples=args.autoattack_examples,
-                seeds=tuple(args.seeds), headline_seeds=tuple(args.headline_seeds), runs=args.runs)
-    rows = default_rows(plan)
+                seeds=tuple(args.seeds), headline_seeds=tuple(args.headline_seeds), overrides=settings, runs=args.runs)
+    try:
+        rows = default_rows(plan)
+    except ConfigError as e:
+        parser.error(str(e))
     if args.rows:
         unknown = sorted(set(args.rows) - {r.key for r in rows})
         if unknown:
             parser.error(f"unknown rows {unknown}; rows: {', '.join(r.key for r in rows)}")
         rows = [r for r in rows if r.key in args.rows]
+    if args.variant:
+        changed = {**settings, **({"epochs": args.epochs} if args.epochs != Plan.epochs else {})}
+        if not changed:
+            parser.error("--variant runs the rows with other settings: give them with --set KEY=VALUE or --epochs")
+        try:
+            rows = variant_rows(rows, args.variant, changed)
+        except ValueError as e:
+            parser.error(str(e))
     results, report = Path(args.results), Path(args.report)
     command = "python -m studies.frontier " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.ship:
@@ -675,7 +730,11 @@ def main(argv: list[str] | None = None) -> int:
         print(write_report(results, report, plan, command.strip()) or f"no results in {results}")
         return 0
     done = {p.stem for p in results.glob("*.json")}
-    print_estimate(estimate(plan, rows, results), done, rows)
+    try:  # every row's result files are checked here, before any run starts
+        costs = estimate(plan, rows, results)
+    except ValueError as e:
+        parser.exit(2, f"python -m studies.frontier: error: {e}\n")
+    print_estimate(costs, done, rows)
     if args.plan:
         return 0
     run_study(plan, rows, results, report)

@@ -89,6 +89,48 @@ def test_a_study_cut_off_after_an_evaluation_reuses_it(study, tmp_path, monkeypa
     assert [d["worst_case"] for d in again] == [d["worst_case"] for d in docs]
 
 
+def test_a_variant_lands_beside_the_study_and_other_settings_never_overwrite_it(study, tmp_path):
+    """A lever (here a 1-step training attack) runs as rows of its own; the same rows with other
+    settings but no variant name are refused before anything trains, and the results stay as they were."""
+    plan, rows, root, docs = study
+    results = tmp_path / "results"
+    shutil.copytree(root / "results", results)
+    kept = {p.name: p.read_bytes() for p in results.glob("*.json")}
+    other = frontier.Plan(**{**plan.__dict__, "overrides": {**plan.overrides, "attack_steps": 1},
+                             "runs": str(tmp_path / "runs")})
+    with pytest.raises(ValueError, match=r"pgd-at-tiny-seed0.json is a result of other settings \(they differ in "
+                                         r"attack_steps\): to measure these settings beside it, name them with --variant"):
+        frontier.estimate(other, rows[:1], results)
+    with pytest.raises(ValueError, match="is a result of other settings"):
+        frontier.run_study(other, rows[:1], results, tmp_path / "frontier.md", log=lambda *a: None)
+    assert {p.name: p.read_bytes() for p in results.glob("*.json")} == kept
+    variant = frontier.variant_rows(rows[:1], "steps1", {"attack_steps": 1})
+    assert (variant[0].key, variant[0].label) == ("pgd-at-tiny-steps1", "dense PGD-AT, tiny (steps1: attack_steps=1)")
+    [doc] = frontier.run_study(other, variant, results, tmp_path / "frontier.md", log=lambda *a: None)
+    assert doc["config"]["attack_steps"] == 1 and (tmp_path / "runs" / "pgd-at-tiny-steps1-seed0" / "best").is_dir()
+    assert {p.name: p.read_bytes() for p in results.glob("*.json") if p.name in kept} == kept
+    assert "| dense PGD-AT, tiny (steps1: attack_steps=1) |" in (tmp_path / "frontier.md").read_text()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--set", "attack_steps"], "--set 'attack_steps': write KEY=VALUE, e.g. attack_steps=3"),
+    (["--set", "attack_steps=three"], "'three' is not a TOML value"),
+    (["--set", "attak_steps=3"], "unknown setting(s) ['attak_steps']"),
+    (["--set", "epochs=8"], "--set epochs: give it with --epochs"),
+    (["--variant", "more"], "--variant runs the rows with other settings: give them with --set KEY=VALUE or --epochs"),
+    (["--set", "attack_steps=3", "--variant", "../up"], "variant name '../up': use letters, digits"),
+])
+def test_bad_variant_settings_get_one_line_and_exit_code_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        frontier.main(["--plan", *argv])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_settings_are_read_as_toml_values():
+    assert frontier.parse_settings(["attack_steps=3", "eps=0.1", "balance=true", 'router="shared"']) == {
+        "attack_steps": 3, "eps": 0.1, "balance": True, "router": "shared"}
+
+
 def test_a_result_that_outlived_its_run_folder_gets_no_autoattack_and_says_so(study, tmp_path, monkeypatch):
     """A fresh machine keeps the committed result files but not the run folders: the study goes on
     (the row's AutoAttack comes from its other seeds) instead of failing on the missing checkpoint."""
