@@ -546,8 +546,15 @@ def verdicts(grouped: dict[str, list[dict]]) -> list[str]:
     compare(equal, "the dense model of the same MACs")
     if len(dense) > 1:  # what capacity buys a dense model here: whether the MoE width starves its experts
         by_cost = sorted(dense, key=lambda k: dense[k][0]["macs_per_image"])
+        rise = worst[by_cost[-1]][0] - worst[by_cost[0]][0]
+        spread = max((worst[k][1] for k in by_cost if len(dense[k]) > 1), default=0.0)
         lines.append("Dense PGD-AT's worst case by cost: " + ", ".join(
-            f"{dense[k][0]['macs_per_image'] / 1e6:.1f} M MACs {100 * worst[k][0]:.1f} %" for k in by_cost) + ".")
+            f"{dense[k][0]['macs_per_image'] / 1e6:.1f} M MACs {100 * worst[k][0]:.1f} %" for k in by_cost) + (
+            f": {dense[by_cost[-1]][0]['macs_per_image'] / dense[by_cost[0]][0]['macs_per_image']:.1f}x the MACs "
+            + (f"add {100 * rise:.1f} points." if rise > spread else
+               f"add no more than the seed spread ({100 * rise:+.1f} points, spread {100 * spread:.1f}): capacity is "
+               "not what limits robustness at these widths, so the MoE rows' gap to the dense ones is their training, "
+               "not their experts' width.")))
     twins = [k for k in dense if grouped[k][0]["row"].get("width", -1) == b["row"].get("width")]
     if twins:  # the sparse model against the dense model it was cut from: what it keeps for what it saves
         t, (m, o) = grouped[twins[0]][0], (worst[best][0], worst[twins[0]][0])
