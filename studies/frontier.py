@@ -553,8 +553,8 @@ def verdicts(grouped: dict[str, list[dict]]) -> list[str]:
             f": {dense[by_cost[-1]][0]['macs_per_image'] / dense[by_cost[0]][0]['macs_per_image']:.1f}x the MACs "
             + (f"add {100 * rise:.1f} points." if rise > spread else
                f"add no more than the seed spread ({100 * rise:+.1f} points, spread {100 * spread:.1f}): capacity is "
-               "not what limits robustness at these widths, so the MoE rows' gap to the dense ones is their training, "
-               "not their experts' width.")))
+               "not what limits a dense model's robustness at these widths, so the MoE rows' gap to the dense row of "
+               "their MACs is unlikely to come from their width.")))
     twins = [k for k in dense if grouped[k][0]["row"].get("width", -1) == b["row"].get("width")]
     if twins:  # the sparse model against the dense model it was cut from: what it keeps for what it saves
         t, (m, o) = grouped[twins[0]][0], (worst[best][0], worst[twins[0]][0])

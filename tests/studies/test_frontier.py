@@ -305,8 +305,9 @@ def test_the_verdicts_say_what_width_buys_a_dense_model_and_what_the_moe_keeps_o
                         "accuracy (59.0 % vs 78.0 %).")
     grouped["dense-wide"] = _planted("dense-wide", "pgd-at", 28, [0.70, 0.71], [0.70, 0.71])  # flat: said so
     assert frontier.verdicts(grouped)[1].endswith("2.5x the MACs add no more than the seed spread (-1.0 points, spread "
-                                                  "0.7): capacity is not what limits robustness at these widths, so the "
-                                                  "MoE rows' gap to the dense ones is their training, not their experts' width.")
+                                                  "0.7): capacity is not what limits a dense model's robustness at these "
+                                                  "widths, so the MoE rows' gap to the dense row of their MACs is unlikely "
+                                                  "to come from their width.")
     del grouped["dense-wide"]  # no twin, one dense row: neither sentence
     assert not any(line.startswith(("Dense PGD-AT's worst case by cost", "moe costs")) for line in frontier.verdicts(grouped))
 
