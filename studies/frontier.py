@@ -256,7 +256,8 @@ def finished(results: Path, row: Row, seed: int, cfg: TrainConfig) -> dict | Non
         return None
     doc = json.loads(path.read_text())
     if doc.get("config") != cfg.to_dict():  # retraining would overwrite a committed result
-        diff = sorted(k for k, v in cfg.to_dict().items() if (doc.get("config") or {}).get(k) != v)
+        have, want = doc.get("config") or {}, cfg.to_dict()
+        diff = sorted(k for k in have.keys() | want.keys() if have.get(k) != want.get(k))
         raise ValueError(f"{path} is a result of other settings (they differ in {', '.join(diff)}): to measure "
                          f"these settings beside it, name them with --variant NAME")
     return doc
