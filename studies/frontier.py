@@ -255,8 +255,8 @@ def finished(results: Path, row: Row, seed: int, cfg: TrainConfig) -> dict | Non
     if not path.is_file():
         return None
     doc = json.loads(path.read_text())
-    if doc.get("config") != cfg.to_dict():  # retraining would overwrite a committed result
-        have, want = doc.get("config") or {}, cfg.to_dict()
+    have, want = doc.get("config") or {}, cfg.to_dict()
+    if have != want:  # retraining would overwrite a committed result
         diff = sorted(k for k in have.keys() | want.keys() if have.get(k) != want.get(k))
         raise ValueError(f"{path} is a result of other settings (they differ in {', '.join(diff)}): to measure "
                          f"these settings beside it, name them with --variant NAME")
@@ -547,22 +547,24 @@ def verdicts(grouped: dict[str, list[dict]]) -> list[str]:
     compare(equal, "the dense model of the same MACs")
     if len(dense) > 1:  # what capacity buys a dense model here: whether the MoE width starves its experts
         by_cost = sorted(dense, key=lambda k: dense[k][0]["macs_per_image"])
-        rise = worst[by_cost[-1]][0] - worst[by_cost[0]][0]
+        cheapest, dearest = by_cost[0], by_cost[-1]
+        ratio = dense[dearest][0]["macs_per_image"] / dense[cheapest][0]["macs_per_image"]
+        rise = worst[dearest][0] - worst[cheapest][0]
         spread = max((worst[k][1] for k in by_cost if len(dense[k]) > 1), default=0.0)
-        lines.append("Dense PGD-AT's worst case by cost: " + ", ".join(
-            f"{dense[k][0]['macs_per_image'] / 1e6:.1f} M MACs {100 * worst[k][0]:.1f} %" for k in by_cost) + (
-            f": {dense[by_cost[-1]][0]['macs_per_image'] / dense[by_cost[0]][0]['macs_per_image']:.1f}x the MACs "
-            + (f"add {100 * rise:.1f} points." if rise > spread else
-               f"add no more than the seed spread ({100 * rise:+.1f} points, spread {100 * spread:.1f}): capacity is "
-               "not what limits a dense model's robustness at these widths, so the MoE rows' gap to the dense row of "
-               "their MACs is unlikely to come from their width.")))
-    twins = [k for k in dense if grouped[k][0]["row"].get("width", -1) == b["row"].get("width")]
+        if rise > spread:
+            bought = f"add {100 * rise:.1f} points."
+        else:
+            bought = (f"add no more than the seed spread ({100 * rise:+.1f} points, spread {100 * spread:.1f}): capacity "
+                      "is not what limits a dense model's robustness at these widths, so the MoE rows' gap to the dense "
+                      "row of their MACs is unlikely to come from their width.")
+        costs = ", ".join(f"{dense[k][0]['macs_per_image'] / 1e6:.1f} M MACs {100 * worst[k][0]:.1f} %" for k in by_cost)
+        lines.append(f"Dense PGD-AT's worst case by cost: {costs}: {ratio:.1f}x the MACs {bought}")
+    twins = [k for k in dense if grouped[k][0]["row"]["width"] == b["row"]["width"]]
     if twins:  # the sparse model against the dense model it was cut from: what it keeps for what it saves
         t, (m, o) = grouped[twins[0]][0], (worst[best][0], worst[twins[0]][0])
+        kept = f"keeps {100 * m / o:.0f} % of its worst-case accuracy" if o > 0 else "is compared on worst case"
         lines.append(f"{b['row']['label']} costs {b['macs_per_image'] / t['macs_per_image']:.2f}x the MACs of its "
-                     f"full-width twin ({t['row']['label']}) and "
-                     + (f"keeps {100 * m / o:.0f} % of its worst-case accuracy " if o > 0 else "is compared on worst case ")
-                     + f"({100 * m:.1f} % vs {100 * o:.1f} %).")
+                     f"full-width twin ({t['row']['label']}) and {kept} ({100 * m:.1f} % vs {100 * o:.1f} %).")
     moe_at = [k for k in moe if grouped[k][0]["row"]["method"] == "moe-at"]
     if moe_at and moe_at[0] != best:
         compare(moe_at[0], "MoE-AT")
