@@ -71,6 +71,15 @@ class Row:
     width: float
     seeds: tuple[int, ...]
     headline: bool = False
+    variant: str | None = None  # the --variant name of a row run with other settings beside the study's
+
+
+# how the table names each method ("dense PGD-AT, width 0.15625", "AdvMoE, width 0.25")
+METHOD_LABELS = {"pgd-at": "PGD-AT", "trades": "TRADES", "moe-at": "MoE-AT", "advmoe": "AdvMoE",
+                 "route-aware": "route-aware AT"}
+# settings a row or a flag of its own sets: --set would be overridden by them without a word
+ROW_SETTINGS = {"model": "the rows set it (--rows)", "width": "the rows set it (--moe-width, --rows)",
+                "seed": "give seeds with --seeds and --headline-seeds", "epochs": "give it with --epochs"}
 
 
 @dataclass
@@ -108,8 +117,8 @@ def parse_settings(pairs: list[str]) -> dict:
         key = key.strip().replace("-", "_")
         if not sep or not key or not value.strip():
             raise ValueError(f"--set {pair!r}: write KEY=VALUE, e.g. attack_steps=3")
-        if key == "epochs":
-            raise ValueError("--set epochs: give it with --epochs")
+        if key in ROW_SETTINGS:
+            raise ValueError(f"--set {key}: {ROW_SETTINGS[key]}")
         try:
             settings[key] = tomllib.loads(f"value = {value.strip()}")["value"]
         except tomllib.TOMLDecodeError:
@@ -121,11 +130,29 @@ def parse_settings(pairs: list[str]) -> dict:
 def variant_rows(rows: list[Row], name: str, settings: dict) -> list[Row]:
     """The rows again, as rows of their own (run folders, result files, table lines) trained with
     `settings` changed: a lever such as more epochs or a stronger training attack is measured
-    beside the study's runs instead of over them."""
+    beside the study's runs instead of over them. A `method` setting changes the rows' method (dense
+    TRADES beside dense PGD-AT, say), and their labels name it."""
     if not name or not all(c.isalnum() or c in "._" for c in name):
         raise ValueError(f"variant name {name!r}: use letters, digits, '.' and '_' (it goes into file names)")
+    method = settings.get("method")  # a known one: the settings were resolved before
     changed = ", ".join(f"{k}={v}" for k, v in settings.items())
-    return [replace(row, key=f"{row.key}-{name}", label=f"{row.label} ({name}: {changed})") for row in rows]
+
+    def label(row: Row) -> str:
+        if method is None or method == row.method:
+            return row.label
+        return row.label.replace(METHOD_LABELS[row.method], METHOD_LABELS.get(method, method), 1)
+    return [replace(row, key=f"{row.key}-{name}", label=f"{label(row)} ({name}: {changed})",
+                    method=method or row.method, variant=name) for row in rows]
+
+
+def is_moe_row(row: dict) -> bool:
+    return advmoe.is_moe_model(row["model"])
+
+
+def is_dense_line(row: dict) -> bool:
+    """The study's own dense PGD-AT rows: the line of the plot and of the verdict on width. Dense
+    rows of another method or variant are weighed against the MoE rows but not drawn into it."""
+    return not is_moe_row(row) and row["method"] == "pgd-at" and not row.get("variant")
 
 
 def macs_per_image(model: str, width: float, cfg: TrainConfig) -> int:
@@ -157,9 +184,9 @@ def default_rows(plan: Plan) -> list[Row]:
             Row(f"pgd-at-w{middle:g}", f"dense PGD-AT, width {middle:g}", "pgd-at", dense, middle, plan.seeds),
             Row(f"pgd-at-w{plan.moe_width:g}", f"dense PGD-AT, width {plan.moe_width:g} (the MoE model's full-width twin)",
                 "pgd-at", dense, plan.moe_width, plan.seeds)]
-    for method, label in (("moe-at", "MoE-AT"), ("advmoe", "AdvMoE"), ("route-aware", "route-aware AT")):
+    for method in ("moe-at", "advmoe", "route-aware"):
         if method in METHODS:
-            rows.append(Row(f"{method}-w{plan.moe_width:g}", f"{label}, width {plan.moe_width:g}", method, moe,
+            rows.append(Row(f"{method}-w{plan.moe_width:g}", f"{METHOD_LABELS[method]}, width {plan.moe_width:g}", method, moe,
                             plan.moe_width, plan.headline_seeds, headline=True))
     return rows
 
@@ -418,7 +445,7 @@ def ship(results: Path, runs: Path, dest: Path, log=print) -> dict:
     candidates = {}
     for key, docs in grouped.items():
         row = docs[0]["row"]
-        if row["method"] == "pgd-at":
+        if not is_moe_row(row):
             continue
         cfg = resolve(None, **docs[0]["config"])
         twin = macs_per_image(advmoe.dense_twin(row["model"]), row["width"], cfg)
@@ -513,8 +540,8 @@ def _mean(docs: list[dict], key: str) -> float:
 
 def verdicts(grouped: dict[str, list[dict]]) -> list[str]:
     """Sentences computed from the results (no number typed in); what the issue asks the study to show."""
-    dense = {k: d for k, d in grouped.items() if d[0]["row"]["method"] == "pgd-at"}
-    moe = {k: d for k, d in grouped.items() if d[0]["row"]["method"] != "pgd-at"}
+    dense = {k: d for k, d in grouped.items() if not is_moe_row(d[0]["row"])}
+    moe = {k: d for k, d in grouped.items() if is_moe_row(d[0]["row"])}
     if not dense or not moe:
         return ["Not enough rows finished for a verdict yet."]
     worst = {k: mean_std([x["worst_case"] for x in d]) for k, d in grouped.items()}
@@ -522,7 +549,11 @@ def verdicts(grouped: dict[str, list[dict]]) -> list[str]:
     mixtures = {k: d for k, d in moe.items() if collapsed(d) is None} or moe
     best = max(mixtures, key=lambda k: worst[k][0])
     b = grouped[best][0]
-    equal = min(dense, key=lambda k: abs(dense[k][0]["macs_per_image"] - b["macs_per_image"]))
+    # the dense rows of the MACs nearest the best MoE row's, the most robust first: with several
+    # methods at that cost (PGD-AT, TRADES), the MoE row has to beat each of them
+    nearest = min(abs(d[0]["macs_per_image"] - b["macs_per_image"]) for d in dense.values())
+    equal = sorted((k for k, d in dense.items() if abs(d[0]["macs_per_image"] - b["macs_per_image"]) == nearest),
+                   key=lambda k: -worst[k][0])
     lines = [f"{d[0]['row']['label']}: its router collapsed (busiest expert {100 * collapsed(d):.0f} % of the clean "
              f"routes), so it is not a mixture of experts any more and not the best MoE row whatever its accuracy."
              for d in moe.values() if collapsed(d) is not None]
@@ -544,28 +575,30 @@ def verdicts(grouped: dict[str, list[dict]]) -> list[str]:
             line += f" Difference by attack, in points: {', '.join(diffs)}."
         lines.append(line)
 
-    compare(equal, "the dense model of the same MACs")
-    if len(dense) > 1:  # what capacity buys a dense model here: whether the MoE width starves its experts
-        by_cost = sorted(dense, key=lambda k: dense[k][0]["macs_per_image"])
+    for other in equal:
+        compare(other, "the dense model of the same MACs")
+    dense_line = {k: d for k, d in dense.items() if is_dense_line(d[0]["row"])}
+    if len(dense_line) > 1:  # what capacity buys a dense model here: whether the MoE width starves its experts
+        by_cost = sorted(dense_line, key=lambda k: dense_line[k][0]["macs_per_image"])
         cheapest, dearest = by_cost[0], by_cost[-1]
-        ratio = dense[dearest][0]["macs_per_image"] / dense[cheapest][0]["macs_per_image"]
+        ratio = dense_line[dearest][0]["macs_per_image"] / dense_line[cheapest][0]["macs_per_image"]
         rise = worst[dearest][0] - worst[cheapest][0]
-        spread = max((worst[k][1] for k in by_cost if len(dense[k]) > 1), default=0.0)
+        spread = max((worst[k][1] for k in by_cost if len(dense_line[k]) > 1), default=0.0)
         if rise > spread:
             bought = f"add {100 * rise:.1f} points."
         else:
             bought = (f"add no more than the seed spread ({100 * rise:+.1f} points, spread {100 * spread:.1f}): capacity "
                       "is not what limits a dense model's robustness at these widths, so the MoE rows' gap to the dense "
                       "row of their MACs is unlikely to come from their width.")
-        costs = ", ".join(f"{dense[k][0]['macs_per_image'] / 1e6:.1f} M MACs {100 * worst[k][0]:.1f} %" for k in by_cost)
+        costs = ", ".join(f"{dense_line[k][0]['macs_per_image'] / 1e6:.1f} M MACs {100 * worst[k][0]:.1f} %" for k in by_cost)
         lines.append(f"Dense PGD-AT's worst case by cost: {costs}: {ratio:.1f}x the MACs {bought}")
-    twins = [k for k in dense if grouped[k][0]["row"]["width"] == b["row"]["width"]]
+    twins = [k for k in dense_line if grouped[k][0]["row"]["width"] == b["row"]["width"]]
     if twins:  # the sparse model against the dense model it was cut from: what it keeps for what it saves
         t, (m, o) = grouped[twins[0]][0], (worst[best][0], worst[twins[0]][0])
         kept = f"keeps {100 * m / o:.0f} % of its worst-case accuracy" if o > 0 else "is compared on worst case"
         lines.append(f"{b['row']['label']} costs {b['macs_per_image'] / t['macs_per_image']:.2f}x the MACs of its "
                      f"full-width twin ({t['row']['label']}) and {kept} ({100 * m:.1f} % vs {100 * o:.1f} %).")
-    moe_at = [k for k in moe if grouped[k][0]["row"]["method"] == "moe-at"]
+    moe_at = [k for k, d in moe.items() if d[0]["row"]["method"] == "moe-at" and not d[0]["row"].get("variant")]
     if moe_at and moe_at[0] != best:
         compare(moe_at[0], "MoE-AT")
     for docs in grouped.values():  # the gradient-masking check of the composed AutoAttack
@@ -613,13 +646,13 @@ def plot(grouped: dict[str, list[dict]], path: Path) -> None:
 
     fig, (frontier, curves) = plt.subplots(1, 2, figsize=(12, 4.5))
     dense = [(d[0]["macs_per_image"], *mean_std([x["worst_case"] for x in d])) for d in grouped.values()
-             if d[0]["row"]["method"] == "pgd-at"]
+             if is_dense_line(d[0]["row"])]
     if dense:
         macs, mean, std = zip(*sorted(dense))
         frontier.errorbar([m / 1e6 for m in macs], [100 * v for v in mean], yerr=[100 * s for s in std], fmt="o-",
                           color="grey", capsize=3, label="dense PGD-AT")
     for key, d in grouped.items():
-        if d[0]["row"]["method"] != "pgd-at":
+        if not is_dense_line(d[0]["row"]):
             m, s = mean_std([x["worst_case"] for x in d])
             frontier.errorbar([d[0]["macs_per_image"] / 1e6], [100 * m], yerr=[100 * s], fmt="s", capsize=3,
                               label=d[0]["row"]["label"])
@@ -708,6 +741,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = parse_settings(args.set)
     except ValueError as e:
         parser.error(str(e))
+    if "method" in settings and not args.variant:  # the rows' own methods would win without a word
+        parser.error("--set method: another method makes rows of their own; name them with --variant NAME")
     plan = Plan(preset=args.preset, moe_width=args.moe_width, epochs=args.epochs, train_examples=args.train_examples,
                 eval_examples=args.eval_examples, autoattack_examples=args.autoattack_examples,
                 seeds=tuple(args.seeds), headline_seeds=tuple(args.headline_seeds), overrides=settings, runs=args.runs)

@@ -117,6 +117,10 @@ def test_a_variant_lands_beside_the_study_and_other_settings_never_overwrite_it(
     (["--set", "attack_steps=three"], "'three' is not a TOML value"),
     (["--set", "attak_steps=3"], "unknown setting(s) ['attak_steps']"),
     (["--set", "epochs=8"], "--set epochs: give it with --epochs"),
+    (["--set", "width=0.5", "--variant", "wide"], "--set width: the rows set it (--moe-width, --rows)"),
+    (["--set", "seed=3", "--variant", "s3"], "--set seed: give seeds with --seeds and --headline-seeds"),
+    (["--set", 'method="trades"'], "--set method: another method makes rows of their own; name them with --variant"),
+    (["--set", 'method="tradez"', "--variant", "kl"], "unknown method 'tradez'; choose one of: standard, pgd-at, trades"),
     (["--variant", "more"], "--variant runs the rows with other settings: give them with --set KEY=VALUE or --epochs"),
     (["--set", "attack_steps=3", "--variant", "../up"], "variant name '../up': use letters, digits"),
 ])
@@ -124,6 +128,15 @@ def test_bad_variant_settings_get_one_line_and_exit_code_2(argv, message, capsys
     with pytest.raises(SystemExit) as e:
         frontier.main(["--plan", *argv])
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_method_variant_trains_the_rows_with_that_method_and_says_so(study):
+    """`--set method=...` used to be overridden by the row's own method without a word."""
+    plan, rows, root, docs = study
+    [row] = frontier.variant_rows(rows[:1], "kl", {"method": "trades"})
+    assert (row.key, row.label, row.method, row.variant) == ("pgd-at-tiny-kl", "dense TRADES, tiny (kl: method=trades)",
+                                                             "trades", "kl")
+    assert plan.config(row, 0).method == "trades"
 
 
 def test_settings_are_read_as_toml_values():
@@ -274,9 +287,12 @@ def test_ship_fails_with_what_to_fix_and_leaves_nothing(study, tmp_path, monkeyp
 
 
 def _planted(key: str, method: str, macs: int, worst: list[float], apgd: list[float], busiest: float = 0.55,
-             curve: tuple[float, ...] = (0.6, 0.7, 0.705), width: float = 0.25) -> list[dict]:
-    moe = {"route_flip_rate": 0.04, "expert_share": [busiest, 1 - busiest]} if method != "pgd-at" else {}
-    return [{"row": {"key": key, "method": method, "label": key, "width": width}, "seed": seed, "macs_per_image": macs,
+             curve: tuple[float, ...] = (0.6, 0.7, 0.705), width: float = 0.25, variant: str | None = None) -> list[dict]:
+    dense = method in ("pgd-at", "trades")
+    moe = {} if dense else {"route_flip_rate": 0.04, "expert_share": [busiest, 1 - busiest]}
+    row = {"key": key, "method": method, "label": key, "width": width, "variant": variant,
+           "model": "resnet18" if dense else "moe_resnet18"}
+    return [{"row": row, "seed": seed, "macs_per_image": macs,
              "accuracy": {"clean": 0.83, "pgd-10": 0.73, "apgd": a}, "worst_case": w, "pgd": "pgd-10",
              "pgd_minus_worst": 0.73 - w, "curve": [{"epoch": e + 1, "val_pgd_accuracy": v} for e, v in enumerate(curve)],
              **moe}
@@ -310,6 +326,25 @@ def test_the_verdicts_say_what_width_buys_a_dense_model_and_what_the_moe_keeps_o
                                                   "to come from their width.")
     del grouped["dense-wide"]  # no twin, one dense row: neither sentence
     assert not any(line.startswith(("Dense PGD-AT's worst case by cost", "moe costs")) for line in frontier.verdicts(grouped))
+
+
+def test_the_moe_row_is_weighed_against_every_dense_method_of_its_macs_but_only_pgd_at_draws_the_line():
+    """A dense TRADES variant at the MoE model's MACs is a second bar to beat, the more robust of
+    the two first; the verdict on width and the twin stay with the study's dense PGD-AT rows."""
+    grouped = {"dense-wide": _planted("dense-wide", "pgd-at", 28, [0.70, 0.71], [0.70, 0.71]),
+               "dense": _planted("dense", "pgd-at", 11, [0.71, 0.72], [0.71, 0.72], width=0.15625),
+               "dense-kl": _planted("dense-kl", "trades", 11, [0.60, 0.62], [0.60, 0.62], width=0.15625, variant="kl"),
+               "dense-kl-wide": _planted("dense-kl-wide", "trades", 28, [0.9, 0.9], [0.9, 0.9], variant="kl"),
+               "moe": _planted("moe", "advmoe", 10, [0.61, 0.63], [0.61, 0.63])}
+    lines = frontier.verdicts(grouped)
+    assert lines[0].startswith("moe (the best MoE row) does not beat the dense model of the same MACs (dense) ")
+    assert lines[1].startswith("moe (the best MoE row) does not beat the dense model of the same MACs (dense-kl) on "
+                               "worst-case robust accuracy by more than the seed spread: 62.0 % vs 61.0 %, difference +1.0")
+    assert lines[2].startswith("Dense PGD-AT's worst case by cost: 0.0 M MACs 71.5 %, 0.0 M MACs 70.5 %")
+    assert lines[3].startswith("moe costs 0.36x the MACs of its full-width twin (dense-wide)")
+    grouped["dense-kl"] = _planted("dense-kl", "trades", 11, [0.55, 0.56], [0.55, 0.56], width=0.15625, variant="kl")
+    assert frontier.verdicts(grouped)[1].startswith("moe (the best MoE row) beats the dense model of the same MACs "
+                                                    "(dense-kl)")
 
 
 def test_a_comparison_of_single_seeds_says_it_has_no_spread_yet():
