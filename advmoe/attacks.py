@@ -75,17 +75,21 @@ def _project_l2(delta: Tensor, radius: Tensor) -> Tensor:
 
 
 # -- objectives -------------------------------------------------------------------------------
-def cross_entropy(y: Tensor) -> Objective:
-    """Madry's PGD: maximise the classification loss."""
-    return lambda model, x_adv: F.cross_entropy(model(x_adv), y)
+def cross_entropy(y: Tensor, router_clean: Tensor | None = None) -> Objective:
+    """Madry's PGD: maximise the classification loss; with `router_clean` (the router logits at
+    x), also the router's KL, as `kl` does."""
+    return _with_router(lambda logits: F.cross_entropy(logits, y), router_clean)
 
 
 def kl(p_clean: Tensor, router_clean: Tensor | None = None) -> Objective:
     """TRADES: maximise KL(f(x) || f(x')); with `router_clean` (the router logits at x), also
     the router's KL (AdvMoE: the perturbation that moves outputs and routing most)."""
+    return _with_router(lambda logits: kl_div(logits, p_clean), router_clean)
 
+
+def _with_router(output_loss: Callable[[Tensor], Tensor], router_clean: Tensor | None) -> Objective:
     def objective(model, x_adv):
-        loss = kl_div(model(x_adv), p_clean)
+        loss = output_loss(model(x_adv))
         if router_clean is not None:
             loss = loss + router_kl(model.router_logits, router_clean)
         return loss

@@ -41,7 +41,7 @@ from advmoe.settings import ConfigError
 from advmoe.stats import mean_std, percent
 from evaluation import sanity
 from evaluation.robustness import evaluate_checkpoint, evaluated_with, file_sha256, kept_evaluation
-from training.config import TrainConfig, resolve
+from training.config import TrainConfig, resolve, with_defaults
 from training.methods import METHODS, Step
 from training.trainer import COLLAPSE_SHARE, make_optimizers, train
 
@@ -282,7 +282,7 @@ def finished(results: Path, row: Row, seed: int, cfg: TrainConfig) -> dict | Non
     if not path.is_file():
         return None
     doc = json.loads(path.read_text())
-    have, want = doc.get("config") or {}, cfg.to_dict()
+    have, want = with_defaults(doc.get("config") or {}), cfg.to_dict()
     if have != want:  # retraining would overwrite a committed result
         diff = sorted(k for k in have.keys() | want.keys() if have.get(k) != want.get(k))
         raise ValueError(f"{path} is a result of other settings (they differ in {', '.join(diff)}): to measure "

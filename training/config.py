@@ -11,7 +11,7 @@ from advmoe.data import AUGMENTATIONS
 from advmoe.gate import GATE_GRADS
 from advmoe.settings import ConfigError, setting, validate_choices
 
-from .methods import METHODS
+from .methods import ALTERNATING, METHODS
 
 PRESETS = Path(__file__).parent / "presets"
 ROUTER_LOSSES = {
@@ -22,6 +22,10 @@ ROUTER_LOSSES = {
 }
 ROUTERS = {"shared": "one small CNN on the input image decides for every MoE layer (the reference code)",
            "per_layer": "a gate at each MoE layer (pooled features + linear), as in the paper"}
+EXPERT_LOSSES = {
+    "trades": "CE(f(x), y) + beta * KL(f(x) || f(x')), the attack maximising the KL (the reference code's)",
+    "ce": "Madry's CE(f(x'), y), the attack maximising it (PGD-AT's loss)",
+}
 AMP = {"none": "fp32", "bf16": "bfloat16 autocast", "fp16": "float16 autocast with a gradient scaler (CUDA)"}
 AUGMENT = {"standard": "the dataset's usual one, recorded as what it resolves to (CIFAR-10/100, Tiny ImageNet, "
                        "Fashion-MNIST: crop-flip; SVHN: crop)", **AUGMENTATIONS}
@@ -57,6 +61,8 @@ class TrainConfig:
     method: str = setting("advmoe", "training method", choices=_method_choices)
     # "model" collapsed to one expert on fmnist-tiny (reports/fmnist_methods.md)
     router_loss: str = setting("reference", "router-step loss of AdvMoE and route-aware", choices=ROUTER_LOSSES)
+    expert_loss: str = setting("trades", "expert-step loss of AdvMoE and route-aware, and what their training attack "
+                                         "maximises (the router's KL is added either way)", choices=EXPERT_LOSSES)
     beta: float = setting(6.0, "weight of the KL (TRADES) term")
     alpha: float = setting(6.0, "weight of CE(router(x), y mod N) in the reference router loss")
     balance_weight: float = setting(0.0, "weight of a load-balancing term on the router scores (0: off)")
@@ -107,6 +113,9 @@ class TrainConfig:
         validate_choices(self)
         if self.augment == "standard":  # the config records what the run did
             self.augment = advmoe.get_dataset_info(self.dataset).augmentation
+        if self.expert_loss != "trades" and self.method not in ALTERNATING:
+            bad(f"expert_loss={self.expert_loss} is a setting of {' and '.join(ALTERNATING)}; {self.method} has its own "
+                "loss (for Madry's loss on the whole model: method pgd-at)")
         if METHODS[self.method].moe_only and not self.is_moe:
             bad(f"method {self.method} trains a mixture of experts; use a moe_* model (e.g. moe_{self.model})")
         try:
@@ -126,6 +135,12 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def with_defaults(saved: dict) -> dict:
+    """A config as an older version wrote it, with the settings added since at their defaults: a
+    new setting's default is what the code did before it, so this is the config the run had."""
+    return {**TrainConfig().to_dict(), **saved}
 
 
 def field_names() -> list[str]:

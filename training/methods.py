@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from advmoe.attacks import cross_entropy, kl, kl_div, pgd, router_kl
+from advmoe.attacks import Objective, cross_entropy, kl, kl_div, pgd, router_kl
 from advmoe.calibrate import routers
 from advmoe.route_attacks import forced_route, steered
 
@@ -91,6 +91,24 @@ class Step:
             logits = self.forward(x)
             balance = self.balance_loss()
             return F.cross_entropy(logits, y) + self.cfg.beta * kl_div(self.forward(x_adv), F.softmax(logits, 1)) + balance
+
+    # -- the expert loss of the alternating methods (AdvMoE, route-aware) ------------------------
+    def expert_loss(self, x: Tensor, x_adv: Tensor, y: Tensor) -> Tensor:
+        """What the expert step minimises: TRADES' loss (the reference code's), or Madry's
+        CE(f(x'), y) as PGD-AT's (--expert-loss ce)."""
+        if self.cfg.expert_loss == "ce":
+            return self.clean_loss(x_adv, y)
+        return self.trades_loss(x, x_adv, y)
+
+    def expert_objective(self, y: Tensor, p: Tensor, router: Tensor | None = None) -> Objective:
+        """What the training attack maximises, to match the expert loss: the KL to the clean
+        output p, or the cross-entropy; plus the router's KL when `router` (its clean logits) is given."""
+        return cross_entropy(y, router) if self.cfg.expert_loss == "ce" else kl(p, router)
+
+    def expert_loss_per_example(self, logits: Tensor, y: Tensor, p: Tensor) -> Tensor:
+        if self.cfg.expert_loss == "ce":
+            return F.cross_entropy(logits, y, reduction="none")
+        return kl_per_example(logits, p)
 
     def balance_loss(self, scores: Tensor | None = None) -> Tensor:
         """Switch-Transformer load balancing on router scores (default: those of the last
@@ -173,10 +191,10 @@ def advmoe(s: Step, x: Tensor, y: Tensor) -> dict:
     return alternate(s, x, y, advmoe_attack)
 
 
-def advmoe_attack(s: Step, x: Tensor) -> tuple[Tensor, dict]:
+def advmoe_attack(s: Step, x: Tensor, y: Tensor) -> tuple[Tensor, dict]:
     """AdvMoE's training attack: the perturbation that moves outputs and routing most."""
     p, r = s.clean_targets(x, with_router=True)
-    return s.attack(x, kl(p, r)), {}
+    return s.attack(x, s.expert_objective(y, p, r)), {}
 
 
 def route_aware(s: Step, x: Tensor, y: Tensor) -> dict:
@@ -184,24 +202,24 @@ def route_aware(s: Step, x: Tensor, y: Tensor) -> dict:
     return alternate(s, x, y, route_aware_attack)
 
 
-def route_aware_attack(s: Step, x: Tensor) -> tuple[Tensor, dict]:
-    """Per example, the worse of two candidates on the real model (the larger KL(f(x) || f(x')),
-    the term the expert step minimises): AdvMoE's attack through the router, and a route-fixed
-    attack that forces the route each example's router would switch to first (its runner-up
-    expert), maximises the KL of that sub-network, and steers the real router there."""
+def route_aware_attack(s: Step, x: Tensor, y: Tensor) -> tuple[Tensor, dict]:
+    """Per example, the worse of two candidates on the real model (the larger adversarial term of
+    the expert loss: KL(f(x) || f(x')), or CE(f(x'), y)): AdvMoE's attack through the router, and
+    a route-fixed attack that forces the route each example's router would switch to first (its
+    runner-up expert), maximises that term on the sub-network, and steers the real router there."""
     p, r = s.clean_targets(x, with_router=True)
-    through = s.attack(x, kl(p, r))
+    through = s.attack(x, s.expert_objective(y, p, r))
     preference = F.log_softmax(r, -1)
     if preference.dim() == 3:  # per-layer gates: the expert they prefer second on average
         preference = preference.mean(1)
     runner_up = preference.topk(2, dim=1).indices[:, 1]
     with forced_route(s.model, runner_up) as real:
-        flipped = s.attack(x, steered(kl(p), runner_up, real, s.cfg.steer))
+        flipped = s.attack(x, steered(s.expert_objective(y, p), runner_up, real, s.cfg.steer))
     s.model.eval()
     with torch.no_grad():
-        through_kl, flipped_kl = (kl_per_example(s.model(c), p) for c in (through, flipped))
+        through_loss, flipped_loss = (s.expert_loss_per_example(s.model(c), y, p) for c in (through, flipped))
     s.model.train()
-    worse = flipped_kl > through_kl
+    worse = flipped_loss > through_loss
     return torch.where(worse[:, None, None, None], flipped, through), {"route_fixed_share": worse.float().mean().item()}
 
 
@@ -209,16 +227,16 @@ def kl_per_example(logits: Tensor, p: Tensor) -> Tensor:
     return F.kl_div(F.log_softmax(logits, 1), p, reduction="none").sum(1)
 
 
-def alternate(s: Step, x: Tensor, y: Tensor, craft: Callable[[Step, Tensor], tuple[Tensor, dict]]) -> dict:
+def alternate(s: Step, x: Tensor, y: Tensor, craft: Callable[[Step, Tensor, Tensor], tuple[Tensor, dict]]) -> dict:
     """The expert step, then the router step, on adversarial examples from `craft` (crafted
     again against the updated experts for the router step, unless --no-recraft)."""
-    x_adv, stats = craft(s, x)
-    expert_loss = s.update("experts", s.trades_loss(x, x_adv, y))
+    x_adv, stats = craft(s, x, y)
+    expert_loss = s.update("experts", s.expert_loss(x, x_adv, y))
     if s.cfg.recraft:  # the reference re-crafts against the updated experts
-        x_adv, _ = craft(s, x)
+        x_adv, _ = craft(s, x, y)
     if s.cfg.router_loss == "model":
         with s.backbone_statistics_kept():  # reaches the router through the straight-through gate
-            router_loss = s.update("router", s.trades_loss(x, x_adv, y))
+            router_loss = s.update("router", s.expert_loss(x, x_adv, y))
     else:
         router_loss = reference_router_step(s, x, x_adv, y)
     return {"loss": expert_loss, "router_loss": router_loss, **stats}
@@ -265,6 +283,9 @@ class Method:
         """PGD steps per training batch."""
         return (self.attacks + (self.recrafts if cfg.recraft else 0)) * cfg.attack_steps
 
+
+# the methods whose expert step --expert-loss chooses (the others' loss is their method's)
+ALTERNATING = ("advmoe", "route-aware")
 
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("standard", standard, ("all",), 0, False, "cross-entropy on clean inputs (no robustness)"),

@@ -21,7 +21,7 @@ from advmoe.checkpoint import read_metrics
 from advmoe.io import atomic_write_text
 from advmoe.stats import mean_std
 
-from .config import resolve
+from .config import resolve, with_defaults
 from .trainer import train
 
 # (label, method, dense twin?, extra settings, run directory prefix)
@@ -42,7 +42,7 @@ def run_all(preset: str, seeds: list[int], runs: Path, overrides: dict, log=prin
         for seed in seeds:
             cfg = resolve(preset, **{**overrides, **extra, "method": method, "model": model, "seed": seed})
             out = runs / f"{prefix}-seed{seed}"
-            if (out / "config.json").is_file() and json.loads((out / "config.json").read_text()) != cfg.to_dict():
+            if (out / "config.json").is_file() and with_defaults(json.loads((out / "config.json").read_text())) != cfg.to_dict():
                 raise ValueError(f"{out} holds a run of another config; remove it or choose another --runs")
             if not (out / "best" / "metrics.json").is_file() or "test_pgd_accuracy" not in read_metrics(out / "best"):
                 log(f"training {label}, seed {seed} -> {out}")

@@ -30,7 +30,7 @@ from advmoe.data import augment
 from advmoe.io import atomic_write_text
 
 from . import plots
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, with_defaults
 from .methods import METHODS, Diverged, Step
 from .validate import validate
 
@@ -199,7 +199,7 @@ def _check_run_dir(cfg: TrainConfig, out: Path, resume: bool) -> None:
         saved = out / "config.json"
         if not saved.is_file():
             raise ConfigError(f"--resume: {out} holds no run (no config.json); drop --resume to start one")
-        previous = json.loads(saved.read_text())
+        previous = with_defaults(json.loads(saved.read_text()))
         changed = {k: (previous.get(k), v) for k, v in cfg.to_dict().items() if previous.get(k) != v}
         if changed:
             diff = ", ".join(f"{k}: {a!r} in the run, {b!r} now" for k, (a, b) in sorted(changed.items()))

@@ -112,6 +112,16 @@ def test_a_variant_lands_beside_the_study_and_other_settings_never_overwrite_it(
     assert "| dense PGD-AT, tiny (steps1: attack_steps=1) |" in (tmp_path / "frontier.md").read_text()
 
 
+def test_a_result_file_of_an_older_version_still_counts_as_finished(study, tmp_path):
+    """Result files written before a setting existed (every committed one before expert_loss) are
+    of that setting's default: the study keeps them instead of refusing or retraining."""
+    plan, rows, root, docs = study
+    doc = json.loads((root / "results" / "pgd-at-tiny-seed0.json").read_text())
+    del doc["config"]["expert_loss"]
+    (tmp_path / "pgd-at-tiny-seed0.json").write_text(json.dumps(doc))
+    assert frontier.finished(tmp_path, rows[0], 0, plan.config(rows[0], 0))["worst_case"] == docs[0]["worst_case"]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--set", "attack_steps"], "--set 'attack_steps': write KEY=VALUE, e.g. attack_steps=3"),
     (["--set", "attack_steps=three"], "'three' is not a TOML value"),

@@ -2,19 +2,20 @@
 only their own parameter group."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from advmoe.calibrate import routers
 from helpers import small_model
 from training.config import resolve
-from training.methods import METHODS, Step, advmoe_attack, kl_per_example, reference_router_step, route_aware_attack
+from training.methods import ALTERNATING, METHODS, Step, advmoe_attack, reference_router_step, route_aware_attack
 from training.trainer import make_optimizers
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models, many small steps
 
 
-def make_step(method, router="shared", router_loss="model", lr=0.05):
+def make_step(method, router="shared", router_loss="model", lr=0.05, expert_loss="trades"):
     cfg = resolve(method=method, model="moe_resnet18", dataset="fashion_mnist", eps=0.1, attack_step=0.05,
-                  router_loss=router_loss, lr=lr)
+                  router_loss=router_loss, lr=lr, expert_loss=expert_loss)
     torch.manual_seed(0)
     model = small_model("moe_resnet18", router, in_channels=1, image_size=28, width=0.125, router_blocks=1, router_width=8)
     model.train()
@@ -86,15 +87,34 @@ def test_the_reference_router_step_leaves_the_backbone_statistics_and_runs_only_
     assert any(not torch.equal(a, b) for a, b in zip(router_before, model.router_parameters()))
 
 
-def test_the_route_aware_attack_keeps_per_example_the_worse_candidate():
-    step, (x, _) = make_step("route-aware", "shared", "reference"), batch()
+@pytest.mark.parametrize("expert_loss", ["trades", "ce"])
+def test_the_route_aware_attack_keeps_per_example_the_worse_candidate(expert_loss):
+    step, (x, y) = make_step("route-aware", "shared", "reference", expert_loss=expert_loss), batch()
     torch.manual_seed(3)
-    chosen, stats = route_aware_attack(step, x)
+    chosen, stats = route_aware_attack(step, x, y)
     torch.manual_seed(3)
-    through, _ = advmoe_attack(step, x)  # the same noise: the first candidate again
+    through, _ = advmoe_attack(step, x, y)  # the same noise: the first candidate again
     assert (chosen - x).abs().max() <= step.cfg.eps + 1e-6 and chosen.min() >= 0 and chosen.max() <= 1
     assert 0 <= stats["route_fixed_share"] <= 1
     p, _ = step.clean_targets(x, with_router=False)
     model = step.model.eval()
+    with torch.no_grad():  # worse by the term the expert step minimises
+        chosen_loss, through_loss = (step.expert_loss_per_example(model(c), y, p) for c in (chosen, through))
+    assert (chosen_loss >= through_loss - 1e-6).all()
+
+
+@pytest.mark.parametrize("method", ALTERNATING)
+def test_the_ce_expert_loss_is_madrys_its_attack_raises_it_and_a_step_lowers_it(method):
+    step, (x, y) = make_step(method, "shared", "reference", expert_loss="ce"), batch()
+    model = step.model
+    x_adv, _ = advmoe_attack(step, x, y)
+    model.eval()
     with torch.no_grad():
-        assert (kl_per_example(model(chosen), p) >= kl_per_example(model(through), p) - 1e-6).all()
+        assert F.cross_entropy(model(x_adv), y) > F.cross_entropy(model(x), y)
+    model.train()
+    with torch.no_grad():  # CE(f(x'), y) alone: no clean term, unlike TRADES
+        assert torch.allclose(step.expert_loss(x, x_adv, y), F.cross_entropy(model(x_adv), y))
+    torch.manual_seed(2)
+    before = METHODS[method].step(step, x, y)
+    torch.manual_seed(2)
+    assert METHODS[method].step(step, x, y)["loss"] < before["loss"]

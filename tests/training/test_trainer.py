@@ -104,11 +104,22 @@ def test_resume_refuses_another_config_and_touches_nothing(data, finished, capsy
     assert {p: p.read_bytes() for p in finished.out.rglob("*") if p.is_file()} == before
 
 
+def test_a_run_of_an_older_version_resumes_where_a_setting_was_added_since(data, tmp_path):
+    """A config.json written before a setting existed ran that setting's default: it is the same
+    config, and the run resumes; a setting it did record still has to match."""
+    cfg = config(data)
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in cfg.to_dict().items() if k != "expert_loss"}))
+    trainer._check_run_dir(cfg, tmp_path, resume=True)
+    with pytest.raises(ConfigError, match="expert_loss: 'trades' in the run, 'ce' now"):
+        trainer._check_run_dir(dataclasses.replace(cfg, expert_loss="ce"), tmp_path, resume=True)
+
+
 @pytest.mark.parametrize("args,message", [
     (["--method", "fgsm-at"], "unknown method 'fgsm-at'"),
     (["--model", "resnet50"], "unknown model 'resnet50'"),
     (["--eps", "8"], r"eps=8 must be in \(0, 1\].*8/255"),
     (["--method", "advmoe", "--model", "resnet18"], "use a moe_\\* model"),
+    (["--method", "moe-at", "--expert-loss", "ce"], "expert_loss=ce is a setting of advmoe and route-aware; moe-at"),
 ])
 def test_bad_settings_are_one_line_errors_with_exit_code_2(tmp_path, capsys, args, message):
     assert cli(["train", "--preset", "fmnist-tiny", "--out", str(tmp_path / "run"), *args]) == 2
