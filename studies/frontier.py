@@ -538,6 +538,28 @@ def _mean(docs: list[dict], key: str) -> float:
     return mean_std([d["accuracy"].get(key) for d in docs])[0]
 
 
+def difference(grouped: dict[str, list[dict]], row: str, other: str) -> tuple[float, float, float, bool]:
+    """Mean worst cases of two rows and the spread their difference is weighed against: a row of one
+    seed has no spread to show, so the larger spread of the two rows stands in for it; with one
+    seed in each there is none yet (the last value says whether one is known)."""
+    (m, sm), (o, so) = (mean_std([x["worst_case"] for x in grouped[k]]) for k in (row, other))
+    spreads = [sd for key, sd in ((row, sm), (other, so)) if len(grouped[key]) > 1]
+    return m, o, max(spreads, default=0.0), bool(spreads)
+
+
+def variant_verdict(grouped: dict[str, list[dict]], key: str) -> str | None:
+    """What a variant's settings did to the worst case of the row it varies, if that row has results."""
+    row = grouped[key][0]["row"]
+    base = key.removesuffix(f"-{row['variant']}")
+    if base == key or base not in grouped:
+        return None
+    m, o, spread, known = difference(grouped, key, base)
+    weighed = (f"{'more' if abs(m - o) > spread else 'no more'} than the seed spread ({100 * spread:.1f} points)" if known
+               else "one seed in each, so no spread known yet")
+    return (f"{row['label']}: worst case {100 * m:.1f} % against {100 * o:.1f} % for {grouped[base][0]['row']['label']}, "
+            f"{100 * (m - o):+.1f} points, {weighed}.")
+
+
 def verdicts(grouped: dict[str, list[dict]]) -> list[str]:
     """Sentences computed from the results (no number typed in); what the issue asks the study to show."""
     dense = {k: d for k, d in grouped.items() if not is_moe_row(d[0]["row"])}
@@ -559,16 +581,12 @@ def verdicts(grouped: dict[str, list[dict]]) -> list[str]:
              for d in moe.values() if collapsed(d) is not None]
 
     def compare(other: str, what: str) -> None:
-        (m, sm), (o, so) = worst[best], worst[other]
-        # a row of one seed has no spread to show: the larger spread of the two rows stands in for
-        # it, and with one seed in each there is none yet, which the sentence says
-        spreads = [sd for key, sd in ((best, sm), (other, so)) if len(grouped[key]) > 1]
-        spread = max(spreads, default=0.0)
+        m, o, spread, known = difference(grouped, best, other)
         beats = m - o > spread
         line = (f"{b['row']['label']} (the best MoE row) {'beats' if beats else 'does not beat'} {what} "
                 f"({grouped[other][0]['row']['label']}) on worst-case robust accuracy by more than the seed "
                 f"spread: {100 * m:.1f} % vs {100 * o:.1f} %, difference {100 * (m - o):+.1f} points, "
-                + (f"spread {100 * spread:.1f} points." if spreads else "one seed in each, so no spread known yet."))
+                + (f"spread {100 * spread:.1f} points." if known else "one seed in each, so no spread known yet."))
         if not beats:  # where it loses: the difference under each attack both rows ran
             diff = {name: _mean(grouped[best], k) - _mean(grouped[other], k) for k, name in COLUMNS}
             diffs = [f"{name} {100 * v:+.1f}" for name, v in diff.items() if not math.isnan(v)]
@@ -607,6 +625,9 @@ def verdicts(grouped: dict[str, list[dict]]) -> list[str]:
             if check and not check["passed"]:
                 lines.append(f"{d['row']['label']}, seed {d['seed']}: Square found what every white-box attack missed, a "
                              f"sign of gradient masking ({check['detail']}).")
+    for key, docs in grouped.items():  # what each lever measured beside the study did
+        said = variant_verdict(grouped, key) if docs[0]["row"].get("variant") else None
+        lines += [said] if said else []
     lines += [curve_verdict(d) for d in grouped.values()]
     gap = mean_std([x["pgd_minus_worst"] for x in grouped[best]])[0]
     flips = mean_std([x.get("route_flip_rate") for x in grouped[best]])[0]

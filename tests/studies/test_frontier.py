@@ -344,7 +344,7 @@ def test_the_moe_row_is_weighed_against_every_dense_method_of_its_macs_but_only_
     grouped = {"dense-wide": _planted("dense-wide", "pgd-at", 28, [0.70, 0.71], [0.70, 0.71]),
                "dense": _planted("dense", "pgd-at", 11, [0.71, 0.72], [0.71, 0.72], width=0.15625),
                "dense-kl": _planted("dense-kl", "trades", 11, [0.60, 0.62], [0.60, 0.62], width=0.15625, variant="kl"),
-               "dense-kl-wide": _planted("dense-kl-wide", "trades", 28, [0.9, 0.9], [0.9, 0.9], variant="kl"),
+               "dense-wide-kl": _planted("dense-wide-kl", "trades", 28, [0.9, 0.9], [0.9, 0.9], variant="kl"),
                "moe": _planted("moe", "advmoe", 10, [0.61, 0.63], [0.61, 0.63])}
     lines = frontier.verdicts(grouped)
     assert lines[0].startswith("moe (the best MoE row) does not beat the dense model of the same MACs (dense) ")
@@ -355,6 +355,14 @@ def test_the_moe_row_is_weighed_against_every_dense_method_of_its_macs_but_only_
     grouped["dense-kl"] = _planted("dense-kl", "trades", 11, [0.55, 0.56], [0.55, 0.56], width=0.15625, variant="kl")
     assert frontier.verdicts(grouped)[1].startswith("moe (the best MoE row) beats the dense model of the same MACs "
                                                     "(dense-kl)")
+    # each variant against the row it varies
+    assert "dense-kl: worst case 55.5 % against 71.5 % for dense, -16.0 points, more than the seed spread (0.7 points)." \
+        in frontier.verdicts(grouped)
+    grouped["moe-ce"] = _planted("moe-ce", "advmoe", 10, [0.63], [0.63], variant="ce")
+    assert ("moe-ce: worst case 63.0 % against 62.0 % for moe, +1.0 points, no more than the seed spread (1.4 points)."
+            in frontier.verdicts(grouped))
+    del grouped["moe"]  # a variant of a row without results: nothing to say about it
+    assert not any(line.startswith("moe-ce: worst case") for line in frontier.verdicts(grouped))
 
 
 def test_a_comparison_of_single_seeds_says_it_has_no_spread_yet():
