@@ -147,6 +147,8 @@ def test_a_method_variant_trains_the_rows_with_that_method_and_says_so(study):
     assert (row.key, row.label, row.method, row.variant) == ("pgd-at-tiny-kl", "dense TRADES, tiny (kl: method=trades)",
                                                              "trades", "kl")
     assert plan.config(row, 0).method == "trades"
+    [moe] = frontier.variant_rows(rows[1:], "ce", {"method": "pgd-at"})  # the MoE model under PGD-AT stays a MoE row
+    assert (moe.label, moe.method) == ("MoE PGD-AT, tiny (ce: method=pgd-at)", "pgd-at")
 
 
 def test_settings_are_read_as_toml_values():
@@ -361,6 +363,14 @@ def test_the_moe_row_is_weighed_against_every_dense_method_of_its_macs_but_only_
     grouped["moe-ce"] = _planted("moe-ce", "advmoe", 10, [0.63], [0.63], variant="ce")
     assert ("moe-ce: worst case 63.0 % against 62.0 % for moe, +1.0 points, no more than the seed spread (1.4 points)."
             in frontier.verdicts(grouped))
+    # MoE-AT under either loss is a bar for the best MoE row
+    grouped["moe-at"] = _planted("moe-at", "moe-at", 10, [0.60, 0.61], [0.60, 0.61])
+    grouped["moe-at-ce"] = _planted("moe-at-ce", "pgd-at", 10, [0.62, 0.63], [0.62, 0.63], variant="ce")
+    grouped["moe-at-ce"][0]["row"]["model"] = "moe_resnet18"
+    lines = frontier.verdicts(grouped)
+    assert any(line.startswith("moe-ce (the best MoE row) beats MoE-AT (moe-at)") for line in lines)
+    assert any(line.startswith("moe-ce (the best MoE row) does not beat MoE-AT (moe-at-ce)") for line in lines)
+    del grouped["moe-at"], grouped["moe-at-ce"]
     del grouped["moe"]  # a variant of a row without results: nothing to say about it
     assert not any(line.startswith("moe-ce: worst case") for line in frontier.verdicts(grouped))
 
