@@ -140,10 +140,10 @@ def variant_rows(rows: list[Row], name: str, settings: dict) -> list[Row]:
     def label(row: Row) -> str:
         if method is None or method == row.method:
             return row.label
-        name = METHOD_LABELS.get(method, method)
-        if advmoe.is_moe_model(row.model) and "MoE" not in name:  # PGD-AT of the MoE model is no dense row
-            name = f"MoE {name}"
-        return row.label.replace(METHOD_LABELS[row.method], name, 1)
+        named = METHOD_LABELS.get(method, method)
+        if advmoe.is_moe_model(row.model) and "MoE" not in named:  # PGD-AT of the MoE model is no dense row
+            named = f"MoE {named}"
+        return row.label.replace(METHOD_LABELS[row.method], named, 1)
     return [replace(row, key=f"{row.key}-{name}", label=f"{label(row)} ({name}: {changed})",
                     method=method or row.method, variant=name) for row in rows]
 
@@ -619,9 +619,10 @@ def verdicts(grouped: dict[str, list[dict]]) -> list[str]:
         kept = f"keeps {100 * m / o:.0f} % of its worst-case accuracy" if o > 0 else "is compared on worst case"
         lines.append(f"{b['row']['label']} costs {b['macs_per_image'] / t['macs_per_image']:.2f}x the MACs of its "
                      f"full-width twin ({t['row']['label']}) and {kept} ({100 * m:.1f} % vs {100 * o:.1f} %).")
-    # MoE-AT: the MoE model trained as a whole with one optimiser (the paper's TRADES, or PGD-AT's
-    # loss as a variant); the best row has to beat each of them
-    for other in (k for k, d in moe.items() if k != best and METHODS[d[0]["row"]["method"]].groups == ("all",)):
+    # MoE-AT: the MoE model adversarially trained as a whole with one optimiser (the paper's TRADES,
+    # or PGD-AT's loss as a variant); the best row has to beat each of them
+    joint = [k for k, d in moe.items() if (m := METHODS[d[0]["row"]["method"]]).groups == ("all",) and m.attacks]
+    for other in (k for k in joint if k != best):
         compare(other, "MoE-AT")
     for docs in grouped.values():  # the gradient-masking check of the composed AutoAttack
         for d in docs:
