@@ -12,7 +12,10 @@ from .flags import add_dataclass_flags, given_flags, number
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="checkpoint directory (config.json + model.safetensors)")
-    parser.add_argument("--n-examples", type=int, default=1000, help="the first N test images (default 1000)")
+    parser.add_argument("--n-examples", type=int, default=1000, help="the first N images of the split (default 1000)")
+    parser.add_argument("--split", choices=("test", "val"), default="test",
+                        help="test (default), or val: the validation images the checkpoint's training held out, "
+                             "to choose between checkpoints without looking at the test set")
     parser.add_argument("--eps", type=number, help="linf budget in [0, 1] pixels, e.g. 0.1 or 8/255 "
                                                    "(default: the checkpoint's training eps, else 8/255)")
     parser.add_argument("--dataset", help="must match the checkpoint's dataset (default: the checkpoint's)")
@@ -36,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
         del settings["attacks"]  # the default: every attack
     document = evaluate_checkpoint(args.checkpoint, dataset=args.dataset, data_dir=args.data_dir,
                                    n_examples=args.n_examples, out=args.out, eps=args.eps, device=args.device,
-                                   **settings)
+                                   split=args.split, **settings)
     if document is not None:  # rank 0 (or the only process)
         print(summary(document))
         print(f"wrote {args.out or args.checkpoint}/eval.json and eval.md")

@@ -616,10 +616,13 @@ def _versions() -> dict:
 # -- checkpoints -----------------------------------------------------------------------------
 def evaluate_checkpoint(checkpoint: str | os.PathLike, dataset: str | None = None, data_dir: str | None = None,
                         n_examples: int = 1000, out: str | os.PathLike | None = None, eps: float | None = None,
-                        progress: bool | None = None, device: str = "cpu", **settings) -> dict | None:
+                        progress: bool | None = None, device: str = "cpu", split: str = "test",
+                        **settings) -> dict | None:
     """Evaluate a checkpoint directory on the first `n_examples` test images of its dataset and
     write eval.json and eval.md (atomically) to `out` (default: the checkpoint directory).
     eps: linf budget in [0, 1] pixels (default: the checkpoint's training eps, else 8/255).
+    split: "test", or "val" for the validation images its own training run held out (to choose
+    between checkpoints without looking at the test set).
 
     Under torchrun (WORLD_SIZE > 1) each rank attacks its share of the images (gloo on the CPU,
     NCCL with --device cuda, one GPU per rank); rank 0 writes the files and returns the document."""
@@ -643,6 +646,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, dataset: str | None = Non
     s.validate()  # before any slow work
     if n_examples < 1:
         raise ConfigError(f"n-examples must be >= 1, got {n_examples}")
+    held_out = _held_out(checkpoint, config, split)  # before any slow work
     try:
         device = torch.device(device)
     except RuntimeError as e:
@@ -659,7 +663,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, dataset: str | None = Non
             raise ConfigError(f"{checkpoint} takes {cfg.in_channels}x{cfg.image_size}x{cfg.image_size} images and "
                               f"{cfg.num_classes} classes; {dataset} has {info.in_channels}x{info.image_size}x"
                               f"{info.image_size} and {info.num_classes}")
-        data = advmoe.load_dataset(dataset, "test", data_dir)
+        data = advmoe.load_dataset(dataset, split, data_dir, **held_out)
         n = min(n_examples, len(data))
         items = [data[i] for i in range(n)]
         x = torch.stack([item[0] for item in items])
@@ -672,11 +676,25 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, dataset: str | None = Non
         return None
     document = {"checkpoint": str(checkpoint), "checkpoint_sha256": file_sha256(checkpoint / WEIGHTS),
                 "architecture": config["architecture"], "training_method": (config.get("training") or {}).get("method"),
-                "dataset": dataset, "split": "test", "first_examples": n, "eps_source": eps_source, **result}
+                "dataset": dataset, "split": split, "first_examples": n, "eps_source": eps_source, **result}
     out = Path(out) if out is not None else checkpoint
     atomic_write_text(out / "eval.json", json.dumps(document, indent=1) + "\n")
     atomic_write_text(out / "eval.md", summary(document))
     return document
+
+
+def _held_out(checkpoint: Path, config: dict, split: str) -> dict:
+    """load_dataset's arguments for `split`: for "val", the size and seed of the split the
+    checkpoint's training run held out, so that no image it trained on is evaluated."""
+    if split == "test":
+        return {}
+    if split != "val":
+        raise ConfigError(f"split must be test or val, got {split!r}")
+    training = config.get("training") or {}
+    if "val_size" not in training or "seed" not in training:
+        raise ConfigError(f"{checkpoint}/config.json does not record the validation split its training held out "
+                          f"(training.val_size and training.seed): evaluate it on the test split")
+    return {"val_size": training["val_size"], "seed": training["seed"]}
 
 
 def _distributed_setup(device: torch.device) -> bool:
@@ -697,17 +715,18 @@ def kept_evaluation(path: Path, accept: Callable[[dict], bool]) -> dict | None:
         return None
 
 
-def evaluated_with(doc: dict, checkpoint: Path, n: int, settings: dict, at_least: bool = False) -> bool:
-    """Whether an eval.json document is of `checkpoint`'s weights, its first n test images and
-    `settings` (EvalSettings fields), so that it can stand in for running them again. at_least:
-    an evaluation of more images, or with more attacks, will do as well."""
+def evaluated_with(doc: dict, checkpoint: Path, n: int, settings: dict, at_least: bool = False,
+                   split: str = "test") -> bool:
+    """Whether an eval.json document is of `checkpoint`'s weights, the first n images of `split`
+    and `settings` (EvalSettings fields), so that it can stand in for running them again.
+    at_least: an evaluation of more images, or with more attacks, will do as well."""
     wanted = json.loads(json.dumps(settings))  # as eval.json stores them: tuples as lists
     have = doc["settings"]
     attacks = wanted.pop("attacks", None)
     if attacks is not None and not (set(attacks) <= set(have["attacks"]) if at_least else attacks == have["attacks"]):
         return False
     images = doc.get("first_examples")
-    return (doc.get("checkpoint_sha256") == file_sha256(checkpoint / WEIGHTS)
+    return (doc.get("checkpoint_sha256") == file_sha256(checkpoint / WEIGHTS) and doc.get("split", "test") == split
             and images is not None and (images >= n if at_least else images == n)
             and all(have.get(k) == v for k, v in wanted.items()))
 

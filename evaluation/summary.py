@@ -12,7 +12,8 @@ def label(name: str) -> str:
 
 def summary(doc: dict) -> str:
     where = f"`{doc['checkpoint']}` " if "checkpoint" in doc else ""
-    data = f"the first {doc['examples']} {doc['dataset']} test images" if "dataset" in doc else f"{doc['examples']} examples"
+    images = "validation images its training held out" if doc.get("split") == "val" else "test images"
+    data = f"the first {doc['examples']} {doc['dataset']} {images}" if "dataset" in doc else f"{doc['examples']} examples"
     lines = [f"# Robustness of {where.strip() or 'a model'}", "",
              f"{data}, linf eps = {doc['eps']:.4g} ({doc.get('eps_source', 'given')}), "
              f"{'MoE' if doc['moe'] else 'dense'} model; {doc['seconds']:.0f} s on "

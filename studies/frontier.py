@@ -95,6 +95,7 @@ class Plan:
     train_examples: int | None = None  # None: the full training set (55,000 after validation)
     eval_examples: int = 1000
     autoattack_examples: int = 500
+    select_examples: int = 500  # validation images per seed for --ship's choice between seeds
     seeds: tuple[int, ...] = (0, 1)
     # Two: a third for the headline rows would take the study from about 14 to 19 hours of this
     # machine (--plan), over its budget of 12; --headline-seeds 0 1 2 adds it, resuming.
@@ -293,16 +294,18 @@ def finished(results: Path, row: Row, seed: int, cfg: TrainConfig) -> dict | Non
     return doc
 
 
-def _evaluate(best: Path, out: Path, cfg: TrainConfig, n: int, attacks: tuple[str, ...], settings: dict) -> dict:
+def _evaluate(best: Path, out: Path, cfg: TrainConfig, n: int, attacks: tuple[str, ...], settings: dict,
+              split: str = "test") -> dict:
     """evaluate_checkpoint, or the eval.json already in `out` when it is of these weights, images
     and settings (a study cut off during a later attack does not redo the earlier ones)."""
-    kept = kept_evaluation(out / "eval.json", lambda doc: evaluated_with(doc, best, n, {"attacks": attacks, **settings}))
+    kept = kept_evaluation(out / "eval.json",
+                           lambda doc: evaluated_with(doc, best, n, {"attacks": attacks, **settings}, split=split))
     return kept or evaluate_checkpoint(best, data_dir=cfg.data_dir, n_examples=n, out=out, progress=False,
-                                       attacks=attacks, **settings)
+                                       attacks=attacks, split=split, **settings)
 
 
-def _settings(plan: Plan) -> dict:
-    return {"pgd_steps": PGD_STEPS, "route_steps": ROUTE_STEPS, **plan.attack_settings}
+def _settings(plan: Plan | None = None) -> dict:
+    return {"pgd_steps": PGD_STEPS, "route_steps": ROUTE_STEPS, **(plan.attack_settings if plan else {})}
 
 
 def run_one(plan: Plan, row: Row, seed: int, results: Path, log=print) -> dict:
@@ -433,15 +436,19 @@ def collapsed(docs: list[dict]) -> float | None:
     return busiest if busiest > COLLAPSE_SHARE else None
 
 
-def ship(results: Path, runs: Path, dest: Path, log=print) -> dict:
+def ship(results: Path, runs: Path, dest: Path, log=print, plan: Plan | None = None) -> dict:
     """Copy the best MoE run of the study to `dest` as the model to serve, its study numbers in
     metrics.json (so the model card and /model_info report them).
 
     The row is the MoE row with the best mean worst case among those at most SHIP_MAX_MACS of
     their dense twin's MACs whose router has not collapsed (a router that sends nearly every image
-    to one expert makes a dense model of the expert's width, carrying dead experts); within it, of
-    the seeds whose checkpoint is still in `runs`, the one whose best checkpoint scored highest on
-    *validation* PGD accuracy: choosing a seed by its test results would be selecting on the test set."""
+    to one expert makes a dense model of the expert's width, carrying dead experts). Within it, of
+    the seeds whose checkpoint is still in `runs`, the one with the best *validation worst case*:
+    the study's main attacks on the first plan.select_examples images its training held out.
+    Choosing a seed by its test results would be selecting on the test set; choosing it by
+    validation PGD alone, as training picks its epochs, favours the seed whose hard routes mislead
+    PGD most (docs/frontier.md shows it happen)."""
+    plan = plan or Plan()
     grouped = load_results(results)
     if not grouped:
         raise ValueError(f"no study results in {results}: run `python -m studies.frontier` first")
@@ -471,35 +478,55 @@ def ship(results: Path, runs: Path, dest: Path, log=print) -> dict:
         names = ", ".join(source(d).parent.name for d in candidates[key])
         raise ValueError(f"{key} is the row to ship, but no run of it ({names}) holds a checkpoint in {runs}; "
                          "pass the study's --runs folder")
-    doc = max(at_hand, key=lambda d: max(r["val_pgd_accuracy"] for r in d["curve"]))
     for gone in (d for d in candidates[key] if d not in at_hand):
         log(f"not shipping {key} seed {gone['seed']}: its checkpoint is not in {runs} any more")
+    measured = {d["seed"]: evaluated_weights(d, source(d), key) for d in at_hand}  # before any slow work
+    validation = {}
+    for d in at_hand:
+        cfg = resolve(None, **d["config"])
+        attacks = tuple(a for a in MAIN_ATTACKS if cfg.is_moe or a not in ("route-fixed", "router"))
+        validation[d["seed"]] = _evaluate(source(d), source(d).parent / "eval-select", cfg, plan.select_examples,
+                                          attacks, _settings(plan), split="val")
+        curve = ", ".join(f"{100 * r['val_pgd_accuracy']:.1f}" for r in d["curve"])
+        log(f"{key} seed {d['seed']}: validation worst case {100 * validation[d['seed']]['robust_accuracy']:.1f} % "
+            f"on {validation[d['seed']]['examples']} held-out images (validation PGD by epoch: {curve} %)")
+    doc = max(at_hand, key=lambda d: validation[d["seed"]]["robust_accuracy"])
+    chosen = validation[doc["seed"]]
     name = source(doc).parent.name
-    # the numbers go with the weights they were measured on, or not at all (a run trained again
-    # after its evaluation, say)
-    measured = doc.get("checkpoint_sha256")
-    if measured is None:  # a result file from before the digest: it is in the run's evaluation
-        evaluation = source(doc).parent / "eval-main" / "eval.json"
-        if not evaluation.is_file():
-            raise ValueError(f"{evaluation} is gone, and with it the digest of the weights the study evaluated; "
-                             f"run `python -m studies.frontier --rows {key}` again to evaluate them")
-        measured = json.loads(evaluation.read_text())["checkpoint_sha256"]
-    if file_sha256(source(doc) / WEIGHTS) != measured:
-        raise ValueError(f"{source(doc)} is not the checkpoint the study evaluated (its weights changed since); "
-                         f"run `python -m studies.frontier --rows {key}` again to evaluate them")
     values = {"clean_accuracy": doc["accuracy"]["clean"], "robust_accuracy": doc["worst_case"],
               "robust_examples": doc["examples"],  # "robust" is the worst case over the others, not an attack
               "robust_attacks": sorted(k for k in doc["accuracy"] if k not in ("clean", "robust")),
               "route_flip_rate": doc.get("route_flip_rate"), "route_flip_attack": "router attack",
-              "study_run": name, "study_checkpoint_sha256": measured}
+              "study_run": name, "study_checkpoint_sha256": measured[doc["seed"]],
+              "selected_on": "validation worst case", "validation_robust_accuracy": chosen["robust_accuracy"],
+              "validation_examples": chosen["examples"],
+              "validation_robust_accuracy_by_seed": {str(s): v["robust_accuracy"] for s, v in validation.items()}}
     if "autoattack" in doc:
         values |= {"autoattack_accuracy": doc["autoattack"]["accuracy"], "autoattack_examples": doc["autoattack"]["examples"]}
     with atomic_directory(dest, may_replace=is_checkpoint) as tmp:  # dest appears whole, numbers included
         shutil.copytree(source(doc), tmp, dirs_exist_ok=True)
         card = update_metrics(tmp, **values)
-    log(f"shipped {values['study_run']} ({doc['row']['label']}, seed {doc['seed']}) to {dest}: clean "
-        f"{100 * card.clean_accuracy:.1f} %, worst case {100 * card.robust_accuracy:.1f} % on {doc['examples']} test images")
+    log(f"shipped {values['study_run']} ({doc['row']['label']}, seed {doc['seed']}, the best validation worst case) "
+        f"to {dest}: clean {100 * card.clean_accuracy:.1f} %, worst case {100 * card.robust_accuracy:.1f} % on "
+        f"{doc['examples']} test images")
     return values
+
+
+def evaluated_weights(doc: dict, best: Path, key: str) -> str:
+    """The digest of the weights the study's numbers for `doc` are of, after checking that `best`
+    still holds them: the numbers go with the weights they were measured on, or not at all (a run
+    trained again after its evaluation, say)."""
+    measured = doc.get("checkpoint_sha256")
+    if measured is None:  # a result file from before the digest: it is in the run's evaluation
+        evaluation = best.parent / "eval-main" / "eval.json"
+        if not evaluation.is_file():
+            raise ValueError(f"{evaluation} is gone, and with it the digest of the weights the study evaluated; "
+                             f"run `python -m studies.frontier --rows {key}` again to evaluate them")
+        measured = json.loads(evaluation.read_text())["checkpoint_sha256"]
+    if file_sha256(best / WEIGHTS) != measured:
+        raise ValueError(f"{best} is not the checkpoint the study evaluated (its weights changed since); "
+                         f"run `python -m studies.frontier --rows {key}` again to evaluate them")
+    return measured
 
 
 # -- the report -------------------------------------------------------------------------------------
@@ -746,6 +773,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-examples", type=int, help="default: the full training set")
     parser.add_argument("--eval-examples", type=int, default=Plan.eval_examples)
     parser.add_argument("--autoattack-examples", type=int, default=Plan.autoattack_examples)
+    parser.add_argument("--select-examples", type=int, default=Plan.select_examples,
+                        help="--ship: the validation images per seed its choice of seed is made on")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(Plan.seeds))
     parser.add_argument("--headline-seeds", type=int, nargs="+", default=list(Plan.headline_seeds))
     parser.add_argument("--rows", nargs="+", help="only these rows (keys from --plan)")
@@ -771,6 +800,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--set method: another method makes rows of their own; name them with --variant NAME")
     plan = Plan(preset=args.preset, moe_width=args.moe_width, epochs=args.epochs, train_examples=args.train_examples,
                 eval_examples=args.eval_examples, autoattack_examples=args.autoattack_examples,
+                select_examples=args.select_examples,
                 seeds=tuple(args.seeds), headline_seeds=tuple(args.headline_seeds), overrides=settings, runs=args.runs)
     try:
         rows = default_rows(plan)
@@ -793,7 +823,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m studies.frontier " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.ship:
         try:
-            ship(results, Path(args.runs), Path(args.ship))
+            ship(results, Path(args.runs), Path(args.ship), plan=plan)
         except (ValueError, FileExistsError) as e:
             parser.exit(2, f"python -m studies.frontier: error: {e}\n")
         return 0

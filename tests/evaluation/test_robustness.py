@@ -213,6 +213,7 @@ def checkpoint(tmp_path_factory):
     (["--eps", "8/x"], "not a number"),
     (["--n-examples", "0"], "n-examples must be >= 1"),
     (["--device", "nonsense"], "--device 'nonsense'"),
+    (["--split", "val"], "does not record the validation split its training held out"),
 ])
 def test_bad_input_gets_one_line_and_exit_code_2(checkpoint, fashion_dir, args, message, capsys):
     assert cli(["eval", str(checkpoint), "--data-dir", str(fashion_dir), *args]) == 2
@@ -237,6 +238,32 @@ def test_eval_writes_eval_json_and_its_summary_next_to_the_checkpoint(checkpoint
     assert (checkpoint / "eval.md").read_text() in capsys.readouterr().out
     assert not [p for p in checkpoint.iterdir() if p.name.startswith(".")]  # no temporary files left
     advmoe.load_checkpoint(checkpoint)  # still a checkpoint
+
+
+def test_the_val_split_is_the_validation_images_the_checkpoints_own_training_held_out(checkpoint, fashion_dir,
+                                                                                     tmp_path, capsys):
+    """--split val evaluates on the images its training run held out (its val_size and seed), so
+    that checkpoints can be compared without the test set; an evaluation of one split never
+    stands in for the other."""
+    from evaluation.robustness import evaluated_with
+
+    held_out = advmoe.save_checkpoint(advmoe.load_checkpoint(checkpoint), tmp_path / "best", config={
+        "dataset": "fashion_mnist", "training": {"eps": 0.1, "val_size": 50, "seed": 3}})
+    args = ["eval", str(held_out), "--data-dir", str(fashion_dir), "--attacks", "pgd", "--n-examples", "30",
+            "--pgd-steps", "2"]
+    assert cli([*args, "--split", "val", "--out", str(tmp_path / "val")]) == 0
+    assert "validation images its training held out" in capsys.readouterr().out
+    assert cli([*args, "--out", str(tmp_path / "test")]) == 0
+    val, test = (json.loads((tmp_path / name / "eval.json").read_text()) for name in ("val", "test"))
+    expected = [advmoe.load_dataset("fashion_mnist", "val", fashion_dir, 50, 3)[i][1] for i in range(30)]
+    assert val["split"] == "val" and val["per_example"]["label"] == expected
+    other_seed = [advmoe.load_dataset("fashion_mnist", "val", fashion_dir, 50, 0)[i][1] for i in range(30)]
+    assert other_seed != expected  # the seed picks the images: the checkpoint's own seed was used
+    assert test["split"] == "test" and test["per_example"]["label"] != val["per_example"]["label"]
+    settings = {"attacks": ["pgd"], "pgd_steps": [2]}
+    assert evaluated_with(val, held_out, 30, settings, split="val")
+    assert not evaluated_with(val, held_out, 30, settings) and evaluated_with(test, held_out, 30, settings)
+    assert not evaluated_with(test, held_out, 30, settings, split="val")
 
 
 def test_two_ranks_give_the_per_example_results_of_one_process(checkpoint, fashion_dir, tmp_path):

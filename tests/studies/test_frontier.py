@@ -16,7 +16,7 @@ from studies import frontier
 from training.config import resolve
 
 TINY = dict(preset="fmnist-tiny", moe_width=0.0625, epochs=1, train_examples=64, eval_examples=8,
-            autoattack_examples=4, seeds=(0,), headline_seeds=(0,),
+            autoattack_examples=4, select_examples=6, seeds=(0,), headline_seeds=(0,),
             attack_settings={"pgd_steps": (2, 3), "route_steps": 2, "square_queries": 10, "apgd_iterations": 3,
                              "sweep_examples": 4,
                              "gradient_examples": 4})
@@ -215,7 +215,7 @@ def test_ship_copies_the_best_moe_run_with_its_study_numbers(study, tmp_path, mo
     monkeypatch.setattr(frontier, "SHIP_MAX_MACS", 1.0)  # at width 0.0625 the shared router costs as much as the experts
     monkeypatch.setattr(frontier, "COLLAPSE_SHARE", 1.0)  # a router trained on 64 images may well send all to one expert
     moe = next(d for d in docs if d["row"]["method"] != "pgd-at")
-    values = frontier.ship(root / "results", root / "runs", tmp_path / "shipped", log=lambda *a: None)
+    values = frontier.ship(root / "results", root / "runs", tmp_path / "shipped", log=lambda *a: None, plan=plan)
     card = advmoe.checkpoint.read_card(tmp_path / "shipped")
     assert values["study_run"] == "advmoe-tiny-seed0"
     assert card.robust_accuracy == moe["worst_case"] and card.autoattack_accuracy == moe["autoattack"]["accuracy"]
@@ -223,7 +223,45 @@ def test_ship_copies_the_best_moe_run_with_its_study_numbers(study, tmp_path, mo
     assert advmoe.load_checkpoint(tmp_path / "shipped").cfg.is_moe
     # the numbers are of these weights: the digest the evaluation took of them
     shipped = file_sha256(tmp_path / "shipped" / "model.safetensors")
-    assert read_metrics(tmp_path / "shipped")["study_checkpoint_sha256"] == moe["checkpoint_sha256"] == shipped
+    metrics = read_metrics(tmp_path / "shipped")
+    assert metrics["study_checkpoint_sha256"] == moe["checkpoint_sha256"] == shipped
+    # the seed was chosen on the study's attacks over images its training held out, not on test images
+    chosen = json.loads((root / "runs" / "advmoe-tiny-seed0" / "eval-select" / "eval.json").read_text())
+    assert (chosen["split"], chosen["examples"], chosen["attacks_run"]) == ("val", 6, list(frontier.MAIN_ATTACKS))
+    assert metrics["selected_on"] == "validation worst case"
+    assert metrics["validation_robust_accuracy"] == chosen["robust_accuracy"] and metrics["validation_examples"] == 6
+
+
+@pytest.mark.parametrize("worst, shipped", [((0.3, 0.2), 0), ((0.2, 0.3), 1)])
+def test_ship_chooses_the_seed_by_its_validation_worst_case_not_its_validation_pgd(study, tmp_path, monkeypatch,
+                                                                                 worst, shipped):
+    """Seed 1 leads on validation PGD in every epoch; the seed shipped is the one the study's
+    attacks leave more of on held-out images, whichever that is."""
+    plan, rows, root, docs = study
+    monkeypatch.setattr(frontier, "SHIP_MAX_MACS", 1.0)
+    monkeypatch.setattr(frontier, "COLLAPSE_SHARE", 1.0)
+    results, runs = tmp_path / "results", tmp_path / "runs"
+    shutil.copytree(root / "results", results)
+    for seed in (0, 1):
+        shutil.copytree(root / "runs" / "advmoe-tiny-seed0" / "best", runs / f"advmoe-tiny-seed{seed}" / "best")
+    other = json.loads((results / "advmoe-tiny-seed0.json").read_text())
+    other["seed"] = 1
+    other["curve"] = [{**r, "val_pgd_accuracy": 1.0} for r in other["curve"]]
+    (results / "advmoe-tiny-seed1.json").write_text(json.dumps(other))
+    asked = []
+
+    def planted(best, out, cfg, n, attacks, settings, split="test"):
+        asked.append((best.parent.name, out.name, n, split))
+        return {"robust_accuracy": worst[int(best.parent.name[-1])], "examples": n}
+
+    monkeypatch.setattr(frontier, "_evaluate", planted)
+    logged = []
+    values = frontier.ship(results, runs, tmp_path / "shipped", log=logged.append, plan=plan)
+    assert values["study_run"] == f"advmoe-tiny-seed{shipped}"
+    assert values["validation_robust_accuracy_by_seed"] == {"0": worst[0], "1": worst[1]}
+    assert sorted(asked) == [("advmoe-tiny-seed0", "eval-select", 6, "val"), ("advmoe-tiny-seed1", "eval-select", 6, "val")]
+    assert any(line.startswith("advmoe-tiny seed 1: validation worst case") and "validation PGD by epoch: 100.0" in line
+               for line in logged)
 
 
 def test_ship_refuses_weights_that_changed_since_their_evaluation(study, tmp_path, tmp_path_factory, monkeypatch):
@@ -235,7 +273,7 @@ def test_ship_refuses_weights_that_changed_since_their_evaluation(study, tmp_pat
     weights = runs / "advmoe-tiny-seed0" / "best" / "model.safetensors"
     weights.write_bytes(weights.read_bytes() + b" ")  # e.g. trained again after the evaluation
     with pytest.raises(ValueError, match=r"is not the checkpoint the study evaluated .* --rows advmoe-tiny"):
-        frontier.ship(root / "results", runs, tmp_path / "shipped", log=lambda *a: None)
+        frontier.ship(root / "results", runs, tmp_path / "shipped", log=lambda *a: None, plan=plan)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -252,13 +290,13 @@ def test_ship_refuses_an_older_result_file_whose_evaluation_is_gone(study, tmp_p
     del older["checkpoint_sha256"]
     (copy / "results" / "advmoe-tiny-seed0.json").write_text(json.dumps(older))
     with pytest.raises(ValueError, match=r"eval-main/eval.json is gone, and with it the digest"):
-        frontier.ship(copy / "results", copy / "runs", tmp_path / "shipped", log=lambda *a: None)
+        frontier.ship(copy / "results", copy / "runs", tmp_path / "shipped", log=lambda *a: None, plan=plan)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_ship_passes_over_a_seed_whose_checkpoint_is_gone(study, tmp_path, monkeypatch):
-    """A second seed that scored higher on validation but trained on another machine (its result
-    file committed, its run folder not here) is not the one copied."""
+    """A second seed that trained on another machine (its result file committed, its run folder
+    not here) is not the one copied, and the log says so."""
     plan, rows, root, docs = study
     monkeypatch.setattr(frontier, "SHIP_MAX_MACS", 1.0)
     monkeypatch.setattr(frontier, "COLLAPSE_SHARE", 1.0)
@@ -271,7 +309,7 @@ def test_ship_passes_over_a_seed_whose_checkpoint_is_gone(study, tmp_path, monke
     other["curve"] = [{**r, "val_pgd_accuracy": 1.0} for r in other["curve"]]
     (results / "advmoe-tiny-seed1.json").write_text(json.dumps(other))
     logged = []
-    values = frontier.ship(results, root / "runs", tmp_path / "shipped", log=logged.append)
+    values = frontier.ship(results, root / "runs", tmp_path / "shipped", log=logged.append, plan=plan)
     assert values["study_run"] == "advmoe-tiny-seed0"
     assert any(line.startswith("not shipping advmoe-tiny seed 1: its checkpoint is not in") for line in logged)
 
@@ -294,7 +332,7 @@ def test_ship_fails_with_what_to_fix_and_leaves_nothing(study, tmp_path, monkeyp
     if broken:
         monkeypatch.setattr(frontier, "update_metrics", _fail_to_write)
     with pytest.raises(error, match=match):
-        frontier.ship(root / "results", root / runs, tmp_path / "shipped", log=lambda *a: None)
+        frontier.ship(root / "results", root / runs, tmp_path / "shipped", log=lambda *a: None, plan=plan)
     assert list(tmp_path.iterdir()) == []  # no half-shipped copy, no temporary folder left behind
 
 
