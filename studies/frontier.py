@@ -304,8 +304,13 @@ def _evaluate(best: Path, out: Path, cfg: TrainConfig, n: int, attacks: tuple[st
                                        attacks=attacks, split=split, **settings)
 
 
-def _settings(plan: Plan | None = None) -> dict:
-    return {"pgd_steps": PGD_STEPS, "route_steps": ROUTE_STEPS, **(plan.attack_settings if plan else {})}
+def _settings(plan: Plan) -> dict:
+    return {"pgd_steps": PGD_STEPS, "route_steps": ROUTE_STEPS, **plan.attack_settings}
+
+
+def main_attacks(cfg: TrainConfig) -> tuple[str, ...]:
+    """MAIN_ATTACKS, without the route attacks for a dense model (it has no routes)."""
+    return tuple(a for a in MAIN_ATTACKS if cfg.is_moe or a not in ("route-fixed", "router"))
 
 
 def run_one(plan: Plan, row: Row, seed: int, results: Path, log=print) -> dict:
@@ -316,7 +321,7 @@ def run_one(plan: Plan, row: Row, seed: int, results: Path, log=print) -> dict:
     if not (best / "metrics.json").is_file() or "test_pgd_accuracy" not in read_metrics(best):
         log(f"training {run_name(row, seed)} -> {out}")
         train(cfg, out, resume=(out / "config.json").is_file(), log=lambda *a, **k: None)
-    attacks = tuple(a for a in MAIN_ATTACKS if cfg.is_moe or a not in ("route-fixed", "router"))
+    attacks = main_attacks(cfg)
     log(f"evaluating {run_name(row, seed)} on {plan.eval_examples} test images: {', '.join(attacks)}")
     main = _evaluate(best, out / "eval-main", cfg, plan.eval_examples, attacks, _settings(plan))
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -484,9 +489,8 @@ def ship(results: Path, runs: Path, dest: Path, log=print, plan: Plan | None = N
     validation = {}
     for d in at_hand:
         cfg = resolve(None, **d["config"])
-        attacks = tuple(a for a in MAIN_ATTACKS if cfg.is_moe or a not in ("route-fixed", "router"))
         validation[d["seed"]] = _evaluate(source(d), source(d).parent / "eval-select", cfg, plan.select_examples,
-                                          attacks, _settings(plan), split="val")
+                                          main_attacks(cfg), _settings(plan), split="val")
         curve = ", ".join(f"{100 * r['val_pgd_accuracy']:.1f}" for r in d["curve"])
         log(f"{key} seed {d['seed']}: validation worst case {100 * validation[d['seed']]['robust_accuracy']:.1f} % "
             f"on {validation[d['seed']]['examples']} held-out images (validation PGD by epoch: {curve} %)")
