@@ -6,6 +6,7 @@ methods, worst-case robust accuracy against MACs per image.
     python -m studies.frontier --report-only      # the report from the results there are
     python -m studies.frontier --ship checkpoints/fmnist-moe   # the best MoE run, as the model to serve
     nice python -m studies.frontier --rows advmoe-w0.25 --variant steps3 --set attack_steps=3   # a lever, beside
+    nice python -m studies.frontier --rows advmoe-w0.25 --repeat 1   # the same runs trained again, beside
 
 Each (row, seed) is one run: train (runs/frontier/ROW-seedS, resumed if cut off), evaluate its
 best checkpoint (selected on validation PGD accuracy, never on test images) on the first
@@ -16,6 +17,10 @@ summary goes to reports/robustness_frontier/ROW-seedS.json as soon as it is done
 off resumes from the results that were kept (commit them as they come). The report,
 reports/robustness_frontier.md with a PNG of worst-case robust accuracy against MACs, is written
 from whatever results exist.
+
+Training on a CPU is not bitwise reproducible (the same seed and settings give other weights), so
+a seed trained again is another draw of its row: --repeat K trains the runs again as
+ROW-seedS-repeatK, beside the first, and the report pools every run of a row.
 """
 from __future__ import annotations
 
@@ -103,6 +108,7 @@ class Plan:
     overrides: dict = field(default_factory=dict)  # more TrainConfig settings for every run
     attack_settings: dict = field(default_factory=dict)  # EvalSettings changes (tests: fewer steps)
     runs: str = "runs/frontier"
+    repeat: int = 0  # K > 0: the runs trained again, beside the first (run_name)
 
     def config(self, row: Row, seed: int) -> TrainConfig:
         cfg = resolve(self.preset, **{**self.overrides, "method": row.method, "model": row.model, "width": row.width,
@@ -229,11 +235,13 @@ def _pass_seconds(cfg: TrainConfig, batch: int = 64) -> float:
 
 def estimate(plan: Plan, rows: list[Row], results: Path | None = None) -> list[dict]:
     """Hours per row (all its seeds). A row with finished runs in `results` costs what they took
-    (their mean); otherwise training comes from a measured step and evaluation from counted passes."""
+    (their mean; a repeat costs what the first runs took); otherwise training comes from a measured
+    step and evaluation from counted passes."""
     out = []
     for row in rows:
         cfg = plan.config(row, row.seeds[0])
-        landed = [d for d in (finished(results, row, s, plan.config(row, s)) for s in row.seeds) if d] if results else []
+        landed = [d for s in row.seeds for r in sorted({0, plan.repeat})
+                  if (d := finished(results, row, s, plan.config(row, s), r))] if results else []
         took = {k: [d["seconds"][k] / 3600 for d in landed if k in d["seconds"]] for k in ("train", "eval", "autoattack")}
         per_pass = functools.cache(lambda: _pass_seconds(cfg))  # timed only if something needs it
         if took["train"]:
@@ -257,13 +265,13 @@ def estimate(plan: Plan, rows: list[Row], results: Path | None = None) -> list[d
     return out
 
 
-def print_estimate(costs: list[dict], done: set[str], rows: list[Row], log=print) -> None:
+def print_estimate(costs: list[dict], done: set[str], rows: list[Row], log=print, repeat: int = 0) -> None:
     log("| row | MACs per image | seeds | training (h) | evaluation (h) | from |\n|---|---|---|---|---|---|")
     for c in costs:
         source = f"{c['measured_runs']} finished run(s)" if c["measured_runs"] else "a measured step"
         log(f"| {c['row']} | {c['macs'] / 1e6:.2f} M | {c['seeds']} | {c['train_hours']:.1f} | {c['eval_hours']:.1f} "
             f"| {source} |")
-    remaining = sum((c["train_hours"] + c["eval_hours"]) * sum(f"{c['row']}-seed{s}" not in done for s in r.seeds)
+    remaining = sum((c["train_hours"] + c["eval_hours"]) * sum(run_name(r.key, s, repeat) not in done for s in r.seeds)
                     / len(r.seeds) for c, r in zip(costs, rows))
     total = sum(c["train_hours"] + c["eval_hours"] for c in costs)
     log(f"\nestimated: {total:.1f} hours in all on this machine, {remaining:.1f} hours for the runs not done yet "
@@ -272,17 +280,29 @@ def print_estimate(costs: list[dict], done: set[str], rows: list[Row], log=print
 
 
 # -- one run ----------------------------------------------------------------------------------------
-def run_name(row: Row, seed: int) -> str:
-    return f"{row.key}-seed{seed}"
+def run_name(key: str, seed: int, repeat: int = 0) -> str:
+    """The run folder and result file name of a row's seed; a repeat (the seed trained again) gets
+    its own, beside the first."""
+    return f"{key}-seed{seed}" + (f"-repeat{repeat}" if repeat else "")
 
 
-def result_path(results: Path, row: Row, seed: int) -> Path:
-    return results / f"{run_name(row, seed)}.json"
+def doc_run_name(doc: dict) -> str:
+    """run_name of a result file's run (result files from before repeats are each seed's first)."""
+    return run_name(doc["row"]["key"], doc["seed"], doc.get("repeat", 0))
 
 
-def finished(results: Path, row: Row, seed: int, cfg: TrainConfig) -> dict | None:
+def run_label(doc: dict) -> str:
+    """How the report names a run among its row's: its seed, and its repeat when it is one."""
+    return f"{doc['seed']}" + (f" (repeat {doc['repeat']})" if doc.get("repeat") else "")
+
+
+def result_path(results: Path, row: Row, seed: int, repeat: int = 0) -> Path:
+    return results / f"{run_name(row.key, seed, repeat)}.json"
+
+
+def finished(results: Path, row: Row, seed: int, cfg: TrainConfig, repeat: int = 0) -> dict | None:
     """The run's summary if it landed for this config (run_study adds AutoAttack to it later)."""
-    path = result_path(results, row, seed)
+    path = result_path(results, row, seed, repeat)
     if not path.is_file():
         return None
     doc = json.loads(path.read_text())
@@ -315,18 +335,18 @@ def main_attacks(cfg: TrainConfig) -> tuple[str, ...]:
 
 def run_one(plan: Plan, row: Row, seed: int, results: Path, log=print) -> dict:
     """Train and evaluate one (row, seed) with the main attacks; its summary file is written last."""
-    cfg = plan.config(row, seed)
-    out = Path(plan.runs) / run_name(row, seed)
+    cfg, name = plan.config(row, seed), run_name(row.key, seed, plan.repeat)
+    out = Path(plan.runs) / name
     best = out / "best"
     if not (best / "metrics.json").is_file() or "test_pgd_accuracy" not in read_metrics(best):
-        log(f"training {run_name(row, seed)} -> {out}")
+        log(f"training {name} -> {out}")
         train(cfg, out, resume=(out / "config.json").is_file(), log=lambda *a, **k: None)
     attacks = main_attacks(cfg)
-    log(f"evaluating {run_name(row, seed)} on {plan.eval_examples} test images: {', '.join(attacks)}")
+    log(f"evaluating {name} on {plan.eval_examples} test images: {', '.join(attacks)}")
     main = _evaluate(best, out / "eval-main", cfg, plan.eval_examples, attacks, _settings(plan))
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    doc = summarise(row, seed, cfg, main, history)
-    atomic_write_text(result_path(results, row, seed), json.dumps(doc, indent=1) + "\n")
+    doc = summarise(row, seed, cfg, main, history, plan.repeat)
+    atomic_write_text(result_path(results, row, seed, plan.repeat), json.dumps(doc, indent=1) + "\n")
     return doc
 
 
@@ -339,21 +359,22 @@ def add_autoattack(plan: Plan, row: Row, seed: int, results: Path, doc: dict, lo
     None when the run's checkpoint or main evaluation is gone (a result file that outlived its run
     folder, as on a fresh machine): the row's AutoAttack then comes from its other seeds, and the
     report says which."""
-    cfg = plan.config(row, seed)
-    out = Path(plan.runs) / run_name(row, seed)
+    cfg, name = plan.config(row, seed), run_name(row.key, seed, plan.repeat)
+    path = result_path(results, row, seed, plan.repeat)
+    out = Path(plan.runs) / name
     if not is_checkpoint(out / "best") or not (out / "eval-main" / "eval.json").is_file():
-        log(f"no AutoAttack on {run_name(row, seed)}: its checkpoint or main evaluation is not in {out} any more; "
+        log(f"no AutoAttack on {name}: its checkpoint or main evaluation is not in {out} any more; "
             "the row's AutoAttack comes from its other seeds")
         return None
-    log(f"AutoAttack on {run_name(row, seed)}, {plan.autoattack_examples} test images: FAB-T and Square "
+    log(f"AutoAttack on {name}, {plan.autoattack_examples} test images: FAB-T and Square "
         "(APGD-CE and APGD-T from the main evaluation)")
     rest = _evaluate(out / "best", out / "eval-autoattack", cfg, plan.autoattack_examples, AUTOATTACK_REST,
                      _settings(plan))
     main = json.loads((out / "eval-main" / "eval.json").read_text())
     doc = {**doc, "autoattack": compose_autoattack(main, rest)}
     doc["seconds"] = {**doc["seconds"], "autoattack": rest["seconds"]}
-    atomic_write_text(result_path(results, row, seed), json.dumps(doc, indent=1) + "\n")
-    log(f"done AutoAttack on {run_name(row, seed)}: {result_path(results, row, seed)} updated (commit it)")
+    atomic_write_text(path, json.dumps(doc, indent=1) + "\n")
+    log(f"done AutoAttack on {name}: {path} updated (commit it)")
     return doc
 
 
@@ -379,10 +400,11 @@ def compose_autoattack(main: dict, rest: dict) -> dict:
             "composed_of": "APGD-CE and APGD-T from the main evaluation, FAB-T and Square on every clean-correct image"}
 
 
-def summarise(row: Row, seed: int, cfg: TrainConfig, main: dict, history: list[dict]) -> dict:
+def summarise(row: Row, seed: int, cfg: TrainConfig, main: dict, history: list[dict], repeat: int = 0) -> dict:
     acc = main["accuracy"]
     pgd = min((k for k in acc if k.startswith("pgd-")), key=lambda k: int(k[4:]))  # PGD-10 with the defaults
-    doc = {"row": asdict(row), "seed": seed, "config": cfg.to_dict(), "macs_per_image": macs_per_image(row.model, row.width, cfg),
+    doc = {"row": asdict(row), "seed": seed, "repeat": repeat, "config": cfg.to_dict(),
+           "macs_per_image": macs_per_image(row.model, row.width, cfg),
            "checkpoint_sha256": main["checkpoint_sha256"],  # the weights these numbers are of
            "examples": main["examples"], "accuracy": acc, "worst_case": main["robust_accuracy"],
            "pgd": pgd, "pgd_minus_worst": acc[pgd] - main["robust_accuracy"],
@@ -412,11 +434,11 @@ def run_study(plan: Plan, rows: list[Row], results: Path = RESULTS, report: Path
         for i in range(max(len(row.seeds) for row in rows)):
             for row in (r for r in rows if r.headline == headline and i < len(r.seeds)):
                 seed = row.seeds[i]
-                doc = finished(results, row, seed, plan.config(row, seed))
+                doc = finished(results, row, seed, plan.config(row, seed), plan.repeat)
                 if doc is None:
                     doc = run_one(plan, row, seed, results, log)
-                    log(f"done {run_name(row, seed)}: worst case {100 * doc['worst_case']:.1f} %; "
-                        f"{result_path(results, row, seed)} written (commit it)")
+                    log(f"done {run_name(row.key, seed, plan.repeat)}: worst case {100 * doc['worst_case']:.1f} %; "
+                        f"{result_path(results, row, seed, plan.repeat)} written (commit it)")
                     write_report(results, report, plan)
                 if row.headline and "autoattack" not in doc:
                     with_autoattack = add_autoattack(plan, row, seed, results, doc, log)
@@ -448,7 +470,7 @@ def ship(results: Path, runs: Path, dest: Path, log=print, plan: Plan | None = N
     The row is the MoE row with the best mean worst case among those at most SHIP_MAX_MACS of
     their dense twin's MACs whose router has not collapsed (a router that sends nearly every image
     to one expert makes a dense model of the expert's width, carrying dead experts). Within it, of
-    the seeds whose checkpoint is still in `runs`, the one with the best *validation worst case*:
+    the runs (seeds and repeats) whose checkpoint is still in `runs`, the one with the best *validation worst case*:
     the study's main attacks on the first plan.select_examples images its training held out.
     Choosing a seed by its test results would be selecting on the test set; choosing it by
     validation PGD alone, as training picks its epochs, favours the seed whose hard routes mislead
@@ -475,42 +497,42 @@ def ship(results: Path, runs: Path, dest: Path, log=print, plan: Plan | None = N
     key = max(candidates, key=lambda k: mean_std([d["worst_case"] for d in candidates[k]])[0])
 
     def source(d: dict) -> Path:
-        return runs / f"{d['row']['key']}-seed{d['seed']}" / "best"  # run_name's
+        return runs / doc_run_name(d) / "best"
 
-    # a seed whose run folder is gone (the result file came from another machine) cannot be copied
+    # a run whose folder is gone (the result file came from another machine) cannot be copied
     at_hand = [d for d in candidates[key] if is_checkpoint(source(d))]
     if not at_hand:
-        names = ", ".join(source(d).parent.name for d in candidates[key])
+        names = ", ".join(doc_run_name(d) for d in candidates[key])
         raise ValueError(f"{key} is the row to ship, but no run of it ({names}) holds a checkpoint in {runs}; "
                          "pass the study's --runs folder")
     for gone in (d for d in candidates[key] if d not in at_hand):
-        log(f"not shipping {key} seed {gone['seed']}: its checkpoint is not in {runs} any more")
-    measured = {d["seed"]: evaluated_weights(d, source(d), key) for d in at_hand}  # before any slow work
+        log(f"not shipping {key} seed {run_label(gone)}: its checkpoint is not in {runs} any more")
+    measured = {doc_run_name(d): evaluated_weights(d, source(d), key) for d in at_hand}  # before any slow work
     validation = {}
     for d in at_hand:
-        cfg = resolve(None, **d["config"])
-        validation[d["seed"]] = _evaluate(source(d), source(d).parent / "eval-select", cfg, plan.select_examples,
-                                          main_attacks(cfg), _settings(plan), split="val")
+        cfg, name = resolve(None, **d["config"]), doc_run_name(d)
+        validation[name] = _evaluate(source(d), source(d).parent / "eval-select", cfg, plan.select_examples,
+                                     main_attacks(cfg), _settings(plan), split="val")
         curve = ", ".join(f"{100 * r['val_pgd_accuracy']:.1f}" for r in d["curve"])
-        log(f"{key} seed {d['seed']}: validation worst case {100 * validation[d['seed']]['robust_accuracy']:.1f} % "
-            f"on {validation[d['seed']]['examples']} held-out images (validation PGD by epoch: {curve} %)")
-    doc = max(at_hand, key=lambda d: validation[d["seed"]]["robust_accuracy"])
-    chosen = validation[doc["seed"]]
-    name = source(doc).parent.name
+        log(f"{key} seed {run_label(d)}: validation worst case {100 * validation[name]['robust_accuracy']:.1f} % "
+            f"on {validation[name]['examples']} held-out images (validation PGD by epoch: {curve} %)")
+    doc = max(at_hand, key=lambda d: validation[doc_run_name(d)]["robust_accuracy"])
+    name = doc_run_name(doc)
+    chosen = validation[name]
     values = {"clean_accuracy": doc["accuracy"]["clean"], "robust_accuracy": doc["worst_case"],
               "robust_examples": doc["examples"],  # "robust" is the worst case over the others, not an attack
               "robust_attacks": sorted(k for k in doc["accuracy"] if k not in ("clean", "robust")),
               "route_flip_rate": doc.get("route_flip_rate"), "route_flip_attack": "router attack",
-              "study_run": name, "study_checkpoint_sha256": measured[doc["seed"]],
+              "study_run": name, "study_checkpoint_sha256": measured[name],
               "selected_on": "validation worst case", "validation_robust_accuracy": chosen["robust_accuracy"],
               "validation_examples": chosen["examples"],
-              "validation_robust_accuracy_by_seed": {str(s): v["robust_accuracy"] for s, v in validation.items()}}
+              "validation_robust_accuracy_by_run": {run: v["robust_accuracy"] for run, v in validation.items()}}
     if "autoattack" in doc:
         values |= {"autoattack_accuracy": doc["autoattack"]["accuracy"], "autoattack_examples": doc["autoattack"]["examples"]}
     with atomic_directory(dest, may_replace=is_checkpoint) as tmp:  # dest appears whole, numbers included
         shutil.copytree(source(doc), tmp, dirs_exist_ok=True)
         card = update_metrics(tmp, **values)
-    log(f"shipped {values['study_run']} ({doc['row']['label']}, seed {doc['seed']}, the best validation worst case) "
+    log(f"shipped {name} ({doc['row']['label']}, seed {run_label(doc)}, the best validation worst case) "
         f"to {dest}: clean {100 * card.clean_accuracy:.1f} %, worst case {100 * card.robust_accuracy:.1f} % on "
         f"{doc['examples']} test images")
     return values
@@ -535,11 +557,13 @@ def evaluated_weights(doc: dict, best: Path, key: str) -> str:
 
 # -- the report -------------------------------------------------------------------------------------
 def load_results(results: Path) -> dict[str, list[dict]]:
-    """{row key: summaries of its seeds}, in file order."""
+    """{row key: summaries of its runs, by seed and repeat}, the rows by MACs per image."""
     grouped: dict[str, list[dict]] = {}
     for path in sorted(results.glob("*.json")):
         doc = json.loads(path.read_text())
         grouped.setdefault(doc["row"]["key"], []).append(doc)
+    for docs in grouped.values():
+        docs.sort(key=lambda d: (d["seed"], d.get("repeat", 0)))
     return dict(sorted(grouped.items(), key=lambda kv: kv[1][0]["macs_per_image"]))
 
 
@@ -560,9 +584,9 @@ def table(grouped: dict[str, list[dict]]) -> str:
         aa = [d["autoattack"] for d in docs if "autoattack" in d]
         aa_cell = f"{percent([a['accuracy'] for a in aa])} ({percent([a['worst_case_with_main'] for a in aa])})" if aa else "-"
         if aa and len(aa) < len(docs):  # a seed whose checkpoint was gone before its AutoAttack ran
-            aa_cell += f", seed {', '.join(str(d['seed']) for d in docs if 'autoattack' in d)}"
+            aa_cell += f", seed {', '.join(run_label(d) for d in docs if 'autoattack' in d)}"
         lines.append(f"| {docs[0]['row']['label']} | {docs[0]['macs_per_image'] / 1e6:.2f} M | "
-                     f"{', '.join(str(d['seed']) for d in docs)} | " + " | ".join(cells)
+                     f"{', '.join(run_label(d) for d in docs)} | " + " | ".join(cells)
                      + f" | **{percent([d['worst_case'] for d in docs])}** | {percent([d['pgd_minus_worst'] for d in docs])} "
                      f"| {flips} | {busiest} | {aa_cell} |")
     return "\n".join(lines)
@@ -714,7 +738,7 @@ def plot(grouped: dict[str, list[dict]], path: Path) -> None:
             frontier.errorbar([d[0]["macs_per_image"] / 1e6], [100 * m], yerr=[100 * s], fmt="s", capsize=3,
                               label=d[0]["row"]["label"])
     frontier.set(xlabel="MACs per image (M)", ylabel="worst-case robust accuracy (%)",
-                 title="Robustness against cost (mean ± std over seeds)")
+                 title="Robustness against cost (mean ± std over runs)")
     frontier.grid(alpha=0.3)
     frontier.legend(fontsize=7)
     for key, d in grouped.items():
@@ -755,7 +779,9 @@ main evaluation's, FAB-T and Square run on every clean-correct image of those, a
 AutoAttack if none of the four fools it; in brackets, the worst case over AutoAttack and everything else
 on those images. Route flips: the share of images whose route the router attack changes; busiest
 expert: the share of clean test routes that go to the most used expert (100 % is a router collapsed
-to one expert, a dense model of the expert's width in effect). Mean ± standard deviation over seeds.
+to one expert, a dense model of the expert's width in effect). Mean ± standard deviation over a row's
+runs: its seeds, and any seed trained again (a repeat: training on this CPU is not bitwise
+reproducible, so it is another draw of the row, not a copy).
 
 ![frontier]({png.name})
 
@@ -781,6 +807,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="--ship: the validation images per seed its choice of seed is made on")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(Plan.seeds))
     parser.add_argument("--headline-seeds", type=int, nargs="+", default=list(Plan.headline_seeds))
+    parser.add_argument("--repeat", type=int, default=Plan.repeat, metavar="K",
+                        help="train the runs again as ROW-seedS-repeatK, beside the first: training on a CPU is not "
+                        "bitwise reproducible, so a repeat is another draw of its row, and the report pools it")
     parser.add_argument("--rows", nargs="+", help="only these rows (keys from --plan)")
     parser.add_argument("--runs", default=Plan.runs)
     parser.add_argument("--results", default=str(RESULTS))
@@ -800,12 +829,15 @@ def main(argv: list[str] | None = None) -> int:
         settings = parse_settings(args.set)
     except ValueError as e:
         parser.error(str(e))
+    if args.repeat < 0:
+        parser.error(f"--repeat {args.repeat}: give 1, 2, ... to train the runs again (0 is the first runs)")
     if "method" in settings and not args.variant:  # the rows' own methods would win without a word
         parser.error("--set method: another method makes rows of their own; name them with --variant NAME")
     plan = Plan(preset=args.preset, moe_width=args.moe_width, epochs=args.epochs, train_examples=args.train_examples,
                 eval_examples=args.eval_examples, autoattack_examples=args.autoattack_examples,
                 select_examples=args.select_examples,
-                seeds=tuple(args.seeds), headline_seeds=tuple(args.headline_seeds), overrides=settings, runs=args.runs)
+                seeds=tuple(args.seeds), headline_seeds=tuple(args.headline_seeds), overrides=settings, runs=args.runs,
+                repeat=args.repeat)
     try:
         rows = default_rows(plan)
     except ConfigError as e:
@@ -839,7 +871,7 @@ def main(argv: list[str] | None = None) -> int:
         costs = estimate(plan, rows, results)
     except ValueError as e:
         parser.exit(2, f"python -m studies.frontier: error: {e}\n")
-    print_estimate(costs, done, rows)
+    print_estimate(costs, done, rows, repeat=plan.repeat)
     if args.plan:
         return 0
     run_study(plan, rows, results, report)

@@ -112,6 +112,31 @@ def test_a_variant_lands_beside_the_study_and_other_settings_never_overwrite_it(
     assert "| dense PGD-AT, tiny (steps1: attack_steps=1) |" in (tmp_path / "frontier.md").read_text()
 
 
+def test_a_repeat_trains_the_runs_again_beside_the_first_and_the_report_pools_them(study, tmp_path, monkeypatch):
+    """CPU training is not bitwise reproducible: --repeat 1 trains a seed again under a name of its
+    own, leaves the first run's result as it was, and the row's numbers are over both runs."""
+    plan, rows, root, docs = study
+    results = tmp_path / "results"
+    shutil.copytree(root / "results", results)
+    kept = {p.name: p.read_bytes() for p in results.glob("*.json")}
+    again = frontier.Plan(**{**plan.__dict__, "repeat": 1, "runs": str(tmp_path / "runs")})
+    [doc] = frontier.run_study(again, rows[:1], results, tmp_path / "frontier.md", log=lambda *a: None)
+    assert (doc["seed"], doc["repeat"]) == (0, 1) and frontier.doc_run_name(doc) == "pgd-at-tiny-seed0-repeat1"
+    assert (tmp_path / "runs" / "pgd-at-tiny-seed0-repeat1" / "best").is_dir()
+    assert json.loads((results / "pgd-at-tiny-seed0-repeat1.json").read_text())["repeat"] == 1
+    assert {p.name: p.read_bytes() for p in results.glob("*.json") if p.name in kept} == kept
+    [runs] = [d for key, d in frontier.load_results(results).items() if key == "pgd-at-tiny"]
+    assert [frontier.run_label(d) for d in runs] == ["0", "0 (repeat 1)"]
+    line = next(line for line in (tmp_path / "frontier.md").read_text().splitlines()
+                if line.startswith("| dense PGD-AT, tiny |"))
+    assert "| 0, 0 (repeat 1) |" in line
+    # a second call finds the repeat and trains nothing
+    monkeypatch.setattr(frontier, "train", lambda *a, **k: pytest.fail("trained again"))
+    monkeypatch.setattr(frontier, "evaluate_checkpoint", lambda *a, **k: pytest.fail("evaluated again"))
+    [kept_doc] = frontier.run_study(again, rows[:1], results, tmp_path / "frontier.md", log=lambda *a: None)
+    assert (kept_doc["repeat"], kept_doc["checkpoint_sha256"]) == (1, doc["checkpoint_sha256"])
+
+
 def test_a_result_file_of_an_older_version_still_counts_as_finished(study, tmp_path):
     """Result files written before a setting existed (every committed one before expert_loss) are
     of that setting's default: the study keeps them instead of refusing or retraining."""
@@ -133,6 +158,7 @@ def test_a_result_file_of_an_older_version_still_counts_as_finished(study, tmp_p
     (["--set", 'method="tradez"', "--variant", "kl"], "unknown method 'tradez'; choose one of: standard, pgd-at, trades"),
     (["--variant", "more"], "--variant runs the rows with other settings: give them with --set KEY=VALUE or --epochs"),
     (["--set", "attack_steps=3", "--variant", "../up"], "variant name '../up': use letters, digits"),
+    (["--repeat", "-1"], "--repeat -1: give 1, 2, ... to train the runs again"),
 ])
 def test_bad_variant_settings_get_one_line_and_exit_code_2(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -232,35 +258,38 @@ def test_ship_copies_the_best_moe_run_with_its_study_numbers(study, tmp_path, mo
     assert metrics["validation_robust_accuracy"] == chosen["robust_accuracy"] and metrics["validation_examples"] == 6
 
 
+@pytest.mark.parametrize("other", [dict(seed=1), dict(seed=0, repeat=1)], ids=["seed", "repeat"])
 @pytest.mark.parametrize("worst, shipped", [((0.3, 0.2), 0), ((0.2, 0.3), 1)])
-def test_ship_chooses_the_seed_by_its_validation_worst_case_not_its_validation_pgd(study, tmp_path, monkeypatch,
-                                                                                 worst, shipped):
-    """Seed 1 leads on validation PGD in every epoch; the seed shipped is the one the study's
-    attacks leave more of on held-out images, whichever that is."""
+def test_ship_chooses_the_run_by_its_validation_worst_case_not_its_validation_pgd(study, tmp_path, monkeypatch,
+                                                                                worst, shipped, other):
+    """A second run (another seed, or the first seed trained again) leads on validation PGD in
+    every epoch; the run shipped is the one the study's attacks leave more of on held-out images,
+    whichever that is."""
     plan, rows, root, docs = study
     monkeypatch.setattr(frontier, "SHIP_MAX_MACS", 1.0)
     monkeypatch.setattr(frontier, "COLLAPSE_SHARE", 1.0)
     results, runs = tmp_path / "results", tmp_path / "runs"
     shutil.copytree(root / "results", results)
-    for seed in (0, 1):
-        shutil.copytree(root / "runs" / "advmoe-tiny-seed0" / "best", runs / f"advmoe-tiny-seed{seed}" / "best")
-    other = json.loads((results / "advmoe-tiny-seed0.json").read_text())
-    other["seed"] = 1
-    other["curve"] = [{**r, "val_pgd_accuracy": 1.0} for r in other["curve"]]
-    (results / "advmoe-tiny-seed1.json").write_text(json.dumps(other))
+    names = ["advmoe-tiny-seed0", frontier.run_name("advmoe-tiny", other["seed"], other.get("repeat", 0))]
+    for name in names:
+        shutil.copytree(root / "runs" / "advmoe-tiny-seed0" / "best", runs / name / "best")
+    second = json.loads((results / "advmoe-tiny-seed0.json").read_text()) | other
+    second["curve"] = [{**r, "val_pgd_accuracy": 1.0} for r in second["curve"]]
+    (results / f"{names[1]}.json").write_text(json.dumps(second))
     asked = []
 
     def planted(best, out, cfg, n, attacks, settings, split="test"):
         asked.append((best.parent.name, out.name, n, split))
-        return {"robust_accuracy": worst[int(best.parent.name[-1])], "examples": n}
+        return {"robust_accuracy": worst[names.index(best.parent.name)], "examples": n}
 
     monkeypatch.setattr(frontier, "_evaluate", planted)
     logged = []
     values = frontier.ship(results, runs, tmp_path / "shipped", log=logged.append, plan=plan)
-    assert values["study_run"] == f"advmoe-tiny-seed{shipped}"
-    assert values["validation_robust_accuracy_by_seed"] == {"0": worst[0], "1": worst[1]}
-    assert sorted(asked) == [("advmoe-tiny-seed0", "eval-select", 6, "val"), ("advmoe-tiny-seed1", "eval-select", 6, "val")]
-    assert any(line.startswith("advmoe-tiny seed 1: validation worst case") and "validation PGD by epoch: 100.0" in line
+    assert values["study_run"] == names[shipped]
+    assert values["validation_robust_accuracy_by_run"] == dict(zip(names, worst))
+    assert sorted(asked) == sorted((name, "eval-select", 6, "val") for name in names)
+    label = f"{other['seed']}" + (" (repeat 1)" if "repeat" in other else "")
+    assert any(line.startswith(f"advmoe-tiny seed {label}: validation worst case") and "validation PGD by epoch: 100.0" in line
                for line in logged)
 
 
