@@ -530,7 +530,9 @@ def ship(results: Path, runs: Path, dest: Path, log=print, plan: Plan | None = N
     if "autoattack" in doc:
         values |= {"autoattack_accuracy": doc["autoattack"]["accuracy"], "autoattack_examples": doc["autoattack"]["examples"]}
     with atomic_directory(dest, may_replace=is_checkpoint) as tmp:  # dest appears whole, numbers included
-        shutil.copytree(source(doc), tmp, dirs_exist_ok=True)
+        # copies dated now, not the run's: `make run` exports again only when the weights are newer
+        # than its last export, which may be of the model shipped before
+        shutil.copytree(source(doc), tmp, dirs_exist_ok=True, copy_function=shutil.copy)
         card = update_metrics(tmp, **values)
     log(f"shipped {name} ({doc['row']['label']}, seed {run_label(doc)}, the best validation worst case) "
         f"to {dest}: clean {100 * card.clean_accuracy:.1f} %, worst case {100 * card.robust_accuracy:.1f} % on "

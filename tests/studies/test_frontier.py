@@ -2,8 +2,10 @@
 evaluate and leave one result file each; the report, its PNG and its verdicts come from those
 files; a second call finds them and trains nothing."""
 import json
+import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -241,7 +243,11 @@ def test_ship_copies_the_best_moe_run_with_its_study_numbers(study, tmp_path, mo
     monkeypatch.setattr(frontier, "SHIP_MAX_MACS", 1.0)  # at width 0.0625 the shared router costs as much as the experts
     monkeypatch.setattr(frontier, "COLLAPSE_SHARE", 1.0)  # a router trained on 64 images may well send all to one expert
     moe = next(d for d in docs if d["row"]["method"] != "pgd-at")
+    trained = root / "runs" / "advmoe-tiny-seed0" / "best" / "model.safetensors"
+    os.utime(trained, (trained.stat().st_atime, time.time() - 86400))  # trained yesterday, exported since
     values = frontier.ship(root / "results", root / "runs", tmp_path / "shipped", log=lambda *a: None, plan=plan)
+    # dated now, so that `make run`'s export (newer than yesterday's weights) is made again
+    assert (tmp_path / "shipped" / "model.safetensors").stat().st_mtime > time.time() - 3600
     card = advmoe.checkpoint.read_card(tmp_path / "shipped")
     assert values["study_run"] == "advmoe-tiny-seed0"
     assert card.robust_accuracy == moe["worst_case"] and card.autoattack_accuracy == moe["autoattack"]["accuracy"]
