@@ -122,6 +122,9 @@ def test_a_repeat_trains_the_runs_again_beside_the_first_and_the_report_pools_th
     shutil.copytree(root / "results", results)
     kept = {p.name: p.read_bytes() for p in results.glob("*.json")}
     again = frontier.Plan(**{**plan.__dict__, "repeat": 1, "runs": str(tmp_path / "runs")})
+    # before it runs, a repeat is costed at what the first run took
+    [cost] = frontier.estimate(again, rows[:1], results)
+    assert cost["measured_runs"] == 1 and cost["train_hours"] == pytest.approx(docs[0]["seconds"]["train"] / 3600)
     [doc] = frontier.run_study(again, rows[:1], results, tmp_path / "frontier.md", log=lambda *a: None)
     assert (doc["seed"], doc["repeat"]) == (0, 1) and frontier.doc_run_name(doc) == "pgd-at-tiny-seed0-repeat1"
     assert (tmp_path / "runs" / "pgd-at-tiny-seed0-repeat1" / "best").is_dir()
