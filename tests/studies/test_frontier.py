@@ -246,9 +246,11 @@ def test_ship_copies_the_best_moe_run_with_its_study_numbers(study, tmp_path, mo
     monkeypatch.setattr(frontier, "SHIP_MAX_MACS", 1.0)  # at width 0.0625 the shared router costs as much as the experts
     monkeypatch.setattr(frontier, "COLLAPSE_SHARE", 1.0)  # a router trained on 64 images may well send all to one expert
     moe = next(d for d in docs if d["row"]["method"] != "pgd-at")
-    trained = root / "runs" / "advmoe-tiny-seed0" / "best" / "model.safetensors"
+    runs = tmp_path / "runs"
+    shutil.copytree(root / "runs" / "advmoe-tiny-seed0", runs / "advmoe-tiny-seed0")
+    trained = runs / "advmoe-tiny-seed0" / "best" / "model.safetensors"
     os.utime(trained, (trained.stat().st_atime, time.time() - 86400))  # trained yesterday, exported since
-    values = frontier.ship(root / "results", root / "runs", tmp_path / "shipped", log=lambda *a: None, plan=plan)
+    values = frontier.ship(root / "results", runs, tmp_path / "shipped", log=lambda *a: None, plan=plan)
     # dated now, so that `make run`'s export (newer than yesterday's weights) is made again
     assert (tmp_path / "shipped" / "model.safetensors").stat().st_mtime > time.time() - 3600
     card = advmoe.checkpoint.read_card(tmp_path / "shipped")
@@ -261,7 +263,7 @@ def test_ship_copies_the_best_moe_run_with_its_study_numbers(study, tmp_path, mo
     metrics = read_metrics(tmp_path / "shipped")
     assert metrics["study_checkpoint_sha256"] == moe["checkpoint_sha256"] == shipped
     # the seed was chosen on the study's attacks over images its training held out, not on test images
-    chosen = json.loads((root / "runs" / "advmoe-tiny-seed0" / "eval-select" / "eval.json").read_text())
+    chosen = json.loads((runs / "advmoe-tiny-seed0" / "eval-select" / "eval.json").read_text())
     assert (chosen["split"], chosen["examples"], chosen["attacks_run"]) == ("val", 6, list(frontier.MAIN_ATTACKS))
     assert metrics["selected_on"] == "validation worst case"
     assert metrics["validation_robust_accuracy"] == chosen["robust_accuracy"] and metrics["validation_examples"] == 6
