@@ -467,9 +467,10 @@ def ship(results: Path, runs: Path, dest: Path, log=print, plan: Plan | None = N
     """Copy the best MoE run of the study to `dest` as the model to serve, its study numbers in
     metrics.json (so the model card and /model_info report them).
 
-    The row is the MoE row with the best mean worst case (of two runs or more, where there are
-    such rows) among those at most SHIP_MAX_MACS of their dense twin's MACs whose router has not collapsed (a router that sends nearly every image
-    to one expert makes a dense model of the expert's width, carrying dead experts). Within it, of
+    The row is the MoE row with the best mean worst case (`best_row`: of two runs or more, where
+    there are such rows) among those at most SHIP_MAX_MACS of their dense twin's MACs whose router
+    has not collapsed (a router that sends nearly every image to one expert makes a dense model of
+    the expert's width, carrying dead experts). Within it, of
     the runs (seeds and repeats) whose checkpoint is still in `runs`, the one with the best *validation worst case*:
     the study's main attacks on the first plan.select_examples images its training held out.
     Choosing a seed by its test results would be selecting on the test set; choosing it by
@@ -658,6 +659,7 @@ def verdicts(grouped: dict[str, list[dict]]) -> list[str]:
     def compare(other: str, what: str) -> None:
         m, o, spread, single = difference(grouped, best, other)
         beats = not single and m - o > spread
+
         def said(verb: str) -> str:
             return (f"{b['row']['label']} (the best MoE row) {verb} {what} ({grouped[other][0]['row']['label']}) on "
                     f"worst-case robust accuracy")
