@@ -29,16 +29,20 @@ def batch():
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_one_step_lowers_the_methods_own_loss(method):
+def test_steps_on_one_batch_lower_the_methods_own_loss(method):
+    """A few steps, not one: the attack adapts to the updated model, and AdvMoE measures its router
+    loss after its expert step, so one step's change is within the numerics of the CPU it runs on
+    (AdvMoE's router loss rose by 0.001 after one step on one machine, and fell by 0.25 over four)."""
     step, (x, y) = make_step(method), batch()
-    torch.manual_seed(2)
-    before = METHODS[method].step(step, x, y)
-    torch.manual_seed(2)  # the same attack noise: the same loss, at the updated parameters
-    after = METHODS[method].step(step, x, y)
+    history = []
+    for _ in range(5):
+        torch.manual_seed(2)  # the same attack noise each step: the same loss, at the updated parameters
+        history.append(METHODS[method].step(step, x, y))
+    before, after = history[0], history[-1]
     losses = [key for key in before if key.endswith("loss")]
     assert losses
     for key in losses:
-        assert after[key] < before[key], (key, before[key], after[key])
+        assert after[key] < before[key] - 0.02, (key, [h[key] for h in history])
 
 
 @pytest.mark.parametrize("method,router_loss,router", [
