@@ -357,6 +357,31 @@ class Client(_Base):
         self.close()
 
 
+def task_file_manager():
+    """BentoML's async client keeps one list of the files its calls open and closes all of them
+    when any call ends: under load, a call still sending its body then reads a closed file
+    ("ValueError: seek of closed file", bentoml 1.4.40). This manager keeps each asyncio task's
+    files apart, so that a call closes its own files only."""
+    from _bentoml_impl.client.base import ClientFileManager
+
+    class TaskFileManager(ClientFileManager):
+        def __init__(self) -> None:
+            super().__init__()
+            self.by_task: dict[asyncio.Task | None, list] = {}
+
+        def get_file(self, value):
+            file = super().get_file(value)
+            self.by_task.setdefault(asyncio.current_task(), []).extend(self._opened_files)
+            self._opened_files.clear()
+            return file
+
+        def close(self) -> None:
+            for file in self.by_task.pop(asyncio.current_task(), []):
+                file.close()
+
+    return TaskFileManager()
+
+
 class AsyncClient(_Base):
     """`async with AsyncClient(url) as client: await client.predict(...)`; concurrent predict
     calls share one connection pool."""
@@ -370,6 +395,7 @@ class AsyncClient(_Base):
             from bentoml import AsyncHTTPClient
 
             self._bento = AsyncHTTPClient(self.url, server_ready_timeout=0, timeout=self.timeout_s)
+            self._bento._file_manager = task_file_manager()
             try:
                 await self._bento.__aenter__()  # reads /schema.json
             except Exception as e:

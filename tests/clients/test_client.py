@@ -16,7 +16,8 @@ from PIL import Image
 
 from advmoe.card import read_card
 from cli.main import main
-from clients.client import AsyncClient, Client, ModelInfo, NotAdvMoEServer, RequestRejected, Unavailable, format_table
+from clients.client import (AsyncClient, Client, ModelInfo, NotAdvMoEServer, RequestRejected, Unavailable, format_table,
+                            task_file_manager)
 from helpers import CLASSES
 
 
@@ -163,6 +164,30 @@ def test_the_async_client_agrees_with_the_sync_one(client, server, served_images
     from_array, from_files = asyncio.run(ask())
     assert from_array == client.predict(served_images, top_k=3)
     assert from_files == client.predict(pngs)
+
+
+def test_a_call_that_ends_closes_its_own_files_not_those_of_calls_still_sending(pngs):
+    """BentoML's async client closed every open file when any call ended; concurrent predicts
+    then failed with "seek of closed file" whenever one finished while another sent its body."""
+    files = task_file_manager()
+
+    async def call(path, done: asyncio.Event, wait_for: asyncio.Event | None):
+        _, file, _ = files.get_file(path)
+        if wait_for is None:
+            files.close()  # this call ends first
+            done.set()
+            return file
+        await wait_for.wait()
+        assert not file.closed and file.read(8) == b"\x89PNG\r\n\x1a\n"  # still readable: still sending
+        files.close()
+        return file
+
+    async def both():  # the waiting call opens its file first, the other opens, closes and ends
+        first_done = asyncio.Event()
+        return await asyncio.gather(call(pngs[1], asyncio.Event(), first_done), call(pngs[0], first_done, None))
+
+    assert all(file.closed for file in asyncio.run(both()))  # and each call closed its own
+    assert files.by_task == {}
 
 
 def test_format_table_shows_file_class_probability_and_experts(client, pngs):
