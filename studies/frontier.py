@@ -409,8 +409,8 @@ def summarise(row: Row, seed: int, cfg: TrainConfig, main: dict, history: list[d
            "examples": main["examples"], "accuracy": acc, "worst_case": main["robust_accuracy"],
            "pgd": pgd, "pgd_minus_worst": acc[pgd] - main["robust_accuracy"],
            "sanity_passed": main["sanity"]["passed"], "sanity_failed": main["sanity"]["failed"],
-           "curve": [{k: r.get(k) for k in ("epoch", "val_clean_accuracy", "val_pgd_accuracy", "epoch_seconds")}
-                     for r in history],
+           "curve": [{k: r.get(k) for k in ("epoch", "val_clean_accuracy", "val_pgd_accuracy", "val_route_fixed_accuracy",
+                                            "val_worst_accuracy", "epoch_seconds")} for r in history],
            # what the work took (the training epochs and the evaluation), however often it was resumed
            "seconds": {"train": round(sum(r["epoch_seconds"] for r in history), 1), "eval": main["seconds"]}}
     if "apgd" in main["attacks"]:  # what APGD-CE finds alone, before APGD-T
@@ -724,10 +724,10 @@ def verdicts(grouped: dict[str, list[dict]]) -> list[str]:
 LEVEL_OFF = 0.01  # a last epoch that adds less validation PGD accuracy than this: levelled off
 
 
-def mean_curve(docs: list[dict]) -> list[float]:
-    """Validation PGD accuracy per epoch, the mean over the seeds that reached the epoch."""
+def mean_curve(docs: list[dict], key: str = "val_pgd_accuracy") -> list[float]:
+    """A validation accuracy per epoch, the mean over the seeds that reached the epoch."""
     epochs = max(len(x["curve"]) for x in docs)
-    return [statistics.mean(x["curve"][e]["val_pgd_accuracy"] for x in docs if e < len(x["curve"])) for e in range(epochs)]
+    return [statistics.mean(x["curve"][e][key] for x in docs if e < len(x["curve"])) for e in range(epochs)]
 
 
 def curve_verdict(docs: list[dict]) -> str:
@@ -735,6 +735,9 @@ def curve_verdict(docs: list[dict]) -> str:
     curve = mean_curve(docs)
     label, peak = docs[0]["row"]["label"], max(range(len(curve)), key=curve.__getitem__)
     text = (f"{label}: validation PGD accuracy by epoch {', '.join(f'{100 * v:.1f}' for v in curve)} %")
+    if all(r.get("val_route_fixed_accuracy") is not None for x in docs for r in x["curve"]):  # runs since it was added
+        fixed = mean_curve(docs, "val_route_fixed_accuracy")
+        text += f" (route-fixed: {', '.join(f'{100 * v:.1f}' for v in fixed)} %)"
     if peak < len(curve) - 1 and curve[-1] < curve[peak] - LEVEL_OFF:
         return text + f"; it peaked at epoch {peak + 1} and fell after it (overfitting; the checkpoint kept is the peak's)."
     if len(curve) > 1 and curve[-1] - curve[-2] >= LEVEL_OFF:

@@ -27,6 +27,8 @@ EXPERT_LOSSES = {
     "ce": "Madry's CE(f(x'), y), the attack maximising it (PGD-AT's loss)",
 }
 AMP = {"none": "fp32", "bf16": "bfloat16 autocast", "fp16": "float16 autocast with a gradient scaler (CUDA)"}
+SELECT_ON = {"pgd": "PGD through the straight-through router",
+             "worst": "the worst case of PGD and the route-fixed attack, per image (a dense model: PGD)"}
 AUGMENT = {"standard": "the dataset's usual one, recorded as what it resolves to (CIFAR-10/100, Tiny ImageNet, "
                        "Fashion-MNIST: crop-flip; SVHN: crop)", **AUGMENTATIONS}
 
@@ -78,6 +80,7 @@ class TrainConfig:
                                 choices=STARTS)
     eval_step: float = setting(2 / 255, "step of the validation PGD")
     eval_steps: int = setting(10, "PGD steps of the validation attack (checkpoint selection)")
+    select_on: str = setting("pgd", "validation accuracy the best checkpoint is chosen on", choices=SELECT_ON)
     # optimisation
     epochs: int = setting(100, "epochs (cosine schedule over all of them)")
     batch_size: int = setting(128, "images per batch (per process under torchrun)")

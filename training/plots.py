@@ -1,4 +1,4 @@
-"""PNG plots of a run's history: losses, clean and PGD accuracy, per-expert usage."""
+"""PNG plots of a run's history: losses, clean, PGD, route-fixed and worst-case accuracy, per-expert usage."""
 from __future__ import annotations
 
 import os
@@ -15,8 +15,11 @@ def write(folder: Path, history: list[dict]) -> None:
     epochs = [row["epoch"] for row in history]
     losses = sorted({k for row in history for k in row if k.startswith("train_") and k.endswith("loss")})
     _plot(folder / "loss.png", "training loss", epochs, {k.removeprefix("train_"): [r.get(k) for r in history] for k in losses})
-    _plot(folder / "accuracy.png", "validation accuracy", epochs, {
-        "clean": [r["val_clean_accuracy"] for r in history], "PGD": [r["val_pgd_accuracy"] for r in history]})
+    accuracy = {"clean": "val_clean_accuracy", "PGD": "val_pgd_accuracy"}
+    if "val_route_fixed_accuracy" in history[-1]:  # a MoE model (a dense model's worst case is its PGD accuracy)
+        accuracy |= {"route-fixed": "val_route_fixed_accuracy", "worst case": "val_worst_accuracy"}
+    _plot(folder / "accuracy.png", "validation accuracy", epochs,
+          {label: [r.get(key) for r in history] for label, key in accuracy.items()})
     if "val_expert_share" in history[0]:
         n = len(history[0]["val_expert_share"])
         series = {f"expert {e}": [r["val_expert_share"][e] for r in history] for e in range(n)}

@@ -2,7 +2,8 @@
 
 Run directory: config.json (the resolved config), last/ and best/ (checkpoints; last/ also holds
 training_state.pt for --resume), metrics.jsonl and metrics.csv (one row per epoch), plots/.
-The best checkpoint is selected on validation PGD accuracy, never on the test set; the test
+The best checkpoint is selected on validation PGD accuracy (or, with select_on = "worst", on
+the worst case of PGD and the route-fixed attack), never on the test set; the test
 set is evaluated once, for the best checkpoint, at the end.
 """
 from __future__ import annotations
@@ -40,12 +41,13 @@ COLLAPSE_SHARE = 0.9
 # stopped finding adversarial examples (catastrophic overfitting; MoE-AT's 2-step TRADES attack
 # on Fashion-MNIST fell from 62.9 to 32.0 %, docs/frontier.md).
 OVERFIT_DROP = 0.10
+SELECTED_ON = {"pgd": "PGD", "worst": "worst-case (PGD and route-fixed)"}  # what select_on ranks, in the log
 
 
-def overfitting_warning(best: float, now: float) -> str | None:
+def overfitting_warning(best: float, now: float, accuracy: str = "PGD") -> str | None:
     if best - now <= OVERFIT_DROP:
         return None
-    return (f"warning: validation PGD accuracy fell from its best {best:.1%} to {now:.1%}: the training attack "
+    return (f"warning: validation {accuracy} accuracy fell from its best {best:.1%} to {now:.1%}: the training attack "
             "may have overfit catastrophically (the best checkpoint is kept; try more --attack-steps or "
             "--attack-start uniform)")
 
@@ -153,13 +155,15 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, log=functools
         if shares and max(shares) > COLLAPSE_SHARE:
             log(f"warning: expert collapse: expert {shares.index(max(shares))} takes {max(shares):.0%} of the "
                 f"validation routes (try --balance-weight 0.01)")
-        warning = overfitting_warning(best_score, val["pgd_accuracy"])
+        score = val[f"{cfg.select_on}_accuracy"]
+        warning = overfitting_warning(best_score, score, SELECTED_ON[cfg.select_on])
         if warning:
             log(warning)
-        improved = val["pgd_accuracy"] > best_score
-        best_score = max(best_score, val["pgd_accuracy"])
+        improved = score > best_score
+        best_score = max(best_score, score)
+        fixed = f", route-fixed {val['route_fixed_accuracy']:.4f}" if "route_fixed_accuracy" in val else ""
         log(f"epoch {epoch + 1}/{cfg.epochs}: loss {row.get('train_loss', float('nan')):.4f}, "
-            f"val clean {val['clean_accuracy']:.4f}, val PGD-{cfg.eval_steps} {val['pgd_accuracy']:.4f}"
+            f"val clean {val['clean_accuracy']:.4f}, val PGD-{cfg.eval_steps} {val['pgd_accuracy']:.4f}{fixed}"
             f"{', experts ' + '/'.join(f'{s:.2f}' for s in shares) if shares else ''}, "
             f"{seconds:.0f}s ({seen / seconds:.0f} samples/s){' *best*' if improved else ''}")
         if rank == 0:

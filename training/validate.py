@@ -2,7 +2,10 @@
 
 PGD accuracy through the straight-through router is an upper bound on robust accuracy, not the
 robust accuracy of a hard-routed model (docs/evaluation.md): `advmoe eval` adds AutoAttack and
-router-aware attacks. Here it only ranks the epochs of one run.
+router-aware attacks. Here it only ranks the epochs of one run. For a MoE model the route-fixed
+attack runs too, at the same steps: PGD on each forced route, judged on the real model. It needs
+no gradient through the gate, so it sees what a surrogate gradient can hide; the worst case of the
+two, per image, is what `select_on = "worst"` ranks the epochs by.
 """
 from __future__ import annotations
 
@@ -12,18 +15,20 @@ from torch.utils.data import DataLoader, Dataset
 
 from advmoe.attacks import cross_entropy, pgd
 from advmoe.gate import expert_share
+from advmoe.route_attacks import route_fixed_pgd
 
 from .config import TrainConfig
 
 
 def validate(model: nn.Module, dataset: Dataset, cfg: TrainConfig, device: torch.device, batch_size: int = 256,
              seed: int = 0) -> dict:
-    """Clean accuracy, PGD-k accuracy (k = cfg.eval_steps) and the share of samples each expert
-    takes (over all MoE layers) on clean and on adversarial inputs."""
+    """Clean accuracy, PGD-k accuracy (k = cfg.eval_steps), route-fixed accuracy and the worst case
+    of the two (a dense model has no route: its worst case is its PGD accuracy), and the share of
+    samples each expert takes (over all MoE layers) on clean and on adversarial inputs."""
     model.eval()
     generator_state = torch.get_rng_state()
     torch.manual_seed(seed)  # the same random starts every epoch: comparable numbers
-    correct = adv_correct = total = 0
+    correct = adv_correct = fixed_correct = worst_correct = total = 0
     routes, adv_routes = [], []
     for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
         x, y = x.to(device), y.to(device)
@@ -32,18 +37,38 @@ def validate(model: nn.Module, dataset: Dataset, cfg: TrainConfig, device: torch
             routing = getattr(model, "last_routing", None)
         x_adv = pgd(model, x, cross_entropy(y), cfg.eps, cfg.eval_step, cfg.eval_steps)
         with torch.no_grad():
-            adv_correct += (model(x_adv).argmax(1) == y).sum().item()
+            survives = model(x_adv).argmax(1) == y
+        adv_correct += survives.sum().item()
         if routing is not None and routing.numel():
             routes.append(routing.cpu())
             adv_routes.append(model.last_routing.cpu())
+            fixed = _route_fixed_survivors(model, x, y, cfg)
+            fixed_correct += fixed.sum().item()
+            survives &= fixed
+        worst_correct += survives.sum().item()
         total += len(y)
     torch.set_rng_state(generator_state)
-    metrics = {"clean_accuracy": correct / total, "pgd_accuracy": adv_correct / total, "examples": total,
+    metrics = {"clean_accuracy": correct / total, "pgd_accuracy": adv_correct / total,
+               "worst_accuracy": worst_correct / total, "examples": total,
                "pgd": f"PGD-{cfg.eval_steps} linf eps={cfg.eps:.4g} step={cfg.eval_step:.4g} through the straight-through router"}
     if routes:
+        metrics["route_fixed_accuracy"] = fixed_correct / total
         n = model.cfg.num_experts
         clean, adv = torch.cat(routes), torch.cat(adv_routes)
         metrics["expert_share"] = expert_share(clean, n)
         metrics["expert_share_adversarial"] = expert_share(adv, n)
         metrics["route_flip_rate"] = (clean != adv).any(1).float().mean().item()
     return metrics
+
+
+def _route_fixed_survivors(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    """Per image: whether the real model still gets it right after PGD on every forced route."""
+    # Its own random state: the PGD numbers stay those of a validation without it.
+    generator_state = torch.get_rng_state()
+    survives = torch.ones_like(y, dtype=torch.bool)
+    for expert in range(model.cfg.num_experts):
+        x_adv = route_fixed_pgd(model, x, y, expert, cfg.eps, cfg.eval_step, cfg.eval_steps)
+        with torch.no_grad():
+            survives &= model(x_adv).argmax(1) == y
+    torch.set_rng_state(generator_state)
+    return survives

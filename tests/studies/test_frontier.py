@@ -517,6 +517,16 @@ def test_a_collapsed_moe_row_is_not_the_best_moe_row_whatever_its_accuracy():
 def test_the_report_says_whether_validation_robustness_levelled_off(curve, verdict):
     line = frontier.curve_verdict(_planted("advmoe", "advmoe", 10, [0.56], [0.58], curve=curve))
     assert verdict in line and line.startswith("advmoe: validation PGD accuracy by epoch")
+    assert "route-fixed" not in line  # runs from before validation ran it
+
+
+def test_the_curve_line_adds_validation_route_fixed_accuracy_where_every_run_has_it():
+    runs = _planted("advmoe", "advmoe", 10, [0.56, 0.6], [0.58, 0.6])
+    for run, fixed in zip(runs, ((0.5, 0.55, 0.6), (0.4, 0.45, 0.5))):
+        run["curve"] = [{**r, "val_route_fixed_accuracy": f} for r, f in zip(run["curve"], fixed)]
+    assert "% (route-fixed: 45.0, 50.0, 55.0 %)" in frontier.curve_verdict(runs)
+    runs[1]["curve"][0]["val_route_fixed_accuracy"] = None  # a run resumed across the change
+    assert "route-fixed" not in frontier.curve_verdict(runs)
 
 
 def _eval_doc(sha: str = "w", **bits) -> dict:

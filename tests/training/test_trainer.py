@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 import advmoe
 from cli.main import main as cli
 from helpers import make_fashion_like
-from training import trainer
+from training import trainer, validate
 from training.config import ConfigError, resolve
 
 SMALL = dict(dataset="fashion_mnist", model="moe_resnet18", width=0.125, router_blocks=1, router_width=8,
@@ -43,8 +43,8 @@ def test_run_directory_holds_checkpoints_logs_and_plots(finished):
     assert {p.name for p in (out / "plots").iterdir()} == {"loss.png", "accuracy.png", "experts.png"}
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
-    assert {"train_loss", "train_router_loss", "val_clean_accuracy", "val_pgd_accuracy", "val_expert_share",
-            "epoch_seconds", "attack_steps_per_batch"} <= set(rows[0])
+    assert {"train_loss", "train_router_loss", "val_clean_accuracy", "val_pgd_accuracy", "val_route_fixed_accuracy",
+            "val_worst_accuracy", "val_expert_share", "epoch_seconds", "attack_steps_per_batch"} <= set(rows[0])
     assert (out / "metrics.csv").read_text().splitlines()[0].startswith("epoch,")
     metrics = json.loads((out / "best" / "metrics.json").read_text())
     assert {"clean_accuracy", "pgd_accuracy", "macs_per_image", "test_expert_share"} <= set(metrics)
@@ -69,6 +69,57 @@ def test_best_is_selected_on_validation(finished):
     rows = finished.history
     best_epoch = json.loads((finished.best / "metrics.json").read_text())["epoch"]
     assert rows[best_epoch - 1]["val_pgd_accuracy"] == max(r["val_pgd_accuracy"] for r in rows)
+
+
+@pytest.fixture(scope="module")
+def learned(data, tmp_path_factory):
+    """A MoE and a dense model trained without attack until they classify the toy data (the
+    adversarially trained `finished` run is too short to): attacks then have something to take."""
+    runs = tmp_path_factory.mktemp("learned")
+    return {model: run(config(data, model=model, method="standard", train_examples=500, epochs=3, lr=0.02,
+                              augment="none"), runs / model).model for model in ("moe_resnet18", "resnet18")}
+
+
+@pytest.mark.parametrize("model", ["moe_resnet18", "resnet18"])
+def test_validation_adds_the_route_fixed_attack_and_leaves_pgd_as_it_was(data, learned, model, monkeypatch):
+    """A MoE model's validation also runs the route-fixed attack; an image counts in the worst case
+    only if it survives both. The PGD numbers are those a validation without it gives, random
+    starts included: old and new curves compare."""
+    # one short step from a random start: where the attack ends depends on the start
+    cfg = config(data, model=model, method="pgd-at", eps=0.1, eval_step=0.03, eval_steps=1)
+    val_set = advmoe.load_dataset("fashion_mnist", "val", str(data), cfg.val_size, cfg.seed)
+    got = validate.validate(learned[model], val_set, cfg, torch.device("cpu"), batch_size=16)  # several batches
+    monkeypatch.setattr(validate, "_route_fixed_survivors", lambda model, x, y, cfg: torch.ones_like(y, dtype=torch.bool))
+    without = validate.validate(learned[model], val_set, cfg, torch.device("cpu"), batch_size=16)
+    assert got["pgd_accuracy"] == without["pgd_accuracy"] and got["clean_accuracy"] == without["clean_accuracy"]
+    assert 0 < got["pgd_accuracy"] < got["clean_accuracy"]  # the attack attacks, and leaves something
+    if model.startswith("moe"):
+        assert got["worst_accuracy"] <= min(got["pgd_accuracy"], got["route_fixed_accuracy"])
+        assert got["route_fixed_accuracy"] < got["clean_accuracy"]
+        assert without["route_fixed_accuracy"] == 1.0 and without["worst_accuracy"] == without["pgd_accuracy"]
+    else:  # no route to fix
+        assert "route_fixed_accuracy" not in got and got["worst_accuracy"] == got["pgd_accuracy"]
+
+
+@pytest.mark.parametrize("select_on, best_epoch", [("pgd", 2), ("worst", 1)])
+def test_the_best_checkpoint_is_chosen_on_the_accuracy_select_on_names(data, tmp_path, monkeypatch, select_on, best_epoch):
+    """Epoch 2 gains PGD accuracy and loses more on the route-fixed attack: selection on the worst
+    case keeps epoch 1."""
+    scores = iter([(0.50, 0.50), (0.60, 0.30), (0.60, 0.30)])  # (PGD, worst): two epochs, then the final test
+
+    def scripted(model, dataset, cfg, device, **kwargs):
+        pgd, worst = next(scores)
+        return {"clean_accuracy": 0.8, "pgd_accuracy": pgd, "worst_accuracy": worst, "route_fixed_accuracy": worst,
+                "examples": 1}
+
+    monkeypatch.setattr(trainer, "validate", scripted)
+    lines = []
+    trainer.train(config(data, method="standard", epochs=2, select_on=select_on), tmp_path / "run", log=lines.append,
+                  test_examples=8)
+    assert json.loads((tmp_path / "run/best/metrics.json").read_text())["epoch"] == best_epoch
+    assert "route-fixed 0.3000" in lines[-2]  # the epoch's log line shows it
+    overfit = [line for line in lines if "overfit catastrophically" in line]
+    assert (overfit == []) if select_on == "pgd" else "worst-case (PGD and route-fixed) accuracy fell" in overfit[0]
 
 
 def test_resume_after_an_interruption_equals_the_uninterrupted_run(data, finished, tmp_path, monkeypatch):
