@@ -15,17 +15,15 @@ are of the same weights, images and settings.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-import torch
-
 from advmoe.checkpoint import CheckpointError, read_config
 from advmoe.gate import GATE_GRADS
-from advmoe.io import atomic_write_text
 from advmoe.settings import ConfigError
-from evaluation.robustness import EvalSettings, evaluate_checkpoint, evaluated_with, kept_evaluation
+from evaluation.robustness import EvalSettings, evaluated_with
+
+from . import evaluations
 
 ATTACKS = ("pgd", "apgd")
 RUNS = Path("runs/gate_grad")
@@ -44,26 +42,16 @@ def matches(doc: dict, checkpoint: Path, n: int, grad: str, settings: dict) -> b
 
 def reused(checkpoint: Path, n: int, grad: str, settings: dict, path: Path, log=print) -> dict:
     """The eval.json given with --reuse, refused unless it can stand in for this evaluation."""
-    if not path.is_file():
-        raise ValueError(f"--reuse {grad}={path}: no such file")
-    doc = kept_evaluation(path, lambda kept: matches(kept, checkpoint, n, grad, settings))
-    if doc is None:
-        raise ValueError(f"{path} is not an evaluation of {checkpoint} on at least {n} images with the "
-                         f"{grad} gradient and the settings {settings}")
-    log(f"{grad}: reusing {path}")
-    return doc
+    return evaluations.reused(path, grad, lambda doc: matches(doc, checkpoint, n, grad, settings),
+                              f"an evaluation of {checkpoint} on at least {n} images with the {grad} gradient and "
+                              f"the settings {settings}", log)
 
 
 def evaluation(checkpoint: Path, n: int, grad: str, settings: dict, runs: Path, data_dir: str | None = None,
                log=print) -> dict:
     """The eval.json of `grad` kept under `runs` when it matches, or a new one."""
-    kept = runs / grad / "eval.json"
-    if (doc := kept_evaluation(kept, lambda d: matches(d, checkpoint, n, grad, settings))) is not None:
-        log(f"{grad}: reusing {kept}")
-        return doc
-    log(f"{grad}: evaluating {checkpoint} on {n} test images ({', '.join(settings['attacks'])})")
-    return evaluate_checkpoint(checkpoint, data_dir=data_dir, n_examples=n, out=runs / grad, progress=False,
-                               gate_grad=grad, **settings)
+    return evaluations.kept_or_run(checkpoint, runs / grad, lambda doc: matches(doc, checkpoint, n, grad, settings),
+                                   n, settings, data_dir, log, gate_grad=grad)
 
 
 def compare(docs: dict[str, dict], n: int) -> dict:
@@ -126,21 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--examples", type=int, default=500, help="first test images (default: 500)")
     parser.add_argument("--reuse", action="append", default=[], metavar="GRAD=EVAL_JSON",
                         help="an eval.json already run with that gradient (default settings, at least --examples images)")
-    parser.add_argument("--runs", type=Path, default=RUNS, help=f"where new evaluations go (default: {RUNS})")
-    parser.add_argument("--report", type=Path, default=REPORT, help=f"(default: {REPORT}; its .json beside it)")
-    parser.add_argument("--data-dir", help="where the test set is (default: the dataset's usual place)")
-    parser.add_argument("--pgd-steps", type=int, nargs="+", default=list(EvalSettings().pgd_steps))
-    parser.add_argument("--apgd-iterations", type=int, default=EvalSettings().apgd_iterations)
-    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    evaluations.add_arguments(parser, RUNS, REPORT, EvalSettings().pgd_steps)
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    reuse = {}
-    for item in args.reuse:
-        grad, _, path = item.partition("=")
-        if grad not in GATE_GRADS or not path:
-            parser.error(f"--reuse {item!r}: write GRAD=PATH with GRAD one of {', '.join(GATE_GRADS)}")
-        reuse[grad] = Path(path)
+    reuse = evaluations.reuse_paths(parser, args.reuse, GATE_GRADS, "GRAD")
     try:
         if read_config(args.checkpoint)["model_args"].get("num_experts", 0) < 1:
             parser.exit(2, f"python -m studies.gate_grad: error: {args.checkpoint} is a dense model: it has no gate\n")
@@ -148,9 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"python -m studies.gate_grad: error: {e}\n")
     if args.examples < 1:
         parser.error(f"--examples must be at least 1, got {args.examples}")
-    defaults = EvalSettings()
-    settings = {"attacks": ATTACKS, "pgd_steps": tuple(args.pgd_steps), "apgd_iterations": args.apgd_iterations,
-                "step": defaults.step, "seed": defaults.seed}
+    settings = evaluations.settings(args, ATTACKS)
     try:
         # every --reuse is checked before anything runs: a bad one must not cost an evaluation first
         given = {g: reused(args.checkpoint, args.examples, g, settings, path) for g, path in reuse.items()}
@@ -161,9 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"python -m studies.gate_grad: error: {e}\n")
     command = "python -m studies.gate_grad " + " ".join(argv if argv is not None else sys.argv[1:])
     text = report(result, args.checkpoint, command)
-    atomic_write_text(args.report.with_suffix(".json"), json.dumps(result, indent=1) + "\n")
-    atomic_write_text(args.report, text)
-    print(text)
+    evaluations.write(args.report, result, text)
     return 0
 
 

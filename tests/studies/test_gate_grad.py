@@ -8,7 +8,7 @@ import torch
 import advmoe
 from advmoe.calibrate import balance_routing, calibrate_batchnorm
 from helpers import small_model
-from studies import gate_grad
+from studies import evaluations, gate_grad
 
 FAST = ["--examples", "12", "--pgd-steps", "3", "--apgd-iterations", "4", "--threads", "1"]
 
@@ -52,7 +52,7 @@ def test_both_gradients_attack_the_same_model_and_images(study):
 
 def test_a_second_call_reuses_both_evaluations(study, monkeypatch):
     root, args = study
-    monkeypatch.setattr(gate_grad, "evaluate_checkpoint", lambda *a, **k: pytest.fail("evaluated again"))
+    monkeypatch.setattr(evaluations, "evaluate_checkpoint", lambda *a, **k: pytest.fail("evaluated again"))
     assert gate_grad.main(args) == 0
 
 
@@ -73,7 +73,7 @@ def test_a_reused_evaluation_must_match(study, checkpoint, capsys):
 ])
 def test_bad_input_is_refused_with_what_to_fix(checkpoint, extra, message, capsys, tmp_path, monkeypatch):
     # refused before any evaluation runs, not after the other gradient's
-    monkeypatch.setattr(gate_grad, "evaluate_checkpoint", lambda *a, **k: pytest.fail("evaluated before refusing"))
+    monkeypatch.setattr(evaluations, "evaluate_checkpoint", lambda *a, **k: pytest.fail("evaluated before refusing"))
     (tmp_path / "broken.json").write_text("{not json")
     extra = [a.format(here=tmp_path) for a in extra]
     with pytest.raises(SystemExit) as exit:
