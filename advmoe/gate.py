@@ -9,7 +9,9 @@ straight through to the router, in one of two ways (`GATE_GRADS`, docs/method.md
   to the chosen expert's logit, unchanged; the other logits get none.
 
 Without it the router gets no gradient and neither do attacks through it (gradient masking).
-Both send the same forward pass, so masked and sparse execution agree under either.
+"none" is that on purpose: the attacks then follow the experts' gradient along each input's
+route, which tells what the surrogate adds to (or takes from) an attack.
+All three send the same forward pass, so masked and sparse execution agree under any.
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ from torch import Tensor
 GATE_GRADS = {
     "softmax": "straight through to the softmax scores: every expert's logit gets a gradient (ours)",
     "chosen": "straight through to the chosen expert's logit only (the reference code)",
+    "none": "no gradient to the router: to a gradient attack the route each input takes is a constant (to "
+            "measure what the straight-through surrogate adds to an attack; training needs the reference router loss)",
 }
 
 
@@ -78,6 +82,8 @@ def route(logits: Tensor, top_k: int = 1, grad: str = "softmax") -> Route:
     scores = logits.softmax(dim=1)
     if top_k == 1 and grad == "chosen":
         weights = _ChosenOnlyOneHot.apply(logits, experts)
+    elif top_k == 1 and grad == "none":
+        weights = torch.zeros_like(scores).scatter_(1, experts, 1.0).detach()
     elif top_k == 1:
         weights = _StraightThroughOneHot.apply(scores, experts)
     else:

@@ -5,11 +5,12 @@
 
 The gate's forward pass is a hard choice of expert; its backward pass is a surrogate, either
 through the softmax to every expert's logit (`softmax`, ours) or to the chosen expert's logit
-only (`chosen`, the reference code's). The model, and so its verdict on any image, is the same
-under both; only the gradients that training and white-box attacks follow differ. This evaluates
-one checkpoint with PGD-10/50 and APGD-CE + APGD-T under each gradient on the same first test
-images and reports the accuracy under each, and per image under both (an image counts only if it
-survives the attacks of both evaluations). Evaluations are kept under --runs and reused when they
+only (`chosen`, the reference code's), or none at all (`none`: each input's route is a constant
+to the attack, which then follows the experts' gradient along it). The model, and so its verdict
+on any image, is the same under each; only the gradients that white-box attacks follow differ.
+This evaluates one checkpoint with PGD-10/50 and APGD-CE + APGD-T under each gradient (--grads)
+on the same first test images and reports the accuracy under each, and per image under all of
+them (an image counts only if it survives the attacks of every evaluation). Evaluations are kept under --runs and reused when they
 are of the same weights, images and settings.
 """
 from __future__ import annotations
@@ -55,7 +56,7 @@ def evaluation(checkpoint: Path, n: int, grad: str, settings: dict, runs: Path, 
 
 
 def compare(docs: dict[str, dict], n: int) -> dict:
-    """Accuracy per attack under each gradient and under both, on the first n images."""
+    """Accuracy per attack under each gradient and under all of them, on the first n images."""
     per = {g: {k: v[:n] for k, v in d["per_example"].items()} for g, d in docs.items()}
     labels = {tuple(p["label"]) for p in per.values()}
     if len(labels) != 1:
@@ -63,14 +64,14 @@ def compare(docs: dict[str, dict], n: int) -> dict:
     first = next(iter(per.values()))
     if any(p["clean"] != first["clean"] for p in per.values()):
         raise ValueError("the evaluations disagree on clean images: not the same model")
-    # the attacks both ran; "robust" is each evaluation's own worst case, over whatever else it ran
+    # the attacks all ran; "robust" is each evaluation's own worst case, over whatever else it ran
     keys = [k for k in first if k not in ("label", "robust") and all(k in p for p in per.values())]
-    for p in per.values():  # the worst case over the attacks both ran, per image
+    for p in per.values():  # the worst case over the attacks all ran, per image
         p["worst"] = "".join(str(int(all(p[k][i] == "1" for k in keys))) for i in range(n))
     keys += ["worst", "robust"]
     accuracy = {k: {g: p[k].count("1") / n for g, p in per.items()} for k in keys}
-    for k in keys:  # an image counts under both only if it survives the attack under each gradient
-        accuracy[k]["both"] = sum(all(p[k][i] == "1" for p in per.values()) for i in range(n)) / n
+    for k in keys:  # an image counts under all only if it survives the attack under each gradient
+        accuracy[k]["all"] = sum(all(p[k][i] == "1" for p in per.values()) for i in range(n)) / n
     return {"examples": n, "accuracy": accuracy,
             "sanity_failed": {g: d["sanity"]["failed"] for g, d in docs.items()},
             "seconds": {g: d["seconds"] for g, d in docs.items()}}
@@ -82,25 +83,26 @@ NAMES = {"clean": "clean", "pgd-10": "PGD-10", "pgd-50": "PGD-50", "apgd": "APGD
 
 def report(result: dict, checkpoint: Path, command: str) -> str:
     n, acc = result["examples"], result["accuracy"]
-    grads = [g for g in GATE_GRADS if g in next(iter(acc.values()))]
+    grads = [g for g in next(iter(acc.values())) if g != "all"]
     lines = [
         "# Which straight-through gradient the attacks follow", "",
         f"Produced by `{command}` (studies/gate_grad.py) on `{checkpoint}`, the first {n} test images.",
-        "The forward pass is the same under both gradients, so is every clean verdict; `softmax` sends the "
+        "The forward pass is the same under every gradient, so is every clean verdict; `softmax` sends the "
         "gate's gradient through the softmax to every expert's logit (ours), `chosen` to the chosen expert's "
-        "logit only (the reference code's). *Both*: an image counts only if it survives the attack under each.",
-        "", "| attack | " + " | ".join(f"`{g}`" for g in grads) + " | both |", "|---" * (len(grads) + 2) + "|"]
+        "logit only (the reference code's), `none` nowhere (the route is a constant to the attack). *All*: an "
+        "image counts only if it survives the attack under each gradient.",
+        "", "| attack | " + " | ".join(f"`{g}`" for g in grads) + " | all |", "|---" * (len(grads) + 2) + "|"]
     for key, name in NAMES.items():
         if key in acc:
             lines.append(f"| {name} | " + " | ".join(f"{100 * acc[key][g]:.1f}" for g in grads)
-                         + f" | {100 * acc[key]['both']:.1f} |")
+                         + f" | {100 * acc[key]['all']:.1f} |")
     lines.append("")
     weaker = max(grads, key=lambda g: acc["worst"][g])
     stronger = min(grads, key=lambda g: acc["worst"][g])
     lines.append(f"- The same attacks leave {100 * (acc['worst'][weaker] - acc['worst'][stronger]):.1f} points more "
                  f"images standing when they follow `{weaker}` than when they follow `{stronger}`. Images that only "
-                 f"the `{weaker}` attacks fool: {100 * (acc['worst'][stronger] - acc['worst']['both']):.1f} points of "
-                 f"these attacks' worst case, {100 * (acc['robust'][stronger] - acc['robust']['both']):.1f} points of "
+                 f"the other gradients' attacks fool: {100 * (acc['worst'][stronger] - acc['worst']['all']):.1f} points "
+                 f"of these attacks' worst case, {100 * (acc['robust'][stronger] - acc['robust']['all']):.1f} points of "
                  f"the `{stronger}` evaluation's whole worst case.")
     for g, failed in result["sanity_failed"].items():
         if failed:
@@ -114,9 +116,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--examples", type=int, default=500, help="first test images (default: 500)")
     parser.add_argument("--reuse", action="append", default=[], metavar="GRAD=EVAL_JSON",
                         help="an eval.json already run with that gradient (default settings, at least --examples images)")
+    parser.add_argument("--grads", nargs="+", choices=list(GATE_GRADS), default=list(GATE_GRADS),
+                        help=f"the gradients to compare, two or more (default: {' '.join(GATE_GRADS)})")
     evaluations.add_arguments(parser, RUNS, REPORT, EvalSettings().pgd_steps)
     args = parser.parse_args(argv)
-    reuse = evaluations.reuse_paths(parser, args.reuse, GATE_GRADS, "GRAD")
+    if len(set(args.grads)) < 2:
+        parser.error("--grads: name two gradients or more, to compare")
+    reuse = evaluations.reuse_paths(parser, args.reuse, args.grads, "GRAD")
     try:
         if read_config(args.checkpoint)["model_args"].get("num_experts", 0) < 1:
             parser.exit(2, f"python -m studies.gate_grad: error: {args.checkpoint} is a dense model: it has no gate\n")
@@ -129,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         # every --reuse is checked before anything runs: a bad one must not cost an evaluation first
         given = {g: reused(args.checkpoint, args.examples, g, settings, path) for g, path in reuse.items()}
         docs = {g: given[g] if g in given else
-                evaluation(args.checkpoint, args.examples, g, settings, args.runs, args.data_dir) for g in GATE_GRADS}
+                evaluation(args.checkpoint, args.examples, g, settings, args.runs, args.data_dir)
+                for g in dict.fromkeys(args.grads)}
         result = compare(docs, args.examples)
     except (ValueError, ConfigError) as e:
         parser.exit(2, f"python -m studies.gate_grad: error: {e}\n")

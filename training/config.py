@@ -119,6 +119,10 @@ class TrainConfig:
         if self.expert_loss != "trades" and self.method not in ALTERNATING:
             bad(f"expert_loss={self.expert_loss} is a setting of {' and '.join(ALTERNATING)}; {self.method} has its own "
                 "loss (for Madry's loss on the whole model: method pgd-at)")
+        if self.is_moe and self.gate_grad == "none" and not (self.method in ALTERNATING and self.router_loss == "reference"):
+            bad(f"gate_grad=none gives the router no gradient through the gate, the only one {self.method} "
+                f"{'with router_loss=' + self.router_loss + ' ' if self.method in ALTERNATING else ''}trains it with; "
+                f"use {' or '.join(ALTERNATING)} with router_loss=reference, or another gate_grad")
         if METHODS[self.method].moe_only and not self.is_moe:
             bad(f"method {self.method} trains a mixture of experts; use a moe_* model (e.g. moe_{self.model})")
         try:

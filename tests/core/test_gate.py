@@ -30,7 +30,7 @@ def test_chosen_gate_grad_goes_to_the_chosen_logit_only():
     torch.testing.assert_close(logits.grad[chosen], upstream[chosen])
     assert (logits.grad[~chosen] == 0).all()
     with pytest.raises(ValueError, match="gate grad must be one of"):
-        route(logits, 1, grad="none")
+        route(logits, 1, grad="nowhere")
 
 
 def test_route_keeps_the_logits_for_router_losses():
@@ -38,6 +38,13 @@ def test_route_keeps_the_logits_for_router_losses():
     r = route(logits)
     assert r.logits is logits
     torch.testing.assert_close(r.scores, logits.softmax(1))
+
+
+def test_the_none_gate_grad_sends_the_router_nothing_and_routes_the_same():
+    logits = torch.randn(5, 3, requires_grad=True)
+    r = route(logits, 1, grad="none")
+    assert not r.weights.requires_grad  # the route is a constant to whatever differentiates the output
+    torch.testing.assert_close(r.weights, route(logits, 1, grad="softmax").weights.detach())
 
 
 @pytest.mark.parametrize("top_k", [2, 3])

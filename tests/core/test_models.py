@@ -55,7 +55,8 @@ def test_set_gate_grad_changes_the_router_gradient_not_the_forward_pass(name, ro
         model.zero_grad()
         logits = model(x)
         logits.logsumexp(1).sum().backward()
-        return logits.detach(), torch.cat([p.grad.flatten() for p in model.router_parameters()])
+        return logits.detach(), torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros(p.numel())
+                                           for p in model.router_parameters()])
 
     softmax_logits, softmax_grad = forward_and_router_grad()
     advmoe.set_gate_grad(model, "chosen")
@@ -63,8 +64,12 @@ def test_set_gate_grad_changes_the_router_gradient_not_the_forward_pass(name, ro
     chosen_logits, chosen_grad = forward_and_router_grad()
     torch.testing.assert_close(chosen_logits, softmax_logits)
     assert not torch.allclose(chosen_grad, softmax_grad)
+    advmoe.set_gate_grad(model, "none")  # the route is a constant: the routers get nothing from the output
+    none_logits, none_grad = forward_and_router_grad()
+    torch.testing.assert_close(none_logits, softmax_logits)
+    assert (none_grad == 0).all() and (softmax_grad != 0).any()
     with pytest.raises(ValueError, match="gate grad must be one of"):
-        advmoe.set_gate_grad(model, "none")
+        advmoe.set_gate_grad(model, "nowhere")
 
 
 @pytest.mark.parametrize("name,router", model_variants(), ids=variant_id)

@@ -135,8 +135,8 @@ def test_the_attacks_can_follow_the_other_straight_through_gradient(trained):
     assert chosen["per_example"]["clean"] == own["per_example"]["clean"]
     assert chosen["per_example"]["pgd-10"] != own["per_example"]["pgd-10"]  # another gradient, other examples found
     assert "followed the `chosen` straight-through gradient" in summary(chosen) and "straight-through" not in summary(own)
-    with pytest.raises(advmoe.ConfigError, match="unknown gate-grad 'none'"):
-        evaluate_model(model, x, y, EvalSettings(**settings, gate_grad="none"), progress=False)
+    with pytest.raises(advmoe.ConfigError, match="unknown gate-grad 'nowhere'"):
+        evaluate_model(model, x, y, EvalSettings(**settings, gate_grad="nowhere"), progress=False)
 
 
 def test_the_worst_case_is_taken_per_example(full):

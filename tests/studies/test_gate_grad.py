@@ -35,22 +35,37 @@ def study(checkpoint, fashion_dir, tmp_path_factory):
     return root, args
 
 
-def test_both_gradients_attack_the_same_model_and_images(study):
+def test_every_gradient_attacks_the_same_model_and_images(study):
     root, _ = study
-    docs = {g: json.loads((root / "runs" / g / "eval.json").read_text()) for g in ("softmax", "chosen")}
-    assert docs["softmax"]["settings"]["gate_grad"] == "softmax" and docs["chosen"]["settings"]["gate_grad"] == "chosen"
-    assert docs["softmax"]["per_example"]["clean"] == docs["chosen"]["per_example"]["clean"]
+    grads = ("softmax", "chosen", "none")
+    docs = {g: json.loads((root / "runs" / g / "eval.json").read_text()) for g in grads}
+    for grad in grads:
+        assert docs[grad]["settings"]["gate_grad"] == grad
+        assert docs[grad]["per_example"]["clean"] == docs["softmax"]["per_example"]["clean"]
+    # with no gradient through the gate, the sanity check sees what it is: the router passes none
+    assert any("router passes gradient" in failed for failed in docs["none"]["sanity"]["failed"])
     result = json.loads((root / "gate_grad.json").read_text())
-    for attack, acc in result["accuracy"].items():  # both: an image must survive under each gradient
-        assert acc["both"] <= min(acc["softmax"], acc["chosen"]), attack
-    for grad in ("softmax", "chosen"):  # per image, so at most every attack's accuracy
+    for attack, acc in result["accuracy"].items():  # all: an image must survive under each gradient
+        assert acc["all"] <= min(acc[g] for g in grads), attack
+    for grad in grads:  # per image, so at most every attack's accuracy
         assert result["accuracy"]["worst"][grad] <= min(result["accuracy"][k][grad] for k in ("pgd-3", "apgd"))
     text = (root / "gate_grad.md").read_text()
-    assert "| `softmax` | `chosen` | both |" in text and "Images that only the" in text
+    assert "| `softmax` | `chosen` | `none` | all |" in text and "Images that only the" in text
     assert "python -m studies.gate_grad " in text  # the command that made it
 
 
-def test_a_second_call_reuses_both_evaluations(study, monkeypatch):
+def test_grads_chooses_the_gradients_compared(study, tmp_path, monkeypatch):
+    root, args = study
+    monkeypatch.setattr(evaluations, "evaluate_checkpoint", lambda *a, **k: pytest.fail("evaluated again"))
+    report = tmp_path / "two.md"
+    assert gate_grad.main([*args[:-len(FAST)], *FAST, "--grads", "softmax", "chosen", "--report", str(report)]) == 0
+    assert "| `softmax` | `chosen` | all |" in report.read_text()
+    with pytest.raises(SystemExit) as exit:
+        gate_grad.main([*args, "--grads", "softmax"])
+    assert exit.value.code == 2
+
+
+def test_a_second_call_reuses_every_evaluation(study, monkeypatch):
     root, args = study
     monkeypatch.setattr(evaluations, "evaluate_checkpoint", lambda *a, **k: pytest.fail("evaluated again"))
     assert gate_grad.main(args) == 0

@@ -63,6 +63,11 @@ def test_settings_default_to_the_reference_and_the_config_records_the_resolved_a
     assert resolve("fmnist-tiny", gate_grad="chosen").model_kwargs(info)["gate_grad"] == "chosen"
     with pytest.raises(ConfigError, match="unknown attack-start 'zero'"):
         resolve("fmnist-tiny", attack_start="zero")
+    # no gradient through the gate: only a router step on the router's own logits trains the router
+    assert resolve("fmnist-tiny", gate_grad="none").router_loss == "reference"
+    for method, router_loss in (("moe-at", "reference"), ("advmoe", "model"), ("router-only", "reference")):
+        with pytest.raises(ConfigError, match="gate_grad=none gives the router no gradient through the gate"):
+            resolve("fmnist-tiny", gate_grad="none", method=method, router_loss=router_loss)
 
 
 def test_best_is_selected_on_validation(finished):
