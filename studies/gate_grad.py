@@ -10,8 +10,8 @@ to the attack, which then follows the experts' gradient along it). The model, an
 on any image, is the same under each; only the gradients that white-box attacks follow differ.
 This evaluates one checkpoint with PGD-10/50 and APGD-CE + APGD-T under each gradient (--grads)
 on the same first test images and reports the accuracy under each, and per image under all of
-them (an image counts only if it survives the attacks of every evaluation). Evaluations are kept under --runs and reused when they
-are of the same weights, images and settings.
+them (an image counts only if it survives the attacks of every evaluation). Evaluations are kept
+under --runs and reused when they are of the same weights, images and settings.
 """
 from __future__ import annotations
 

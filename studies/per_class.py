@@ -37,13 +37,14 @@ def matches(checkpoint: Path, n: int, settings: dict):
     return lambda doc: evaluated_with(doc, checkpoint, n, settings, at_least=True)
 
 
-def expert_shares(checkpoint: Path, n: int, data_dir: str | None = None) -> list[list[float]] | None:
+def expert_shares(checkpoint: Path, config: dict, n: int, data_dir: str | None = None) -> list[list[float]] | None:
     """For each class, the share of its clean images among the first n test images each expert
-    takes (averaged over the MoE layers: one route with a shared router); None for a dense model."""
-    model = advmoe.load_checkpoint(checkpoint)
-    if not advmoe.is_moe_model(read_config(checkpoint)["architecture"]):
+    takes (averaged over the MoE layers: one route with a shared router); None for a dense model.
+    `config`: the checkpoint's config.json, as read_config gives it."""
+    if not advmoe.is_moe_model(config["architecture"]):
         return None
-    data = advmoe.load_dataset(read_config(checkpoint)["dataset"], "test", data_dir)
+    model = advmoe.load_checkpoint(checkpoint)
+    data = advmoe.load_dataset(config["dataset"], "test", data_dir)
     labels, routes = [], []
     with torch.no_grad():
         for x, y in DataLoader(Subset(data, range(min(n, len(data)))), batch_size=256):
@@ -114,12 +115,11 @@ def report(result: dict, checkpoints: dict[str, Path], command: str) -> str:
               + "."]
     for name in moe:
         shares = result["expert_shares"][name]
-        tied = [label for label, s in zip(classes, shares) if max(s) >= 0.9]
         by_expert = {e: [label for label, s in zip(classes, shares) if max(s) >= 0.9 and s.index(max(s)) == e]
                      for e in range(len(shares[0]))}
-        lines.append(f"- {name}: {len(tied)} of {len(classes)} classes send at least 90 % of their clean images to "
-                     "one expert" + (": " + "; ".join(f"expert {e}: {', '.join(labels)}"
-                                                      for e, labels in by_expert.items() if labels) if tied else "") + ".")
+        tied = "; ".join(f"expert {e}: {', '.join(labels)}" for e, labels in by_expert.items() if labels)
+        lines.append(f"- {name}: {sum(map(len, by_expert.values()))} of {len(classes)} classes send at least 90 % of "
+                     f"their clean images to one expert{': ' + tied if tied else ''}.")
     return "\n".join(lines) + "\n"
 
 
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         docs = {name: given[name] if name in given else
                 evaluations.kept_or_run(path, args.runs / name, matches(path, n, settings), n, settings, args.data_dir)
                 for name, path in checkpoints.items()}
-        shares = {name: expert_shares(path, args.examples, args.data_dir) for name, path in checkpoints.items()}
+        shares = {name: expert_shares(path, configs[name], n, args.data_dir) for name, path in checkpoints.items()}
         classes = list(advmoe.get_dataset_info(datasets.pop()).classes)
         result = compare(docs, shares, args.examples, classes)
     except (ValueError, ConfigError) as e:
