@@ -19,9 +19,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
     from training.trainer import train
 
     cfg = resolve(args.preset, args.config, **given_flags(args, TrainConfig))
     result = train(cfg, args.out, resume=args.resume, max_steps=args.max_steps, test_examples=args.test_examples)
+    if dist.is_initialized():  # torchrun's group, which the run joined
+        dist.destroy_process_group()
     print(f"run directory: {result.out}; best checkpoint: {result.best}")
     return 0

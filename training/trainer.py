@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import functools
+import inspect
 import io
 import json
 import math
@@ -71,7 +72,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, log=functools
     with resume=True). max_steps caps the steps per epoch (tests)."""
     cfg.validate()
     out = Path(out)
-    rank, world = _distributed_setup(cfg)
+    rank, world, distributed = _distributed_setup(cfg)
     device = torch.device(cfg.device if cfg.device != "cuda" else f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
     if rank == 0:
         _check_run_dir(cfg, out, resume)
@@ -87,8 +88,8 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, log=functools
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     forward = model
-    if world > 1:
-        forward = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if distributed:
+        forward = _ddp(model, device)
     if cfg.compile:
         forward = torch.compile(forward)
     optimizers = make_optimizers(cfg, model)
@@ -98,7 +99,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, log=functools
     total = cfg.epochs * steps_per_epoch
     schedulers = {g: torch.optim.lr_scheduler.LambdaLR(o, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, total) / total)))
                   for g, o in optimizers.items()}
-    step = Step(model, cfg, optimizers, forward, _autocast(cfg, device), _scaler(cfg), distributed=world > 1)
+    step = Step(model, cfg, optimizers, forward, _autocast(cfg, device), _scaler(cfg), distributed=distributed)
 
     start_epoch, best_score, history = 0, -1.0, []
     if resume and (out / "last" / STATE).is_file():
@@ -107,7 +108,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, log=functools
     elif rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
-    if world > 1:
+    if distributed:
         dist.barrier()  # the other ranks start once rank 0 has checked and made the run directory
 
     checkpoint_config = {"dataset": cfg.dataset, "classes": list(info.classes), "training": cfg.to_dict()}
@@ -116,7 +117,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, log=functools
         # Each epoch seeds its own data order and attack noise: a resumed run repeats exactly
         # what the uninterrupted run would have done.
         torch.manual_seed(cfg.seed * 10_007 + epoch)
-        loader = _loader(train_set, cfg, epoch, world)
+        loader = _loader(train_set, cfg, epoch, distributed)
         # Augmentation draws from a generator of its own: the attack noise is the same with or without it.
         augmentation = torch.Generator().manual_seed((cfg.seed * 10_007 + epoch) * 65_537 + rank + 1)
         model.train()
@@ -179,7 +180,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, log=functools
     test = {}
     if rank == 0:
         test = _final_test(cfg, out, device, test_examples, checkpoint_config, log)
-    if world > 1:
+    if distributed:
         dist.barrier()
     return RunResult(out=out, best=out / "best", history=history, test=test, model=model)
 
@@ -231,8 +232,8 @@ def make_optimizers(cfg: TrainConfig, model) -> dict[str, torch.optim.Optimizer]
     return {"experts": sgd(model.expert_parameters(), cfg.lr), "router": sgd(model.router_parameters(), cfg.router_lr or cfg.lr)}
 
 
-def _loader(dataset, cfg: TrainConfig, epoch: int, world: int) -> DataLoader:
-    if world > 1:
+def _loader(dataset, cfg: TrainConfig, epoch: int, distributed: bool) -> DataLoader:
+    if distributed:
         sampler = DistributedSampler(dataset, shuffle=True, seed=cfg.seed)
         sampler.set_epoch(epoch)
     else:
@@ -252,11 +253,26 @@ def _scaler(cfg: TrainConfig):
     return torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
 
 
-def _distributed_setup(cfg: TrainConfig) -> tuple[int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if cfg.device == "cuda" else "gloo")
-    return (dist.get_rank() if world > 1 else 0), world
+def _ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.parallel.DistributedDataParallel:
+    """DDP without the broadcast of rank 0's buffers before every forward. The methods run several
+    forwards before one backward (TRADES: clean and adversarial), and that in-place broadcast
+    overwrote BatchNorm statistics an earlier forward had saved for its backward (on CUDA: "modified
+    by an inplace operation"). Each rank keeps its own running statistics; checkpoints are rank 0's."""
+    ddp = torch.nn.parallel.DistributedDataParallel
+    # torch 2.14 renamed broadcast_buffers to forward_sync_buffers (and warns on the old name)
+    sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters else "broadcast_buffers"
+    return ddp(model, device_ids=[device.index] if device.type == "cuda" else None, **{sync: False})
+
+
+def _distributed_setup(cfg: TrainConfig) -> tuple[int, int, bool]:
+    """(rank, world size, distributed). Under torchrun the run joins its process group and trains
+    under DDP, one rank included (`--nproc_per_node 1` runs the same NCCL path as eight); a group
+    the caller started already is used as it is."""
+    if not dist.is_initialized() and "TORCHELASTIC_RUN_ID" in os.environ:
+        dist.init_process_group(backend="nccl" if cfg.device.startswith("cuda") else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), True
+    return 0, 1, False
 
 
 def _write_logs(out: Path, history: list[dict]) -> None:

@@ -20,7 +20,7 @@ result = train(cfg, out, max_steps=3, test_examples=16, log=lambda *a: None)
 rank = dist.get_rank()
 if rank == 0:
     save_file({k: v.detach() for k, v in initial.named_parameters()}, f"{out}/initial.safetensors")
-# Parameters: DDP keeps them equal. BatchNorm running statistics are each rank's own until the
-# next forward broadcasts rank 0's (broadcast_buffers), so only rank 0 saves checkpoints.
+# Parameters: DDP keeps them equal. BatchNorm running statistics are each rank's own (the trainer
+# does not broadcast buffers before each forward), so only rank 0 saves checkpoints.
 save_file({k: v.detach().contiguous() for k, v in result.model.named_parameters()}, f"{out}/rank{rank}.safetensors")
 dist.destroy_process_group()

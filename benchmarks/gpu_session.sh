@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# What a GPU machine is asked first, in one go (about 10 minutes on one H200):
+#   1. every GPU code path once (python -m benchmarks.gpu_paths);
+#   2. the training step of each method at full and at the study's width, and the sparse path
+#      against the dense twin, on the GPU (advmoe bench methods / sparse --device cuda);
+#   3. the robustness study at full width: its estimated cost on this GPU (--plan), then as much
+#      of it as the time left of SECONDS (default 570) allows; run again, it resumes.
+# Each stage has a time limit of its own, so a slow one cannot take the others' time, and each
+# writes its results as it goes.
+#
+#   bash benchmarks/gpu_session.sh OUT [DATA_DIR] [SECONDS]
+set -u
+out=${1:?usage: bash benchmarks/gpu_session.sh OUT [DATA_DIR] [SECONDS]}
+data=${2:-/usr/share/datasets/fashion-mnist}
+deadline=$((SECONDS + ${3:-570}))
+python=${PYTHON:-python3}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+
+nvidia-smi -L
+"$python" -c "import torch, onnxruntime; print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name(0)); print('onnxruntime', onnxruntime.__version__, onnxruntime.get_available_providers())"
+
+echo "== 1. GPU paths"
+timeout 200 "$python" -m benchmarks.gpu_paths --out "$out/paths" --data-dir "$data" --timeout 100
+
+echo "== 2. training step per method (batch 128), full width and the study's 0.25"
+for width in 1.0 0.25; do
+  timeout 60 "$python" -m benchmarks.bench_methods --device cuda --width $width --rounds 5
+done
+echo "== 2. sparse against dense on the GPU (untrained, balanced routes)"
+timeout 60 "$python" -m benchmarks.bench_sparse --device cuda --archs resnet18 wrn28_10 --routers shared \
+  --batch-sizes 1 64 256 --json "$out/sparse_gpu.json"
+
+echo "== 3. the study at full width"
+study=("$python" -m studies.frontier --moe-width 1.0 --set device=\"cuda\" data_dir=\"$data\"
+       --runs "$out/study/runs" --results "$out/study/results" --report "$out/study/report.md")
+timeout 90 "${study[@]}" --plan
+left=$((deadline - SECONDS))
+if [ $left -gt 30 ]; then timeout $left "${study[@]}"; else echo "no time left for the study's runs"; fi
+echo "== done"

@@ -1,0 +1,51 @@
+"""The GPU path checks. Without a GPU: the clear refusal, and each check's commands run on the
+CPU instead (their flags and the files they read are the project's own: a renamed flag fails here,
+not first on a lent GPU)."""
+import json
+
+import pytest
+
+from benchmarks import gpu_paths
+from helpers import make_fashion_like
+
+
+def test_unknown_path_is_refused_with_the_names(capsys):
+    with pytest.raises(SystemExit):
+        gpu_paths.main(["--out", "x", "--only", "train-fp64"])
+    err = capsys.readouterr().err
+    assert "train-fp64" in err and "train-fp32" in err and "ddp-nccl" in err
+
+
+def test_no_gpu_says_so(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(gpu_paths.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit):
+        gpu_paths.main(["--out", str(tmp_path / "out")])
+    assert "no CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_checks_run_their_commands_on_the_cpu(tmp_path, monkeypatch):
+    """train-fp32 and eval-cuda with `cuda` swapped for `cpu` in their commands: both pass, and
+    the report holds their numbers; onnx-cuda says what is missing where onnxruntime has no CUDA."""
+    (tmp_path / "data").mkdir()
+    data = make_fashion_like(tmp_path / "data", n_train=400, n_test=60)
+    command = gpu_paths._command
+    monkeypatch.setattr(gpu_paths, "_command", lambda args, *a, **k: command(["cpu" if x == "cuda" else x for x in args], *a, **k))
+    monkeypatch.setattr(gpu_paths, "TRAIN", ["--preset", "fmnist-tiny", "--width", "0.125", "--train-examples", "128",
+                                             "--val-examples", "16", "--epochs", "1", "--test-examples", "32",
+                                             "--val-size", "100", "--batch-size", "32"])
+    monkeypatch.setattr(gpu_paths, "EVAL_EXAMPLES", 20)
+    monkeypatch.setattr(gpu_paths, "CHANCE_MARGIN", -1.0)  # four steps learn nothing; the plumbing is under test
+    monkeypatch.setattr(gpu_paths.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(gpu_paths.torch.cuda, "get_device_name", lambda *a: "no GPU (test)")
+    out = tmp_path / "out"
+    rc = gpu_paths.main(["--out", str(out), "--data-dir", str(data), "--only", "train-fp32", "eval-cuda", "onnx-cuda"])
+    report = json.loads((out / "gpu_paths.json").read_text())
+    status = {c["name"]: c for c in report["checks"]}
+    assert status["train-fp32"]["status"] == "passed", status["train-fp32"]["detail"]
+    assert status["train-fp32"]["numbers"]["samples_per_second"] > 0
+    assert status["eval-cuda"]["status"] == "passed", status["eval-cuda"]["detail"]
+    assert {"clean", "pgd-10", "apgd", "route-fixed", "router", "clean_on_cpu"} <= status["eval-cuda"]["numbers"].keys()
+    assert status["onnx-cuda"]["status"] in ("unavailable", "failed")  # no CUDA here, whatever the provider list says
+    assert rc == (1 if status["onnx-cuda"]["status"] == "failed" else 0)
+    assert "| train-fp32 |" in (out / "gpu_paths.md").read_text()
