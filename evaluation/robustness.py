@@ -156,7 +156,8 @@ class Results:
         self.flags += [f for f in other.flags if f not in self.flags]
 
     def correct(self, name: str, y: Tensor) -> Tensor:
-        return self.rows[f"{name}/pred"] == y
+        """Per example, on y's device (rows are kept on the CPU; the attacks' masks live with x)."""
+        return self.rows[f"{name}/pred"].to(y.device) == y
 
 
 def worst_case(correct: dict[str, Tensor]) -> Tensor:

@@ -40,7 +40,8 @@ class Step:
     distributed: bool = False  # several processes: `forward` is DistributedDataParallel
 
     def __post_init__(self):
-        self.forward = self.forward or self.model
+        if self.forward is None:  # not `or`: a torch.compile'd module refuses bool() (it has no len())
+            self.forward = self.model
         self.params = {g: [p for group in o.param_groups for p in group["params"]] for g, o in self.optimizers.items()}
 
     def attack(self, x: Tensor, objective) -> Tensor:
