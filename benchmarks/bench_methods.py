@@ -28,30 +28,34 @@ VARIANTS = [(name, {}) for name in METHODS] + [(name, {"recraft": False}) for na
 
 
 def run(preset: str = "fmnist-tiny", batch_size: int | None = None, rounds: int = 5, width: float | None = None,
-        methods: list[str] | None = None):
+        methods: list[str] | None = None, device: str = "cpu"):
     """methods: time these only (MoE-AT, the reference of the relative cost, always)."""
+    device = torch.device(device)
     size = {"width": width} if width is not None else {}
     base = resolve(preset, **size)
     batch_size = batch_size or base.batch_size
     info = advmoe.get_dataset_info(base.dataset)
     g = torch.Generator().manual_seed(0)
-    x = torch.rand(batch_size, info.in_channels, info.image_size, info.image_size, generator=g)
-    y = torch.randint(0, info.num_classes, (batch_size,), generator=g)
+    x = torch.rand(batch_size, info.in_channels, info.image_size, info.image_size, generator=g).to(device)
+    y = torch.randint(0, info.num_classes, (batch_size,), generator=g).to(device)
     steps = {}
     for method, changes in VARIANTS:
         if methods and method not in {*methods, "moe-at"}:
             continue
         cfg = resolve(preset, method=method, **changes, **size)
         torch.manual_seed(0)
-        model = advmoe.create_model(cfg.model, **cfg.model_kwargs(info)).train()
+        model = advmoe.create_model(cfg.model, **cfg.model_kwargs(info)).to(device).train()
         steps[_label(method, changes)] = (Step(model, cfg, make_optimizers(cfg, model)), cfg)
     samples = {label: [] for label in steps}
     for label, (step, cfg) in steps.items():
         METHODS[cfg.method].step(step, x, y)  # warm-up
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else lambda: None  # GPU work is asynchronous
     for _ in range(rounds):
         for label, (step, cfg) in steps.items():
+            synchronize()
             start = time.perf_counter()
             METHODS[cfg.method].step(step, x, y)
+            synchronize()
             samples[label].append((time.perf_counter() - start) * 1e3)
     ms = {label: statistics.median(s) for label, s in samples.items()}
     batches = -(-(base.train_examples or 50_000) // batch_size)
@@ -76,13 +80,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), help="time these only (and MoE-AT)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (median taken)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     args = parser.parse_args(argv)
     if args.rounds < 1 or (args.batch_size is not None and args.batch_size < 1) or (args.width is not None and args.width <= 0):
         parser.error("--rounds, --batch-size and --width must be positive")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device is available here; use --device cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows, cfg, batch_size, batches = run(args.preset, args.batch_size, args.rounds, args.width, args.methods)
-    print(f"# advmoe {advmoe.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads; preset "
+    rows, cfg, batch_size, batches = run(args.preset, args.batch_size, args.rounds, args.width, args.methods, args.device)
+    where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else f"{torch.get_num_threads()} threads"
+    print(f"# advmoe {advmoe.__version__}, torch {torch.__version__}, {where}; preset "
           f"{args.preset}: {cfg.model} width {cfg.width}, {cfg.dataset}, batch {batch_size}, {batches} batches per "
           f"epoch, PGD-{cfg.attack_steps} for training; {args.rounds} rounds\n")
     print("| method | ms per batch | samples/s | PGD steps per batch | optimisers | relative to MoE-AT | projected s per epoch |\n"

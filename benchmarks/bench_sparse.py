@@ -55,18 +55,22 @@ def time_interleaved(models: dict, x: torch.Tensor, rounds: int, calls: int, war
     for model in models.values():
         for _ in range(warmup):
             model(x)  # warm-up (and the sparse fold; TorchScript optimizes after its first calls)
+    synchronize = torch.cuda.synchronize if x.device.type == "cuda" else lambda: None  # GPU work is asynchronous
     samples = {name: [] for name in models}
     for _ in range(rounds):
         for name, model in models.items():
+            synchronize()
             start = time.perf_counter()
             for _ in range(calls):
                 model(x)
+            synchronize()
             samples[name].append((time.perf_counter() - start) / calls * 1e3)
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
 def run(archs=ARCHS, routers=ROUTERS, batch_sizes=(1, 64), image_size=32, width=1.0, router_blocks=3,
-        rounds=5) -> list[dict]:
+        rounds=5, device: str = "cpu") -> list[dict]:
+    """Models are built, calibrated and counted on the CPU, then timed on `device`."""
     rows = []
     for arch in archs:
         for router in routers:
@@ -74,15 +78,16 @@ def run(archs=ARCHS, routers=ROUTERS, batch_sizes=(1, 64), image_size=32, width=
             calib = torch.rand(64, 3, image_size, image_size)
             models = build(arch, router, image_size, width, router_blocks, calib)
             macs = {name: measure_macs(m, calib[:8]) for name, m in models.items()}
+            models = {name: m.to(device) for name, m in models.items()}
             for batch in batch_sizes:
-                x = calib[:batch] if batch <= 64 else torch.rand(batch, 3, image_size, image_size)
+                x = (calib[:batch] if batch <= 64 else torch.rand(batch, 3, image_size, image_size)).to(device)
                 calls = 10 if batch == 1 else 1
                 ms = time_interleaved(models, x, rounds, calls)
                 with torch.inference_mode():
                     parity = (models["sparse"](x) - models["masked"](x)).abs().max().item()
                 usage = models["sparse"].last_routing.eq(0).float().mean().item()
                 rows.append(dict(
-                    arch=arch, router=router, batch=batch,
+                    arch=arch, router=router, batch=batch, device=str(device),
                     dense_ms=ms["dense"], masked_ms=ms["masked"], sparse_ms=ms["sparse"],
                     speedup_vs_dense=ms["dense"] / ms["sparse"], speedup_vs_masked=ms["masked"] / ms["sparse"],
                     dense_gmacs=macs["dense"] / 1e9, masked_gmacs=macs["masked"] / 1e9, sparse_gmacs=macs["sparse"] / 1e9,
@@ -126,15 +131,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = common_parser("advmoe bench sparse", __doc__, list(ARCHS))
     parser.add_argument("--router-blocks", type=int, default=3, help="blocks per stage of the shared router")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     args = parse(parser, argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device is available here; use --device cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"# advmoe {advmoe.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{platform.processor() or platform.machine()}, image {args.image_size}x{args.image_size}, "
+    where = (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
+             else f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    print(f"# advmoe {advmoe.__version__}, torch {torch.__version__}, {where}, image {args.image_size}x{args.image_size}, "
           f"width {args.width}, router blocks {args.router_blocks}, {args.rounds} rounds\n")
     print(HEADER, flush=True)
     rows = run(args.archs, args.routers, tuple(args.batch_sizes), args.image_size, args.width,
-               args.router_blocks, args.rounds)
+               args.router_blocks, args.rounds, args.device)
     if args.json:
         atomic_write_text(args.json, json.dumps(rows, indent=2))
     return 0

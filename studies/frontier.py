@@ -202,35 +202,38 @@ def default_rows(plan: Plan) -> list[Row]:
 
 
 # -- cost -----------------------------------------------------------------------------------------
-def _fastest(run, repeats: int = 3) -> float:
+def _fastest(run, repeats: int = 3, device: torch.device = torch.device("cpu")) -> float:
     """Seconds of the fastest of `repeats` calls of run(): the one other work on the machine
     slowed least (timeit's rule); the first call, a warm-up, is not timed."""
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else lambda: None  # GPU work is asynchronous
     run()
     times = []
     for _ in range(repeats):
+        synchronize()
         start = time.perf_counter()
         run()
+        synchronize()
         times.append(time.perf_counter() - start)
     return min(times)
 
 
 def _step_seconds(cfg: TrainConfig) -> float:
-    """Seconds of one training step of cfg's method on random data."""
-    info = advmoe.get_dataset_info(cfg.dataset)
+    """Seconds of one training step of cfg's method on random data, on cfg's device."""
+    info, device = advmoe.get_dataset_info(cfg.dataset), torch.device(cfg.device)
     torch.manual_seed(0)
-    model = advmoe.create_model(cfg.model, **cfg.model_kwargs(info)).train()
+    model = advmoe.create_model(cfg.model, **cfg.model_kwargs(info)).to(device).train()
     step = Step(model, cfg, make_optimizers(cfg, model))
-    x = torch.rand(cfg.batch_size, info.in_channels, info.image_size, info.image_size)
-    y = torch.randint(0, info.num_classes, (cfg.batch_size,))
-    return _fastest(lambda: METHODS[cfg.method].step(step, x, y))
+    x = torch.rand(cfg.batch_size, info.in_channels, info.image_size, info.image_size, device=device)
+    y = torch.randint(0, info.num_classes, (cfg.batch_size,), device=device)
+    return _fastest(lambda: METHODS[cfg.method].step(step, x, y), device=device)
 
 
 def _pass_seconds(cfg: TrainConfig, batch: int = 64) -> float:
-    """Seconds per image of a forward and input-gradient pass (masked execution)."""
-    info = advmoe.get_dataset_info(cfg.dataset)
-    model = advmoe.create_model(cfg.model, **cfg.model_kwargs(info)).eval().requires_grad_(False)
-    x = torch.rand(batch, info.in_channels, info.image_size, info.image_size, requires_grad=True)
-    return _fastest(lambda: torch.autograd.grad(model(x).sum(), x)) / batch
+    """Seconds per image of a forward and input-gradient pass (masked execution), on cfg's device."""
+    info, device = advmoe.get_dataset_info(cfg.dataset), torch.device(cfg.device)
+    model = advmoe.create_model(cfg.model, **cfg.model_kwargs(info)).to(device).eval().requires_grad_(False)
+    x = torch.rand(batch, info.in_channels, info.image_size, info.image_size, device=device, requires_grad=True)
+    return _fastest(lambda: torch.autograd.grad(model(x).sum(), x), device=device) / batch
 
 
 def estimate(plan: Plan, rows: list[Row], results: Path | None = None) -> list[dict]:
@@ -321,7 +324,7 @@ def _evaluate(best: Path, out: Path, cfg: TrainConfig, n: int, attacks: tuple[st
     kept = kept_evaluation(out / "eval.json",
                            lambda doc: evaluated_with(doc, best, n, {"attacks": attacks, **settings}, split=split))
     return kept or evaluate_checkpoint(best, data_dir=cfg.data_dir, n_examples=n, out=out, progress=False,
-                                       attacks=attacks, split=split, **settings)
+                                       attacks=attacks, split=split, device=cfg.device, **settings)
 
 
 def _settings(plan: Plan) -> dict:
