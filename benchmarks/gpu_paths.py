@@ -155,12 +155,13 @@ def checks(data_dir: str | None, timeout: float) -> dict[str, tuple[str, callabl
         "train-fp32": ("advmoe train --device cuda (AdvMoE, fp32, as the reference trains)", train()),
         "train-bf16-channels-last": ("... --amp bf16 --channels-last", train("--amp", "bf16", "--channels-last")),
         "train-fp16": ("... --amp fp16 (with the gradient scaler)", train("--amp", "fp16")),
-        "train-compile": ("... --compile", train("--compile")),
         "ddp-nccl": ("torchrun --nproc_per_node <GPUs> -m cli train --device cuda (DDP over NCCL)", train(launcher=ddp)),
         "eval-cuda": (f"advmoe eval --device cuda on {EVAL_EXAMPLES} test images (PGD-10, APGD, route-fixed, router), "
                       "clean accuracy against --device cpu", lambda c, out: _evaluate(c, out, data_dir, timeout)),
         "onnx-cuda": ("advmoe export --format onnx, run by onnxruntime's CUDAExecutionProvider against torch on the GPU",
                       lambda c, out: _onnx_cuda(c, out, timeout)),
+        # last: compiling for each new expert batch size takes the longest (76 s on an H200)
+        "train-compile": ("... --compile", train("--compile")),
     }
 
 

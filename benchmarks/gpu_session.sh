@@ -21,7 +21,7 @@ nvidia-smi -L
 "$python" -c "import torch, onnxruntime; print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name(0)); print('onnxruntime', onnxruntime.__version__, onnxruntime.get_available_providers())"
 
 echo "== 1. GPU paths"
-timeout 200 "$python" -m benchmarks.gpu_paths --out "$out/paths" --data-dir "$data" --timeout 100
+timeout 330 "$python" -m benchmarks.gpu_paths --out "$out/paths" --data-dir "$data" --timeout 100
 
 echo "== 2. training step per method (batch 128), full width and the study's 0.25"
 for width in 1.0 0.25; do
