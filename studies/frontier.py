@@ -82,6 +82,9 @@ class Row:
 # how the table names each method ("dense PGD-AT, width 0.15625", "AdvMoE, width 0.25")
 METHOD_LABELS = {"pgd-at": "PGD-AT", "trades": "TRADES", "moe-at": "MoE-AT", "advmoe": "AdvMoE",
                  "route-aware": "route-aware AT"}
+# where a run found its data and how many loader processes read it: not what the run measured, so a
+# result file from another machine (the data in another folder) still stands for its run
+WHERE = ("data_dir", "workers")
 # settings a row or a flag of its own sets: --set would be overridden by them without a word
 ROW_SETTINGS = {"model": "the rows set it (--rows)", "width": "the rows set it (--moe-width, --rows)",
                 "seed": "give seeds with --seeds and --headline-seeds", "epochs": "give it with --epochs"}
@@ -309,7 +312,7 @@ def finished(results: Path, row: Row, seed: int, cfg: TrainConfig, repeat: int =
     if not path.is_file():
         return None
     doc = json.loads(path.read_text())
-    have, want = with_defaults(doc.get("config") or {}), cfg.to_dict()
+    have, want = ({k: v for k, v in c.items() if k not in WHERE} for c in (with_defaults(doc.get("config") or {}), cfg.to_dict()))
     if have != want:  # retraining would overwrite a committed result
         diff = sorted(k for k in have.keys() | want.keys() if have.get(k) != want.get(k))
         raise ValueError(f"{path} is a result of other settings (they differ in {', '.join(diff)}): to measure "

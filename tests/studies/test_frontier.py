@@ -91,6 +91,18 @@ def test_a_study_cut_off_after_an_evaluation_reuses_it(study, tmp_path, monkeypa
     assert [d["worst_case"] for d in again] == [d["worst_case"] for d in docs]
 
 
+def test_a_result_stands_wherever_its_data_was_read_from(study, tmp_path):
+    """The same settings with the data in another folder (another machine's) are the same runs:
+    their result files are taken as they are, not refused as other settings."""
+    plan, rows, root, docs = study
+    moved = tmp_path / "data"
+    shutil.copytree(plan.overrides["data_dir"], moved)
+    elsewhere = frontier.Plan(**{**plan.__dict__, "overrides": {**plan.overrides, "data_dir": str(moved), "workers": 1}})
+    kept = json.loads((root / "results" / "pgd-at-tiny-seed0.json").read_text())
+    assert frontier.finished(root / "results", rows[0], 0, elsewhere.config(rows[0], 0)) == kept
+    assert [c["measured_runs"] for c in frontier.estimate(elsewhere, rows, root / "results")] == [1, 1]
+
+
 def test_a_variant_lands_beside_the_study_and_other_settings_never_overwrite_it(study, tmp_path):
     """A lever (here a 1-step training attack) runs as rows of its own; the same rows with other
     settings but no variant name are refused before anything trains, and the results stay as they were."""
