@@ -37,7 +37,7 @@ class Step:
     forward: nn.Module | None = None  # what the losses run through (a DDP wrapper, or the model)
     autocast: Callable = field(default=lambda: torch.autocast("cpu", enabled=False))
     scaler: torch.amp.GradScaler | None = None
-    distributed: bool = False  # several processes: `forward` is DistributedDataParallel
+    distributed: bool = False  # under torchrun (any number of ranks): `forward` is DistributedDataParallel
 
     def __post_init__(self):
         if self.forward is None:  # not `or`: a torch.compile'd module refuses bool() (it has no len())
