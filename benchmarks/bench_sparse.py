@@ -90,6 +90,8 @@ def run(archs=ARCHS, routers=ROUTERS, batch_sizes=(1, 64), image_size=32, width=
                 # router makes common, read through other arithmetic) changes a whole output; the
                 # parity of the arithmetic is over the images routed alike.
                 same = (sparse_routes == masked_routes).all(1)
+                top2 = models["masked"].router_logits.float().topk(2, dim=-1).values
+                closest_tie = (top2[..., 0] - top2[..., 1]).min().item()  # the smallest margin any route had
                 parity = (sparse_out - masked_out)[same].abs().max().item() if same.any() else float("nan")
                 usage = sparse_routes.eq(0).float().mean().item()
                 rows.append(dict(
@@ -98,22 +100,22 @@ def run(archs=ARCHS, routers=ROUTERS, batch_sizes=(1, 64), image_size=32, width=
                     speedup_vs_dense=ms["dense"] / ms["sparse"], speedup_vs_masked=ms["masked"] / ms["sparse"],
                     dense_gmacs=macs["dense"] / 1e9, masked_gmacs=macs["masked"] / 1e9, sparse_gmacs=macs["sparse"] / 1e9,
                     mac_ratio=macs["sparse"] / macs["dense"], expert0_share=usage, max_abs_diff=parity,
-                    routes_differ=1 - same.float().mean().item(),
+                    routes_differ=1 - same.float().mean().item(), closest_tie=closest_tie,
                 ))
                 print(format_row(rows[-1]), flush=True)
     return rows
 
 
 HEADER = ("| model | router | batch | dense ms | masked ms | sparse ms | sparse vs dense | sparse vs masked "
-          "| MACs sparse/dense | expert 0 share | routes differ | max \\|sparse - masked\\| (same routes) |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| MACs sparse/dense | expert 0 share | closest router tie | routes differ | max \\|sparse - masked\\| (same routes) |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def format_row(r: dict) -> str:
     return (f"| moe_{r['arch']} | {r['router']} | {r['batch']} | {r['dense_ms']:.1f} | {r['masked_ms']:.1f} "
             f"| {r['sparse_ms']:.1f} | {r['speedup_vs_dense']:.2f}x | {r['speedup_vs_masked']:.2f}x "
             f"| {r['mac_ratio']:.3f} ({r['sparse_gmacs']:.3f} / {r['dense_gmacs']:.3f} G) | {r['expert0_share']:.2f} "
-            f"| {r['routes_differ']:.1%} | {r['max_abs_diff']:.1e} |")
+            f"| {r['closest_tie']:.1e} | {r['routes_differ']:.1%} | {r['max_abs_diff']:.1e} |")
 
 
 def common_parser(prog: str, doc: str, archs: list[str]) -> argparse.ArgumentParser:

@@ -13,6 +13,7 @@ def test_run_reports_every_model_and_batch():
         assert r["speedup_vs_dense"] == r["dense_ms"] / r["sparse_ms"]
         assert r["max_abs_diff"] <= 1e-5  # the sparse model it timed computes what masked does
         assert r["routes_differ"] == 0  # and routes as it does (in float32 on the CPU)
+        assert r["closest_tie"] >= 0
         assert r["sparse_gmacs"] < r["masked_gmacs"]
 
 
