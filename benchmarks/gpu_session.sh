@@ -32,8 +32,9 @@ timeout 60 "$python" -m benchmarks.bench_sparse --device cuda --archs resnet18 w
   --batch-sizes 1 64 256 --json "$out/sparse_gpu.json"
 
 echo "== 3. the study at full width"
+# results into the repository's folder: committed, they travel to the next GPU, and the study resumes
 study=("$python" -m studies.frontier --moe-width 1.0 --set device=\"cuda\" data_dir=\"$data\"
-       --runs "$out/study/runs" --results "$out/study/results" --report "$out/study/report.md")
+       --runs "$out/study/runs" --results reports/robustness_frontier_gpu --report reports/robustness_frontier_gpu.md)
 timeout 90 "${study[@]}" --plan
 left=$((deadline - SECONDS))
 if [ $left -gt 30 ]; then timeout $left "${study[@]}"; else echo "no time left for the study's runs"; fi

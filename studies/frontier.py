@@ -798,10 +798,12 @@ def write_report(results: Path, report: Path, plan: Plan, command: str | None = 
     hours = sum(sum(d["seconds"].values()) for docs in grouped.values() for d in docs) / 3600
     folder = os.path.relpath(results, report.parent)
     runs = sum(len(d) for d in grouped.values())
+    devices = sorted({d["config"].get("device", "cpu").split(":")[0] for docs in grouped.values() for d in docs})
+    where = " and ".join({"cpu": "the CPU", "cuda": "a GPU"}.get(d, d) for d in devices)
     text = f"""# Robustness against cost on Fashion-MNIST
 
 Produced by `{command or 'python -m studies.frontier'}` (studies/frontier.py) from the result files in
-[{folder}/]({folder}/) ({runs} run{'s' * (runs != 1)}, {hours:.1f} hours of this machine's time so far:
+[{folder}/]({folder}/) ({runs} run{'s' * (runs != 1)}, {hours:.1f} hours on {where} so far:
 training epochs and evaluations, as each result file records them).
 linf ε = {first['eps']:g}; training: {first['epochs']} epochs, {first['train_examples'] or 'all'} training images, PGD-{first['attack_steps']}
 for the training attack; checkpoints selected on validation PGD accuracy. Evaluation on the first
@@ -813,8 +815,8 @@ AutoAttack if none of the four fools it; in brackets, the worst case over AutoAt
 on those images. Route flips: the share of images whose route the router attack changes; busiest
 expert: the share of clean test routes that go to the most used expert (100 % is a router collapsed
 to one expert, a dense model of the expert's width in effect). Mean ± standard deviation over a row's
-runs: its seeds, and any seed trained again (a repeat: training on this CPU is not bitwise
-reproducible, so it is another draw of the row, not a copy).
+runs: its seeds, and any seed trained again (a repeat: training is not bitwise reproducible here,
+so it is another draw of the row, not a copy).
 
 ![frontier]({png.name})
 
