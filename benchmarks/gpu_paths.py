@@ -160,7 +160,7 @@ def checks(data_dir: str | None, timeout: float) -> dict[str, tuple[str, callabl
                       "clean accuracy against --device cpu", lambda c, out: _evaluate(c, out, data_dir, timeout)),
         "onnx-cuda": ("advmoe export --format onnx, run by onnxruntime's CUDAExecutionProvider against torch on the GPU",
                       lambda c, out: _onnx_cuda(c, out, timeout)),
-        # last: compiling for each new expert batch size takes the longest (76 s on an H200)
+        # last: the slowest path (76 s on an H200, compiling included)
         "train-compile": ("... --compile", train("--compile")),
     }
 
