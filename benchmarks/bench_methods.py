@@ -19,6 +19,7 @@ import time
 import torch
 
 import advmoe
+from advmoe.device import synchronizer, unavailable
 from training.config import resolve
 from training.methods import METHODS, Step
 from training.trainer import make_optimizers
@@ -49,7 +50,7 @@ def run(preset: str = "fmnist-tiny", batch_size: int | None = None, rounds: int 
     samples = {label: [] for label in steps}
     for label, (step, cfg) in steps.items():
         METHODS[cfg.method].step(step, x, y)  # warm-up
-    synchronize = torch.cuda.synchronize if device.type == "cuda" else lambda: None  # GPU work is asynchronous
+    synchronize = synchronizer(device)
     for _ in range(rounds):
         for label, (step, cfg) in steps.items():
             synchronize()
@@ -84,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.rounds < 1 or (args.batch_size is not None and args.batch_size < 1) or (args.width is not None and args.width <= 0):
         parser.error("--rounds, --batch-size and --width must be positive")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: no CUDA device is available here; use --device cpu")
+    if problem := unavailable(args.device):
+        parser.error(problem)
     if args.threads:
         torch.set_num_threads(args.threads)
     rows, cfg, batch_size, batches = run(args.preset, args.batch_size, args.rounds, args.width, args.methods, args.device)

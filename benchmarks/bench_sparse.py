@@ -24,6 +24,7 @@ import torch
 
 import advmoe
 from advmoe.calibrate import balance_routing, calibrate_batchnorm
+from advmoe.device import synchronizer, unavailable
 from advmoe.io import atomic_write_text
 from advmoe.macs import measure_macs
 
@@ -55,7 +56,7 @@ def time_interleaved(models: dict, x: torch.Tensor, rounds: int, calls: int, war
     for model in models.values():
         for _ in range(warmup):
             model(x)  # warm-up (and the sparse fold; TorchScript optimizes after its first calls)
-    synchronize = torch.cuda.synchronize if x.device.type == "cuda" else lambda: None  # GPU work is asynchronous
+    synchronize = synchronizer(x.device)
     samples = {name: [] for name in models}
     for _ in range(rounds):
         for name, model in models.items():
@@ -144,8 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     args = parse(parser, argv)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: no CUDA device is available here; use --device cpu")
+    if problem := unavailable(args.device):
+        parser.error(problem)
     if args.threads:
         torch.set_num_threads(args.threads)
     where = (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")

@@ -45,6 +45,7 @@ import advmoe
 from advmoe.attacks import check_eps, cross_entropy, pgd
 from advmoe.checkpoint import WEIGHTS, read_config
 from advmoe.io import atomic_write_text
+from advmoe.device import unavailable
 from advmoe.gate import GATE_GRADS, expert_share
 from advmoe.settings import ConfigError, setting, validate_choices
 from advmoe.route_attacks import detached_routers, forced_route, route_fixed_pgd, router_pgd
@@ -648,12 +649,9 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, dataset: str | None = Non
     if n_examples < 1:
         raise ConfigError(f"n-examples must be >= 1, got {n_examples}")
     held_out = _held_out(checkpoint, config, split)  # before any slow work
-    try:
-        device = torch.device(device)
-    except RuntimeError as e:
-        raise ConfigError(f"--device {device!r}: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: no CUDA device is available here; use --device cpu")
+    if problem := unavailable(device):
+        raise ConfigError(problem)
+    device = torch.device(device)
     started_group = _distributed_setup(device)
     try:
         if started_group and device.type == "cuda":

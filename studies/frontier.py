@@ -41,6 +41,7 @@ import torch
 
 import advmoe
 from advmoe.checkpoint import WEIGHTS, is_checkpoint, read_metrics, update_metrics
+from advmoe.device import synchronizer
 from advmoe.io import atomic_directory, atomic_write_text
 from advmoe.settings import ConfigError
 from advmoe.stats import mean_std, percent
@@ -208,7 +209,7 @@ def default_rows(plan: Plan) -> list[Row]:
 def _fastest(run, repeats: int = 3, device: torch.device = torch.device("cpu")) -> float:
     """Seconds of the fastest of `repeats` calls of run(): the one other work on the machine
     slowed least (timeit's rule); the first call, a warm-up, is not timed."""
-    synchronize = torch.cuda.synchronize if device.type == "cuda" else lambda: None  # GPU work is asynchronous
+    synchronize = synchronizer(device)
     run()
     times = []
     for _ in range(repeats):
