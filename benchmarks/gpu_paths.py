@@ -33,6 +33,7 @@ TRAIN = ["--preset", "fmnist-tiny", "--width", "0.25", "--train-examples", "8192
          "--epochs", "1", "--test-examples", "500"]
 CHANCE_MARGIN = 0.2  # a run passes with test clean accuracy over 2x chance: it learned
 EVAL_EXAMPLES = 500
+NO_CHECKPOINT = "needs train-fp32's checkpoint, which it did not write"
 
 
 @dataclass
@@ -43,6 +44,9 @@ class Check:
     seconds: float = 0.0
     numbers: dict = field(default_factory=dict)
     detail: str = ""
+
+    def fail(self, why: str) -> None:
+        self.status, self.detail = "failed", why
 
 
 def _command(args: list[str], log: Path, timeout: float, env: dict | None = None) -> tuple[int, float]:
@@ -58,8 +62,10 @@ def _command(args: list[str], log: Path, timeout: float, env: dict | None = None
     return rc, time.perf_counter() - start
 
 
-def _tail(log: Path, lines: int = 6) -> str:
-    return " / ".join(line.strip() for line in log.read_text(errors="replace").splitlines()[-lines:] if line.strip())
+def _exited(rc: int, log: Path, lines: int = 6) -> str:
+    """A failed command's exit status and the last lines it printed."""
+    tail = " / ".join(line.strip() for line in log.read_text(errors="replace").splitlines()[-lines:] if line.strip())
+    return f"exit {rc}: {tail}"
 
 
 def _train(check: Check, out: Path, flags: list[str], data_dir: str | None, timeout: float, launcher=()) -> None:
@@ -68,7 +74,7 @@ def _train(check: Check, out: Path, flags: list[str], data_dir: str | None, time
     args += ["--data-dir", data_dir] if data_dir else []
     rc, check.seconds = _command(args, out / f"{check.name}.log", timeout)
     if rc != 0:
-        check.status, check.detail = "failed", f"exit {rc}: {_tail(out / f'{check.name}.log')}"
+        check.fail(_exited(rc, out / f"{check.name}.log"))
         return
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     test = json.loads((run / "best" / "metrics.json").read_text())
@@ -83,20 +89,20 @@ def _train(check: Check, out: Path, flags: list[str], data_dir: str | None, time
 def _evaluate(check: Check, out: Path, data_dir: str | None, timeout: float) -> None:
     best = out / "train-fp32" / "best"
     if not best.is_dir():
-        check.status, check.detail = "failed", "needs train-fp32's checkpoint, which it did not write"
+        check.fail(NO_CHECKPOINT)
         return
     common = [str(best), "--n-examples", str(EVAL_EXAMPLES)] + (["--data-dir", data_dir] if data_dir else [])
     gpu = ["-m", "cli", "eval", *common, "--device", "cuda", "--attacks", "pgd", "apgd", "route-fixed", "router",
            "--pgd-steps", "10", "--out", str(out / "eval-cuda")]
     rc, check.seconds = _command(gpu, out / "eval-cuda.log", timeout)
     if rc != 0:
-        check.status, check.detail = "failed", f"exit {rc}: {_tail(out / 'eval-cuda.log')}"
+        check.fail(_exited(rc, out / "eval-cuda.log"))
         return
     cpu = ["-m", "cli", "eval", *common, "--device", "cpu", "--attacks", "pgd", "--pgd-steps", "1",
            "--out", str(out / "eval-cpu")]
     rc, _ = _command(cpu, out / "eval-cpu.log", timeout)
     if rc != 0:
-        check.status, check.detail = "failed", f"the CPU evaluation beside it: exit {rc}: {_tail(out / 'eval-cpu.log')}"
+        check.fail(f"the CPU evaluation beside it: {_exited(rc, out / 'eval-cpu.log')}")
         return
     on_gpu, on_cpu = (json.loads((out / d / "eval.json").read_text()) for d in ("eval-cuda", "eval-cpu"))
     check.numbers = {k: on_gpu["accuracy"][k] for k in ("clean", "pgd-10", "apgd", "route-fixed", "router", "robust")
@@ -120,12 +126,12 @@ def _onnx_cuda(check: Check, out: Path, timeout: float) -> None:
         return
     best, export = out / "train-fp32" / "best", out / "export"
     if not best.is_dir():
-        check.status, check.detail = "failed", "needs train-fp32's checkpoint, which it did not write"
+        check.fail(NO_CHECKPOINT)
         return
     rc, check.seconds = _command(["-m", "cli", "export", str(best), "--format", "onnx", "--out", str(export), "--force"],
                                  out / "onnx-cuda.log", timeout)
     if rc != 0:
-        check.status, check.detail = "failed", f"export: exit {rc}: {_tail(out / 'onnx-cuda.log')}"
+        check.fail(f"export: {_exited(rc, out / 'onnx-cuda.log')}")
         return
     import advmoe
 
@@ -199,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             run(check, out)
         except Exception as e:  # a check's own bug must not hide the other paths' results
-            check.status, check.detail = "failed", f"{type(e).__name__}: {e}"
+            check.fail(f"{type(e).__name__}: {e}")
         results.append(check)
         print(f"{name}: {check.status} in {check.seconds:.0f} s {check.numbers or ''} {check.detail}", flush=True)
         atomic_write_text(out / "gpu_paths.json", json.dumps({"device": device, "checks": [c.__dict__ for c in results]},
