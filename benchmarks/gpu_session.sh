@@ -6,10 +6,17 @@
 #   3. the robustness study at full width: its estimated cost on this GPU (--plan), then as much
 #      of it as the time left of SECONDS (default 570) allows; run again, it resumes.
 # Each stage has a time limit of its own, so a slow one cannot take the others' time, and each
-# writes its results as it goes.
+# writes its results as it goes. A loan of a few minutes goes further on what is still owed:
+# STAGES names the stages to run (default all: paths methods sparse study), PATHS the GPU paths
+# of stage 1 (default all; names as gpu_paths prints them).
 #
 #   bash benchmarks/gpu_session.sh OUT [DATA_DIR] [SECONDS]
+#   STAGES="paths sparse study" PATHS="eval-cuda" bash benchmarks/gpu_session.sh OUT
 set -u
+stages=" ${STAGES:-paths methods sparse study} "
+for stage in $stages; do
+  case $stage in paths|methods|sparse|study) ;; *) echo "STAGES: no stage '$stage'; the stages are paths methods sparse study" >&2; exit 2;; esac
+done
 out=${1:?usage: bash benchmarks/gpu_session.sh OUT [DATA_DIR] [SECONDS]}
 data=${2:-/usr/share/datasets/fashion-mnist}
 deadline=$((SECONDS + ${3:-570}))
@@ -20,17 +27,24 @@ export PYTHONUNBUFFERED=1
 nvidia-smi -L
 "$python" -c "import torch, onnxruntime; print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name(0)); print('onnxruntime', onnxruntime.__version__, onnxruntime.get_available_providers())"
 
-echo "== 1. GPU paths"
-timeout 330 "$python" -m benchmarks.gpu_paths --out "$out/paths" --data-dir "$data" --timeout 100
+if [[ $stages == *" paths "* ]]; then
+  echo "== 1. GPU paths"
+  timeout 330 "$python" -m benchmarks.gpu_paths --out "$out/paths" --data-dir "$data" --timeout 100 ${PATHS:+--only $PATHS}
+fi
 
-echo "== 2. training step per method (batch 128), full width and the study's 0.25"
-for width in 1.0 0.25; do
-  timeout 60 "$python" -m benchmarks.bench_methods --device cuda --width $width --rounds 5
-done
-echo "== 2. sparse against dense on the GPU (untrained, balanced routes)"
-timeout 60 "$python" -m benchmarks.bench_sparse --device cuda --archs resnet18 wrn28_10 --routers shared \
-  --batch-sizes 1 64 256 --json "$out/sparse_gpu.json"
+if [[ $stages == *" methods "* ]]; then
+  echo "== 2. training step per method (batch 128), full width and the study's 0.25"
+  for width in 1.0 0.25; do
+    timeout 60 "$python" -m benchmarks.bench_methods --device cuda --width $width --rounds 5
+  done
+fi
+if [[ $stages == *" sparse "* ]]; then
+  echo "== 2. sparse against dense on the GPU (untrained, balanced routes)"
+  timeout 60 "$python" -m benchmarks.bench_sparse --device cuda --archs resnet18 wrn28_10 --routers shared \
+    --batch-sizes 1 64 256 --json "$out/sparse_gpu.json"
+fi
 
+if [[ $stages != *" study "* ]]; then echo "== done"; exit 0; fi
 echo "== 3. the study at full width"
 # results into the repository's folder: committed, they travel to the next GPU, and the study resumes
 study=("$python" -m studies.frontier --moe-width 1.0 --set device=\"cuda\" data_dir=\"$data\"

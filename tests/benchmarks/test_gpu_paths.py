@@ -2,6 +2,8 @@
 CPU instead (their flags and the files they read are the project's own: a renamed flag fails here,
 not first on a lent GPU)."""
 import json
+import os
+import subprocess
 
 import pytest
 
@@ -49,3 +51,41 @@ def test_checks_run_their_commands_on_the_cpu(tmp_path, monkeypatch):
     assert status["onnx-cuda"]["status"] in ("unavailable", "failed")  # no CUDA here, whatever the provider list says
     assert rc == (1 if status["onnx-cuda"]["status"] == "failed" else 0)
     assert "| train-fp32 |" in (out / "gpu_paths.md").read_text()
+
+
+SESSION = "benchmarks/gpu_session.sh"
+
+
+def _session(tmp_path, **env):
+    """gpu_session.sh with a stand-in python that only logs what it was asked to run."""
+    log = tmp_path / "calls.txt"
+    stub = tmp_path / "python"
+    stub.write_text(f'#!/bin/sh\necho "$*" >> {log}\n')
+    stub.chmod(0o755)
+    done = subprocess.run(["bash", SESSION, str(tmp_path / "out"), str(tmp_path / "data"), "100"],
+                          env={**os.environ, "PYTHON": str(stub), **env}, capture_output=True, text=True)
+    return done, log.read_text().splitlines() if log.exists() else []
+
+
+def test_session_runs_only_the_stages_asked_for(tmp_path):
+    done, calls = _session(tmp_path, STAGES="paths", PATHS="eval-cuda onnx-cuda")
+    assert done.returncode == 0, done.stderr
+    modules = [c.split()[1] for c in calls if c.startswith("-m ")]
+    assert modules == ["benchmarks.gpu_paths"]
+    assert "--only eval-cuda onnx-cuda" in calls[-1]
+
+
+def test_session_runs_every_stage_by_default(tmp_path):
+    done, calls = _session(tmp_path)
+    assert done.returncode == 0, done.stderr
+    modules = [c.split()[1] for c in calls if c.startswith("-m ")]
+    assert modules == ["benchmarks.gpu_paths", "benchmarks.bench_methods", "benchmarks.bench_methods",
+                       "benchmarks.bench_sparse", "studies.frontier", "studies.frontier"]
+    assert "--only" not in calls[1]
+
+
+def test_session_refuses_an_unknown_stage_before_it_starts(tmp_path):
+    done, calls = _session(tmp_path, STAGES="paths bench")
+    assert done.returncode == 2
+    assert "no stage 'bench'" in done.stderr and "paths methods sparse study" in done.stderr
+    assert calls == [] and not (tmp_path / "out").exists()
