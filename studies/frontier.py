@@ -177,22 +177,27 @@ def macs_per_image(model: str, width: float, cfg: TrainConfig) -> int:
     return advmoe.count_macs(built, (info.in_channels, info.image_size, info.image_size))
 
 
-def width_for_macs(target: int, model: str, cfg: TrainConfig, low: float = 0.01, high: float = 2.0) -> float:
-    """The width at which `model` costs `target` MACs per image (bisection; MACs grow with width),
-    rounded to 1/64 so that every stage keeps whole channels."""
-    for _ in range(30):
-        mid = (low + high) / 2
-        low, high = (mid, high) if macs_per_image(model, mid, cfg) < target else (low, mid)
-    return round((low + high) / 2 * 64) / 64
+def width_for_macs(target: int, model: str, cfg: TrainConfig, step: float = 1 / 64, widest: float = 2.0) -> float:
+    """The narrowest width, in steps of 1/64 so that every stage keeps whole channels, at which
+    `model` costs at least `target` MACs per image: a dense row "of the MoE model's MACs" is never
+    given fewer than the MoE model has (bisection over the steps; MACs grow with width)."""
+    low, high = 0, round(widest / step)  # MACs at low * step < target <= MACs at high * step
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if macs_per_image(model, mid * step, cfg) < target else (low, mid)
+    return high * step
 
 
 def default_rows(plan: Plan) -> list[Row]:
     """Dense PGD-AT at the MoE model's MACs, in between and at the MoE model's own width (its
-    full-width twin); MoE-AT, AdvMoE and route-aware training at the MoE width."""
+    full-width twin; where no whole-channel width lies in between, at twice the twin's width, so
+    there are still three); MoE-AT, AdvMoE and route-aware training at the MoE width."""
     base = resolve(plan.preset, **plan.overrides)
     moe, dense = base.model, advmoe.dense_twin(base.model)
     equal = width_for_macs(macs_per_image(moe, plan.moe_width, base), dense, base)
     middle = round((equal + plan.moe_width) / 2 * 64) / 64
+    if middle in (equal, plan.moe_width):  # no whole-channel width between them: one wider than the twin instead
+        middle = 2 * plan.moe_width
     rows = [Row(f"pgd-at-w{equal:g}", f"dense PGD-AT, width {equal:g} (the MoE model's MACs)", "pgd-at", dense, equal,
                 plan.headline_seeds, headline=True),
             Row(f"pgd-at-w{middle:g}", f"dense PGD-AT, width {middle:g}", "pgd-at", dense, middle, plan.seeds),

@@ -251,6 +251,22 @@ def test_the_dense_row_of_equal_macs_costs_what_the_moe_model_costs():
     target = frontier.macs_per_image(cfg.model, 0.5, cfg)
     width = frontier.width_for_macs(target, "resnet18", cfg)
     assert abs(frontier.macs_per_image("resnet18", width, cfg) / target - 1) < 0.15
+    # the narrowest whole-channel width that costs at least the MoE model: never a cheaper dense model
+    assert width * 64 == round(width * 64)
+    assert frontier.macs_per_image("resnet18", width, cfg) >= target > frontier.macs_per_image("resnet18", width - 1 / 64, cfg)
+
+
+@pytest.mark.parametrize("moe_width", [0.25, 0.125])
+def test_the_study_has_three_dense_widths_including_the_equal_macs_one_and_the_twin(moe_width):
+    """At 0.125 the width of the MoE model's MACs (7/64) and the twin's (8/64) have no whole-channel
+    width between them; the third dense row is then twice the twin's width, not a second copy of it."""
+    plan = frontier.Plan(moe_width=moe_width)
+    dense = [r for r in frontier.default_rows(plan) if r.method == "pgd-at"]
+    widths = [r.width for r in dense]
+    assert len(set(widths)) == len({r.key for r in dense}) == 3
+    base = resolve(plan.preset)
+    moe_macs = frontier.macs_per_image(base.model, moe_width, base)
+    assert frontier.macs_per_image(dense[0].model, widths[0], base) >= moe_macs and moe_width in widths
 
 
 def test_ship_copies_the_best_moe_run_with_its_study_numbers(study, tmp_path, monkeypatch):
