@@ -17,6 +17,7 @@ stages=" ${STAGES:-paths methods sparse study} "
 for stage in $stages; do
   case $stage in paths|methods|sparse|study) ;; *) echo "STAGES: no stage '$stage'; the stages are paths methods sparse study" >&2; exit 2;; esac
 done
+asked() { [[ $stages == *" $1 "* ]]; }
 out=${1:?usage: bash benchmarks/gpu_session.sh OUT [DATA_DIR] [SECONDS]}
 data=${2:-/usr/share/datasets/fashion-mnist}
 deadline=$((SECONDS + ${3:-570}))
@@ -27,24 +28,24 @@ export PYTHONUNBUFFERED=1
 nvidia-smi -L
 "$python" -c "import torch, onnxruntime; print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name(0)); print('onnxruntime', onnxruntime.__version__, onnxruntime.get_available_providers())"
 
-if [[ $stages == *" paths "* ]]; then
+if asked paths; then
   echo "== 1. GPU paths"
   timeout 330 "$python" -m benchmarks.gpu_paths --out "$out/paths" --data-dir "$data" --timeout 100 ${PATHS:+--only $PATHS}
 fi
 
-if [[ $stages == *" methods "* ]]; then
+if asked methods; then
   echo "== 2. training step per method (batch 128), full width and the study's 0.25"
   for width in 1.0 0.25; do
     timeout 60 "$python" -m benchmarks.bench_methods --device cuda --width $width --rounds 5
   done
 fi
-if [[ $stages == *" sparse "* ]]; then
+if asked sparse; then
   echo "== 2. sparse against dense on the GPU (untrained, balanced routes)"
   timeout 60 "$python" -m benchmarks.bench_sparse --device cuda --archs resnet18 wrn28_10 --routers shared \
     --batch-sizes 1 64 256 --json "$out/sparse_gpu.json"
 fi
 
-if [[ $stages != *" study "* ]]; then echo "== done"; exit 0; fi
+if ! asked study; then echo "== done"; exit 0; fi
 echo "== 3. the study at full width"
 # results into the repository's folder: committed, they travel to the next GPU, and the study resumes
 study=("$python" -m studies.frontier --moe-width 1.0 --set device=\"cuda\" data_dir=\"$data\"

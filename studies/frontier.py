@@ -86,6 +86,8 @@ METHOD_LABELS = {"pgd-at": "PGD-AT", "trades": "TRADES", "moe-at": "MoE-AT", "ad
 # where a run found its data and how many loader processes read it: not what the run measured, so a
 # result file from another machine (the data in another folder) still stands for its run
 WHERE = ("data_dir", "workers")
+# the dense rows' widths go in steps of 1/64: every stage of ResNet-18 (64 to 512 channels) keeps whole channels
+WIDTH_STEP = 1 / 64
 # settings a row or a flag of its own sets: --set would be overridden by them without a word
 ROW_SETTINGS = {"model": "the rows set it (--rows)", "width": "the rows set it (--moe-width, --rows)",
                 "seed": "give seeds with --seeds and --headline-seeds", "epochs": "give it with --epochs"}
@@ -177,15 +179,15 @@ def macs_per_image(model: str, width: float, cfg: TrainConfig) -> int:
     return advmoe.count_macs(built, (info.in_channels, info.image_size, info.image_size))
 
 
-def width_for_macs(target: int, model: str, cfg: TrainConfig, step: float = 1 / 64, widest: float = 2.0) -> float:
-    """The narrowest width, in steps of 1/64 so that every stage keeps whole channels, at which
-    `model` costs at least `target` MACs per image: a dense row "of the MoE model's MACs" is never
-    given fewer than the MoE model has (bisection over the steps; MACs grow with width)."""
-    low, high = 0, round(widest / step)  # MACs at low * step < target <= MACs at high * step
+def width_for_macs(target: int, model: str, cfg: TrainConfig, widest: float = 2.0) -> float:
+    """The narrowest width, in steps of WIDTH_STEP, at which `model` costs at least `target` MACs
+    per image: a dense row "of the MoE model's MACs" is never given fewer than the MoE model has
+    (bisection over the steps; MACs grow with width)."""
+    low, high = 0, round(widest / WIDTH_STEP)  # MACs at low steps < target <= MACs at high steps
     while high - low > 1:
         mid = (low + high) // 2
-        low, high = (mid, high) if macs_per_image(model, mid * step, cfg) < target else (low, mid)
-    return high * step
+        low, high = (mid, high) if macs_per_image(model, mid * WIDTH_STEP, cfg) < target else (low, mid)
+    return high * WIDTH_STEP
 
 
 def default_rows(plan: Plan) -> list[Row]:
@@ -195,7 +197,7 @@ def default_rows(plan: Plan) -> list[Row]:
     base = resolve(plan.preset, **plan.overrides)
     moe, dense = base.model, advmoe.dense_twin(base.model)
     equal = width_for_macs(macs_per_image(moe, plan.moe_width, base), dense, base)
-    middle = round((equal + plan.moe_width) / 2 * 64) / 64
+    middle = round((equal + plan.moe_width) / 2 / WIDTH_STEP) * WIDTH_STEP
     if middle in (equal, plan.moe_width):  # no whole-channel width between them: one wider than the twin instead
         middle = 2 * plan.moe_width
     rows = [Row(f"pgd-at-w{equal:g}", f"dense PGD-AT, width {equal:g} (the MoE model's MACs)", "pgd-at", dense, equal,

@@ -252,8 +252,8 @@ def test_the_dense_row_of_equal_macs_costs_what_the_moe_model_costs():
     width = frontier.width_for_macs(target, "resnet18", cfg)
     assert abs(frontier.macs_per_image("resnet18", width, cfg) / target - 1) < 0.15
     # the narrowest whole-channel width that costs at least the MoE model: never a cheaper dense model
-    assert width * 64 == round(width * 64)
-    assert frontier.macs_per_image("resnet18", width, cfg) >= target > frontier.macs_per_image("resnet18", width - 1 / 64, cfg)
+    assert width / frontier.WIDTH_STEP == round(width / frontier.WIDTH_STEP)
+    assert frontier.macs_per_image("resnet18", width, cfg) >= target > frontier.macs_per_image("resnet18", width - frontier.WIDTH_STEP, cfg)
 
 
 @pytest.mark.parametrize("moe_width", [0.25, 0.125])
