@@ -52,16 +52,17 @@ def test_more_pgd_steps_never_do_worse_on_a_trained_toy_model():
         opt.step()
     model.eval()
     accuracies = []
+    eps = 0.007  # small enough that 1, 5 and 20 steps each leave a different accuracy (0.78, 0.23, 0.12)
     for steps in (1, 5, 20):
         torch.manual_seed(1)
-        x_adv = pgd(model, x, cross_entropy(y), 0.1, 0.025, steps, random_start=False)
+        x_adv = pgd(model, x, cross_entropy(y), eps, eps / 4, steps, random_start=False)
         with torch.no_grad():
             accuracies.append((model(x_adv).argmax(1) == y).float().mean().item())
     with torch.no_grad():
         clean = (model(x).argmax(1) == y).float().mean().item()
     assert clean > 0.9
     assert clean >= accuracies[0] >= accuracies[1] >= accuracies[2], (clean, accuracies)
-    assert accuracies[2] < clean  # the attack does something
+    assert accuracies[2] < accuracies[0] < clean  # more steps find more
 
 
 def test_kl_objective_uses_the_router_scores_when_given():
