@@ -38,7 +38,7 @@ def exported(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"{name}-{router}")
     checkpoint = advmoe.save_checkpoint(calibrated(name, router, **config), root / "ck")
     before = torch.get_num_threads()
-    torch.set_num_threads(threads or before)
+    torch.set_num_threads(threads)
     try:
         return checkpoint, export_checkpoint(checkpoint, root / "out", ["torchscript", "aoti"], log=lambda *a: None)
     finally:
