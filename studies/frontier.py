@@ -627,6 +627,11 @@ def one_run(single: list[str]) -> str:
     return f"one run of {' and of '.join(single)}, so no seed spread to weigh it against yet"
 
 
+def trained_epochs(docs: list[dict]) -> int:
+    """The epochs a row's runs were trained for: its config's, or its curve's length in a result file without one."""
+    return docs[0].get("config", {}).get("epochs") or len(docs[0]["curve"])
+
+
 def best_row(candidates: dict[str, list[dict]]) -> str:
     """The row of the best mean worst case, among the rows of two runs or more where there are any: one
     lucky run of a row must not outrank a row measured several times."""
@@ -636,10 +641,13 @@ def best_row(candidates: dict[str, list[dict]]) -> str:
 
 def variant_verdict(grouped: dict[str, list[dict]], key: str) -> str | None:
     """What a variant's settings did to the worst case of the row it varies, if that row has results."""
+    # the row it varies: the longest other key its own key extends, so a variant of a variant
+    # (ce_steps3_e10 of ce_steps3) is weighed against that variant, not against the plain row
     row = grouped[key][0]["row"]
-    base = key.removesuffix(f"-{row['variant']}")
-    if base == key or base not in grouped:
+    bases = [k for k in grouped if k != key and key.startswith((f"{k}-", f"{k}_"))]
+    if not bases:
         return None
+    base = max(bases, key=len)
     m, o, spread, single = difference(grouped, key, base)
     weighed = (one_run(single) if single
                else f"{'more' if abs(m - o) > spread else 'no more'} than the seed spread ({100 * spread:.1f} points)")
@@ -658,11 +666,20 @@ def verdicts(grouped: dict[str, list[dict]]) -> list[str]:
     mixtures = {k: d for k, d in moe.items() if collapsed(d) is None} or moe
     best = best_row(mixtures)
     b = grouped[best][0]
-    # the dense rows of the MACs nearest the best MoE row's, the most robust first: with several
-    # methods at that cost (PGD-AT, TRADES), the MoE row has to beat each of them
-    nearest = min(abs(d[0]["macs_per_image"] - b["macs_per_image"]) for d in dense.values())
-    equal = sorted((k for k, d in dense.items() if abs(d[0]["macs_per_image"] - b["macs_per_image"]) == nearest),
-                   key=lambda k: -worst[k][0])
+
+    def equal_cost(key: str, fallback: bool) -> list[str]:
+        """The dense rows of the MACs nearest a MoE row's among those trained as many epochs, the most
+        robust first: with several methods at that cost (PGD-AT, TRADES), the MoE row has to beat each.
+        A longer schedule helps both sides, so a row is weighed against dense rows of its own epochs;
+        only the best MoE row falls back to the others where none has them."""
+        pool = {k: d for k, d in dense.items() if trained_epochs(d) == trained_epochs(grouped[key])}
+        pool = pool or (dense if fallback else {})
+        if not pool:
+            return []
+        macs = grouped[key][0]["macs_per_image"]
+        nearest = min(abs(d[0]["macs_per_image"] - macs) for d in pool.values())
+        return sorted((k for k, d in pool.items() if abs(d[0]["macs_per_image"] - macs) == nearest),
+                      key=lambda k: -worst[k][0])
     lines = [f"{d[0]['row']['label']}: its router collapsed (busiest expert {100 * collapsed(d):.0f} % of the clean "
              f"routes), so it is not a mixture of experts any more and not the best MoE row whatever its accuracy."
              for d in moe.values() if collapsed(d) is not None]
@@ -670,13 +687,13 @@ def verdicts(grouped: dict[str, list[dict]]) -> list[str]:
               f"% against {100 * worst[best][0]:.1f} %): a second seed would say whether it is the better row."
               for k, d in mixtures.items() if len(d) == 1 and worst[k][0] > worst[best][0]]
 
-    def compare(other: str, what: str) -> None:
-        m, o, spread, single = difference(grouped, best, other)
+    def compare(other: str, what: str, key: str = best) -> None:
+        m, o, spread, single = difference(grouped, key, other)
         beats = not single and m - o > spread
+        who = grouped[key][0]["row"]["label"] + (" (the best MoE row)" if key == best else "")
 
         def said(verb: str) -> str:
-            return (f"{b['row']['label']} (the best MoE row) {verb} {what} ({grouped[other][0]['row']['label']}) on "
-                    f"worst-case robust accuracy")
+            return f"{who} {verb} {what} ({grouped[other][0]['row']['label']}) on worst-case robust accuracy"
         if single and m > o:  # ahead, but not yet weighed: no verdict either way
             line = f"{said('is ahead of')} by {100 * (m - o):.1f} points ({100 * m:.1f} % vs {100 * o:.1f} %), {one_run(single)}."
         else:
@@ -684,13 +701,16 @@ def verdicts(grouped: dict[str, list[dict]]) -> list[str]:
                     f"vs {100 * o:.1f} %, difference {100 * (m - o):+.1f} points, "
                     + (f"{one_run(single)}." if single else f"spread {100 * spread:.1f} points."))
         if not beats:  # where it loses: the difference under each attack both rows ran
-            diff = {name: _mean(grouped[best], k) - _mean(grouped[other], k) for k, name in COLUMNS}
+            diff = {name: _mean(grouped[key], k) - _mean(grouped[other], k) for k, name in COLUMNS}
             diffs = [f"{name} {100 * v:+.1f}" for name, v in diff.items() if not math.isnan(v)]
             line += f" Difference by attack, in points: {', '.join(diffs)}."
         lines.append(line)
 
-    for other in equal:
+    for other in equal_cost(best, fallback=True):
         compare(other, "the dense model of the same MACs")
+    for key in (k for k in mixtures if trained_epochs(grouped[k]) != trained_epochs(grouped[best])):
+        for other in equal_cost(key, fallback=False):  # a longer schedule, against dense rows of that schedule
+            compare(other, f"the dense model of the same MACs and {trained_epochs(grouped[key])} epochs", key)
     dense_line = {k: d for k, d in dense.items() if is_dense_line(d[0]["row"])}
     if len(dense_line) > 1:  # what capacity buys a dense model here: whether the MoE width starves its experts
         by_cost = sorted(dense_line, key=lambda k: dense_line[k][0]["macs_per_image"])

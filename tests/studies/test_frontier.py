@@ -405,12 +405,13 @@ def test_ship_fails_with_what_to_fix_and_leaves_nothing(study, tmp_path, monkeyp
 
 
 def _planted(key: str, method: str, macs: int, worst: list[float], apgd: list[float], busiest: float = 0.55,
-             curve: tuple[float, ...] = (0.6, 0.7, 0.705), width: float = 0.25, variant: str | None = None) -> list[dict]:
+             curve: tuple[float, ...] = (0.6, 0.7, 0.705), width: float = 0.25, variant: str | None = None,
+             epochs: int = 5) -> list[dict]:
     dense = method in ("pgd-at", "trades")
     moe = {} if dense else {"route_flip_rate": 0.04, "expert_share": [busiest, 1 - busiest]}
     row = {"key": key, "method": method, "label": key, "width": width, "variant": variant,
            "model": "resnet18" if dense else "moe_resnet18"}
-    return [{"row": row, "seed": seed, "macs_per_image": macs,
+    return [{"row": row, "seed": seed, "macs_per_image": macs, "config": {"epochs": epochs, "seed": seed},
              "accuracy": {"clean": 0.83, "pgd-10": 0.73, "apgd": a}, "worst_case": w, "pgd": "pgd-10",
              "pgd_minus_worst": 0.73 - w, "curve": [{"epoch": e + 1, "val_pgd_accuracy": v} for e, v in enumerate(curve)],
              **moe}
@@ -479,6 +480,34 @@ def test_the_moe_row_is_weighed_against_every_dense_method_of_its_macs_but_only_
     del grouped["moe-at"], grouped["moe-at-ce"]
     del grouped["moe"]  # a variant of a row without results: nothing to say about it
     assert not any(line.startswith("moe-ce: worst case") for line in frontier.verdicts(grouped))
+
+
+def test_a_longer_schedule_is_weighed_against_dense_rows_of_the_same_schedule():
+    """Ten epochs help a dense model too: the best MoE row meets the dense row of its own epochs, and a
+    MoE row trained longer meets the dense row trained as long, not the other way round."""
+    grouped = {"dense": _planted("dense", "pgd-at", 11, [0.71, 0.72], [0.71, 0.72]),
+               "dense-e10": _planted("dense-e10", "pgd-at", 11, [0.74], [0.74], variant="e10", epochs=10),
+               "moe": _planted("moe", "advmoe", 10, [0.68, 0.69], [0.68, 0.69]),
+               "moe-ce": _planted("moe-ce", "advmoe", 10, [0.60, 0.62], [0.60, 0.62], variant="ce"),
+               "moe-ce_e10": _planted("moe-ce_e10", "advmoe", 10, [0.75], [0.75], variant="ce_e10", epochs=10)}
+    lines = frontier.verdicts(grouped)
+    same_macs = [line for line in lines if "the dense model of the same MACs" in line]
+    assert len(same_macs) == 2
+    assert same_macs[0].startswith("moe (the best MoE row) does not beat the dense model of the same MACs (dense) on")
+    assert same_macs[1] == ("moe-ce_e10 is ahead of the dense model of the same MACs and 10 epochs (dense-e10) on "
+                            "worst-case robust accuracy by 1.0 points (75.0 % vs 74.0 %), one run of moe-ce_e10 and of "
+                            "dense-e10, so no seed spread to weigh it against yet. Difference by attack, in points: "
+                            "clean +0.0, PGD-10 +0.0, APGD-CE+T +1.0.")
+    # a variant of a variant is weighed against the variant it extends, not the plain row
+    assert ("moe-ce_e10: worst case 75.0 % against 61.0 % for moe-ce, +14.0 points, one run of moe-ce_e10, so no seed "
+            "spread to weigh it against yet.") in lines
+    assert "dense-e10: worst case 74.0 % against 71.5 % for dense, +2.5 points" in " ".join(lines)
+    # a longer MoE row without a dense row of its schedule meets none; the best row falls back to the nearest in MACs
+    lines = frontier.verdicts({k: d for k, d in grouped.items() if k != "dense-e10"})
+    assert not any("the dense model of the same MACs and" in line for line in lines)
+    lines = frontier.verdicts({k: d for k, d in grouped.items() if k != "dense"})
+    assert any(line.startswith("moe (the best MoE row) does not beat the dense model of the same MACs (dense-e10)")
+               for line in lines)
 
 
 def test_a_row_of_one_run_is_never_weighed_against_another_rows_spread():
