@@ -709,7 +709,7 @@ def verdicts(grouped: dict[str, list[dict]]) -> list[str]:
     for other in equal_cost(best, fallback=True):
         compare(other, "the dense model of the same MACs")
     for key in (k for k in mixtures if trained_epochs(grouped[k]) != trained_epochs(grouped[best])):
-        for other in equal_cost(key, fallback=False):  # a longer schedule, against dense rows of that schedule
+        for other in equal_cost(key, fallback=False):  # another schedule, against dense rows of that schedule
             compare(other, f"the dense model of the same MACs and {trained_epochs(grouped[key])} epochs", key)
     dense_line = {k: d for k, d in dense.items() if is_dense_line(d[0]["row"])}
     if len(dense_line) > 1:  # what capacity buys a dense model here: whether the MoE width starves its experts
