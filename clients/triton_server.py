@@ -85,7 +85,7 @@ def setup(venv: str | Path | None = None, python: str = sys.executable, log=prin
         (venv / ".gitignore").write_text("*\n")  # git ignores the venv, as Python 3.13's venv module does
     log(f"installing {' '.join(REQUIREMENTS)} into {venv}")
     subprocess.run([str(venv_python(venv)), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                    "--no-compile", *REQUIREMENTS], check=True)
+                    *REQUIREMENTS], check=True)
     problem = check_venv(venv)
     if problem is not None:
         raise RuntimeError(f"setting up {venv} failed: {problem}")
