@@ -666,6 +666,11 @@ def verdicts(grouped: dict[str, list[dict]]) -> list[str]:
     mixtures = {k: d for k, d in moe.items() if collapsed(d) is None} or moe
     best = best_row(mixtures)
     b = grouped[best][0]
+    # a longer schedule helps every row, so the twin, MoE-AT and the dense rows of another schedule
+    # are weighed against the best mixture trained as long as they were, not against the best overall
+    schedules = {trained_epochs(d) for d in mixtures.values()}
+    best_of = {e: best_row({k: d for k, d in mixtures.items() if trained_epochs(d) == e}) for e in schedules}
+    other_schedules = sorted((k for k in best_of.values() if k != best), key=lambda k: trained_epochs(grouped[k]))
 
     def equal_cost(key: str, fallback: bool) -> list[str]:
         """The dense rows of the MACs nearest a MoE row's among those trained as many epochs, the most
@@ -708,7 +713,7 @@ def verdicts(grouped: dict[str, list[dict]]) -> list[str]:
 
     for other in equal_cost(best, fallback=True):
         compare(other, "the dense model of the same MACs")
-    for key in (k for k in mixtures if trained_epochs(grouped[k]) != trained_epochs(grouped[best])):
+    for key in other_schedules:
         for other in equal_cost(key, fallback=False):  # another schedule, against dense rows of that schedule
             compare(other, f"the dense model of the same MACs and {trained_epochs(grouped[key])} epochs", key)
     dense_line = {k: d for k, d in dense.items() if is_dense_line(d[0]["row"])}
@@ -726,17 +731,21 @@ def verdicts(grouped: dict[str, list[dict]]) -> list[str]:
                       "row of their MACs is unlikely to come from their width.")
         costs = ", ".join(f"{dense_line[k][0]['macs_per_image'] / 1e6:.1f} M MACs {100 * worst[k][0]:.1f} %" for k in by_cost)
         lines.append(f"Dense PGD-AT's worst case by cost: {costs}: {ratio:.1f}x the MACs {bought}")
-    twins = [k for k in dense_line if grouped[k][0]["row"]["width"] == b["row"]["width"]]
+    twins = [k for k in dense_line if grouped[k][0]["row"]["width"] == b["row"]["width"]
+             and trained_epochs(grouped[k]) in best_of]
     if twins:  # the sparse model against the dense model it was cut from: what it keeps for what it saves
-        t, (m, o) = grouped[twins[0]][0], (worst[best][0], worst[twins[0]][0])
+        key = best_of[trained_epochs(grouped[twins[0]])]
+        t, sparse, (m, o) = grouped[twins[0]][0], grouped[key][0], (worst[key][0], worst[twins[0]][0])
         kept = f"keeps {100 * m / o:.0f} % of its worst-case accuracy" if o > 0 else "is compared on worst case"
-        lines.append(f"{b['row']['label']} costs {b['macs_per_image'] / t['macs_per_image']:.2f}x the MACs of its "
+        lines.append(f"{sparse['row']['label']} costs {sparse['macs_per_image'] / t['macs_per_image']:.2f}x the MACs of its "
                      f"full-width twin ({t['row']['label']}) and {kept} ({100 * m:.1f} % vs {100 * o:.1f} %).")
     # MoE-AT: the MoE model adversarially trained as a whole with one optimiser (the paper's TRADES,
-    # or PGD-AT's loss as a variant); the best row has to beat each of them
+    # or PGD-AT's loss as a variant); the best row of their schedule has to beat each of them
     joint = [k for k, d in moe.items() if (m := METHODS[d[0]["row"]["method"]]).groups == ("all",) and m.attacks]
-    for other in (k for k in joint if k != best):
-        compare(other, "MoE-AT")
+    for other in joint:  # each against the best mixture of its own schedule
+        key = best_of.get(trained_epochs(grouped[other]))
+        if key is not None and key != other:
+            compare(other, "MoE-AT", key)
     for docs in grouped.values():  # the gradient-masking check of the composed AutoAttack
         for d in docs:
             check = d.get("autoattack", {}).get("square_check")
@@ -747,11 +756,12 @@ def verdicts(grouped: dict[str, list[dict]]) -> list[str]:
         said = variant_verdict(grouped, key) if docs[0]["row"].get("variant") else None
         lines += [said] if said else []
     lines += [curve_verdict(d) for d in grouped.values()]
-    gap = mean_std([x["pgd_minus_worst"] for x in grouped[best]])[0]
-    flips = mean_std([x.get("route_flip_rate") for x in grouped[best]])[0]
-    lines.append(f"{b['row']['label']}: {b['pgd'].upper()} minus worst case {100 * gap:.1f} points (target at most 5: "
-                 f"{'met' if gap <= 0.05 else 'missed'}); route flips under the router attack {100 * flips:.1f} % "
-                 f"(target at most 10 %: {'met' if flips <= 0.10 else 'missed'}).")
+    for key in [best, *other_schedules]:  # the issue's targets, for the best row of each schedule
+        gap = mean_std([x["pgd_minus_worst"] for x in grouped[key]])[0]
+        flips = mean_std([x.get("route_flip_rate") for x in grouped[key]])[0]
+        lines.append(f"{grouped[key][0]['row']['label']}: {grouped[key][0]['pgd'].upper()} minus worst case "
+                     f"{100 * gap:.1f} points (target at most 5: {'met' if gap <= 0.05 else 'missed'}); route flips under "
+                     f"the router attack {100 * flips:.1f} % (target at most 10 %: {'met' if flips <= 0.10 else 'missed'}).")
     return lines
 
 

@@ -510,6 +510,31 @@ def test_a_longer_schedule_is_weighed_against_dense_rows_of_the_same_schedule():
                for line in lines)
 
 
+def test_a_longer_best_row_leaves_the_twin_and_moe_at_to_the_best_row_of_their_schedule():
+    """When a row trained longer becomes the best MoE row, the study's own rows (the twin, MoE-AT,
+    the dense row of the MoE model's MACs) are still weighed against the best mixture of theirs."""
+    grouped = {"dense": _planted("dense", "pgd-at", 11, [0.71, 0.72], [0.71, 0.72], width=0.15625),
+               "dense-wide": _planted("dense-wide", "pgd-at", 28, [0.70, 0.71], [0.70, 0.71]),
+               "dense-e10": _planted("dense-e10", "pgd-at", 11, [0.74, 0.75], [0.74, 0.75], width=0.15625,
+                                     variant="e10", epochs=10),
+               "moe": _planted("moe", "advmoe", 10, [0.68, 0.69], [0.68, 0.69]),
+               "moe-at": _planted("moe-at", "moe-at", 10, [0.60, 0.61], [0.60, 0.61]),
+               "moe-e10": _planted("moe-e10", "advmoe", 10, [0.72, 0.73], [0.72, 0.73], variant="e10", epochs=10)}
+    grouped["moe-e10"][1]["pgd_minus_worst"] = 0.15  # its PGD gap misses the target; the 5-epoch row's meets it
+    lines = frontier.verdicts(grouped)
+    assert lines[0].startswith("moe-e10 (the best MoE row) does not beat the dense model of the same MACs (dense-e10) "
+                               "on worst-case robust accuracy by more than the seed spread: 72.5 % vs 74.5 %")
+    assert lines[1].startswith("moe does not beat the dense model of the same MACs and 5 epochs (dense) on worst-case "
+                               "robust accuracy by more than the seed spread: 68.5 % vs 71.5 %")
+    assert "moe costs 0.36x the MACs of its full-width twin (dense-wide) and keeps 97 % of its worst-case accuracy " \
+           "(68.5 % vs 70.5 %)." in lines
+    assert any(line.startswith("moe beats MoE-AT (moe-at) on worst-case robust accuracy by more than the seed spread: "
+                               "68.5 % vs 60.5 %") for line in lines)
+    assert not any("moe-e10" in line and "MoE-AT" in line for line in lines)  # no MoE-AT of ten epochs to weigh
+    assert lines[-2].startswith("moe-e10: PGD-10 minus worst case 8.0 points (target at most 5: missed)")
+    assert lines[-1].startswith("moe: PGD-10 minus worst case 4.5 points (target at most 5: met)")
+
+
 def test_a_row_of_one_run_is_never_weighed_against_another_rows_spread():
     """One run has no spread, and the other row's does not stand in for it: the MoE rows' runs
     differ far more than the dense rows' (10 points against 1.3 on this CPU)."""
