@@ -662,22 +662,22 @@ def verdicts(grouped: dict[str, list[dict]]) -> list[str]:
     if not dense or not moe:
         return ["Not enough rows finished for a verdict yet."]
     worst = {k: mean_std([x["worst_case"] for x in d]) for k, d in grouped.items()}
+    epochs = {k: trained_epochs(d) for k, d in grouped.items()}
     # the best MoE row that is still a mixture: a collapsed router makes a dense model of one expert
     mixtures = {k: d for k, d in moe.items() if collapsed(d) is None} or moe
     best = best_row(mixtures)
     b = grouped[best][0]
     # a longer schedule helps every row, so the twin, MoE-AT and the dense rows of another schedule
     # are weighed against the best mixture trained as long as they were, not against the best overall
-    schedules = {trained_epochs(d) for d in mixtures.values()}
-    best_of = {e: best_row({k: d for k, d in mixtures.items() if trained_epochs(d) == e}) for e in schedules}
-    other_schedules = sorted((k for k in best_of.values() if k != best), key=lambda k: trained_epochs(grouped[k]))
+    best_of = {e: best_row({k: d for k, d in mixtures.items() if epochs[k] == e}) for e in {epochs[k] for k in mixtures}}
+    other_schedules = sorted((k for k in best_of.values() if k != best), key=epochs.get)
 
     def equal_cost(key: str, fallback: bool) -> list[str]:
         """The dense rows of the MACs nearest a MoE row's among those trained as many epochs, the most
         robust first: with several methods at that cost (PGD-AT, TRADES), the MoE row has to beat each.
         A longer schedule helps both sides, so a row is weighed against dense rows of its own epochs;
         only the best MoE row falls back to the others where none has them."""
-        pool = {k: d for k, d in dense.items() if trained_epochs(d) == trained_epochs(grouped[key])}
+        pool = {k: d for k, d in dense.items() if epochs[k] == epochs[key]}
         pool = pool or (dense if fallback else {})
         if not pool:
             return []
@@ -715,7 +715,7 @@ def verdicts(grouped: dict[str, list[dict]]) -> list[str]:
         compare(other, "the dense model of the same MACs")
     for key in other_schedules:
         for other in equal_cost(key, fallback=False):  # another schedule, against dense rows of that schedule
-            compare(other, f"the dense model of the same MACs and {trained_epochs(grouped[key])} epochs", key)
+            compare(other, f"the dense model of the same MACs and {epochs[key]} epochs", key)
     dense_line = {k: d for k, d in dense.items() if is_dense_line(d[0]["row"])}
     if len(dense_line) > 1:  # what capacity buys a dense model here: whether the MoE width starves its experts
         by_cost = sorted(dense_line, key=lambda k: dense_line[k][0]["macs_per_image"])
@@ -732,9 +732,9 @@ def verdicts(grouped: dict[str, list[dict]]) -> list[str]:
         costs = ", ".join(f"{dense_line[k][0]['macs_per_image'] / 1e6:.1f} M MACs {100 * worst[k][0]:.1f} %" for k in by_cost)
         lines.append(f"Dense PGD-AT's worst case by cost: {costs}: {ratio:.1f}x the MACs {bought}")
     twins = [k for k in dense_line if grouped[k][0]["row"]["width"] == b["row"]["width"]
-             and trained_epochs(grouped[k]) in best_of]
+             and epochs[k] in best_of]
     if twins:  # the sparse model against the dense model it was cut from: what it keeps for what it saves
-        key = best_of[trained_epochs(grouped[twins[0]])]
+        key = best_of[epochs[twins[0]]]
         t, sparse, (m, o) = grouped[twins[0]][0], grouped[key][0], (worst[key][0], worst[twins[0]][0])
         kept = f"keeps {100 * m / o:.0f} % of its worst-case accuracy" if o > 0 else "is compared on worst case"
         lines.append(f"{sparse['row']['label']} costs {sparse['macs_per_image'] / t['macs_per_image']:.2f}x the MACs of its "
@@ -743,7 +743,7 @@ def verdicts(grouped: dict[str, list[dict]]) -> list[str]:
     # or PGD-AT's loss as a variant); the best row of their schedule has to beat each of them
     joint = [k for k, d in moe.items() if (m := METHODS[d[0]["row"]["method"]]).groups == ("all",) and m.attacks]
     for other in joint:  # each against the best mixture of its own schedule
-        key = best_of.get(trained_epochs(grouped[other]))
+        key = best_of.get(epochs[other])
         if key is not None and key != other:
             compare(other, "MoE-AT", key)
     for docs in grouped.values():  # the gradient-masking check of the composed AutoAttack
