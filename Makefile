@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run serve export test data train ship bench models clean
+.PHONY: install run serve export test triton data train ship bench models clean
 
 # pip takes torch 2.14.1 / torchvision 0.29.1 from this machine's disk (pinned in pyproject.toml).
 $(STAMP): pyproject.toml
@@ -57,12 +57,10 @@ ship: $(RUN)/best/model.safetensors
 	rm -rf $(TINY) && mkdir -p $(dir $(TINY)) && cp -r $(RUN)/best $(TINY)
 
 # The Triton client tests run a local Triton server from a venv of its own (nvidia-pytriton pins
-# numpy 1.26): made once (about a minute), then reused.
-TRITON_STAMP := .venv-triton/.ready
-
-$(TRITON_STAMP): | install
+# numpy 1.26): made once per machine in ~/.cache/advmoe (about 30 s) and shared by every clone;
+# setup checks it in a second when it is there.
+triton: install
 	$(BIN)/python -m clients.triton_server setup
-	touch $(TRITON_STAMP)
 
 # Fashion-MNIST from Debian's package (the only data set the machine can have; tests read it).
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
@@ -75,7 +73,7 @@ data:
 	fi
 
 # The whole suite, Triton tests included.
-test: install $(TRITON_STAMP) data
+test: install triton data
 	$(BIN)/python -m pytest -q
 
 # The fmnist-tiny preset end to end (about 10 minutes on 2 cores); resumes a run that was cut off.
@@ -90,5 +88,6 @@ bench: install
 models: install
 	$(BIN)/advmoe models
 
+# The Triton venv in ~/.cache/advmoe is shared with other clones: clean leaves it.
 clean:
 	rm -rf $(VENV) .venv-triton *.egg-info .pytest_cache

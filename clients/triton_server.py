@@ -7,9 +7,11 @@ tensor names, data types, max_batch_size, dynamic batching and instance count of
 with the onnxruntime backend (docs/triton.md shows that one, on a GPU host).
 
 nvidia-pytriton pins numpy < 2 and the project runs on numpy 2, so the server lives in a venv of
-its own, `.venv-triton` at the repository root (or $ADVMOE_TRITON_VENV):
+its own (`default_venv`): one per machine in the user's cache, named after the Python version and
+the pins, so every clone of the project shares it, as pre-commit and nox share their tool
+environments; $ADVMOE_TRITON_VENV puts it elsewhere.
 
-    python -m clients.triton_server setup             # makes .venv-triton once (pip, ~1 minute)
+    python -m clients.triton_server setup             # makes the venv once (pip, ~30 s)
     python -m clients.triton_server serve out/triton  # HTTP 8000, gRPC 8001, metrics 8002 on 127.0.0.1
 
 `serve` re-runs itself with the venv's python when the current one has no pytriton. From Python,
@@ -23,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
+import hashlib
 import os
 import re
 import shutil
@@ -47,7 +51,13 @@ _CHECK = ("import importlib.metadata as m, numpy, onnxruntime, pytriton.triton, 
 
 
 def default_venv() -> Path:
-    return Path(os.environ.get(VENV_ENV) or ROOT / ".venv-triton")
+    """$ADVMOE_TRITON_VENV, else `$XDG_CACHE_HOME/advmoe/` (~/.cache/advmoe/) triton-venv-py3.11-<pins>:
+    it holds no project code, so a fresh clone reuses it; a change of pins names a new one."""
+    if os.environ.get(VENV_ENV):
+        return Path(os.environ[VENV_ENV])
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    pins = hashlib.sha256(" ".join(REQUIREMENTS).encode()).hexdigest()[:10]
+    return cache / "advmoe" / f"triton-venv-py{sys.version_info.major}.{sys.version_info.minor}-{pins}"
 
 
 def venv_python(venv: str | Path | None = None) -> Path:
@@ -72,8 +82,16 @@ def check_venv(venv: str | Path | None = None) -> str | None:
 
 
 def setup(venv: str | Path | None = None, python: str = sys.executable, log=print) -> Path:
-    """Create (or repair) the server's venv with REQUIREMENTS; a no-op when it is already right."""
+    """Create (or repair) the server's venv with REQUIREMENTS; a no-op when it is already right.
+    Clones share the venv, so a lock beside it keeps two setups from installing into it at once."""
     venv = Path(venv or default_venv())
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    with open(venv.with_name(venv.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        return _setup(venv, python, log)
+
+
+def _setup(venv: Path, python: str, log) -> Path:
     problem = check_venv(venv)
     if problem is None:
         log(f"{venv} is ready ({', '.join(REQUIREMENTS)})")
@@ -419,8 +437,8 @@ class LocalTritonServer:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m clients.triton_server", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p_setup = sub.add_parser("setup", help="create the server's venv (.venv-triton) with nvidia-pytriton")
-    p_setup.add_argument("--venv", default=None, help=f"where (default: ${VENV_ENV} or .venv-triton)")
+    p_setup = sub.add_parser("setup", help="create the server's venv with nvidia-pytriton")
+    p_setup.add_argument("--venv", default=None, help=f"where (default: {default_venv()}; ${VENV_ENV} moves it)")
     p_check = sub.add_parser("check", help="exit 0 if the server's venv is ready, else say what is wrong")
     p_check.add_argument("--venv", default=None)
     p_serve = sub.add_parser("serve", help="serve a model of an exported Triton repository")

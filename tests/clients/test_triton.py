@@ -31,6 +31,39 @@ def test_triton_extra_pins_what_the_server_venv_gets():
     assert not any(r.startswith("nvidia-pytriton") for r in extras["dev"])  # it pulls numpy back to 1.26
 
 
+def test_the_server_venv_is_one_per_machine_named_after_python_and_its_pins(tmp_path, monkeypatch):
+    """Clones share it (it holds no project code); other pins or another Python get another one."""
+    monkeypatch.delenv(triton_server.VENV_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    venv = triton_server.default_venv()
+    assert venv.parent == tmp_path / "advmoe"
+    assert venv.name.startswith(f"triton-venv-py{sys.version_info.major}.{sys.version_info.minor}-")
+    monkeypatch.setattr(triton_server, "REQUIREMENTS", ("nvidia-pytriton==0.7.1", "onnxruntime==1.32.0"))
+    assert triton_server.default_venv() != venv and triton_server.default_venv().parent == venv.parent
+    monkeypatch.setenv(triton_server.VENV_ENV, str(tmp_path / "mine"))
+    assert triton_server.default_venv() == tmp_path / "mine"
+
+
+def test_two_setups_of_the_shared_venv_run_one_after_the_other(tmp_path, monkeypatch):
+    inside, overlaps = [], []
+
+    def install(venv, python, log):
+        overlaps.append(bool(inside))
+        inside.append(venv)
+        time.sleep(0.3)
+        inside.remove(venv)
+        return venv
+
+    monkeypatch.setattr(triton_server, "_setup", install)
+    venv = tmp_path / "cache" / "advmoe" / "triton-venv"
+    threads = [threading.Thread(target=triton_server.setup, args=(venv,)) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert overlaps == [False, False] and (venv.parent / "triton-venv.lock").is_file()
+
+
 def test_clients_import_neither_torch_nor_the_other_applications():
     probe = ("import sys, clients.triton_client, clients.triton_server; "
              "print(sorted(m for m in ('torch', 'advmoe', 'serving', 'training', 'export') if m in sys.modules))")
