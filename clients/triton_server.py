@@ -42,7 +42,6 @@ from pathlib import Path
 
 # What the server's venv gets; pyproject's `triton` extra lists the same pins (a test checks).
 REQUIREMENTS = ("nvidia-pytriton==0.7.0", "onnxruntime==1.32.0")
-ROOT = Path(__file__).resolve().parents[1]
 VENV_ENV = "ADVMOE_TRITON_VENV"
 SETUP_COMMAND = "python -m clients.triton_server setup"
 STUB_FOLDER = re.compile(r"^(.*/folder[A-Za-z0-9_]+)/\d+/model\.py$")
