@@ -766,6 +766,7 @@ def verdicts(grouped: dict[str, list[dict]]) -> list[str]:
 
 
 LEVEL_OFF = 0.01  # a last epoch that adds less validation PGD accuracy than this: levelled off
+COLLAPSE = 0.2  # a seed's validation PGD accuracy falling this much in one epoch: named, as the row's mean blurs it
 
 
 def mean_curve(docs: list[dict], key: str = "val_pgd_accuracy") -> list[float]:
@@ -774,8 +775,28 @@ def mean_curve(docs: list[dict], key: str = "val_pgd_accuracy") -> list[float]:
     return [statistics.mean(x["curve"][e][key] for x in docs if e < len(x["curve"])) for e in range(epochs)]
 
 
+def collapses(docs: list[dict]) -> list[str]:
+    """Each epoch where a seed's validation PGD accuracy fell by COLLAPSE or more from the epoch before."""
+    found = []
+    for x in docs:
+        values = [r["val_pgd_accuracy"] for r in x["curve"]]
+        run = f"seed {x['seed']}" + (f" (repeat {x['repeat']})" if x.get("repeat") else "")
+        for e in range(1, len(values)):
+            if values[e] <= values[e - 1] - COLLAPSE:
+                after = f", {100 * values[e + 1]:.1f} % the next" if e + 1 < len(values) else ""
+                found.append(f"{run} fell from {100 * values[e - 1]:.1f} to {100 * values[e]:.1f} % at epoch {e + 1}{after}")
+    return found
+
+
 def curve_verdict(docs: list[dict]) -> str:
-    """Whether the row's validation robustness levelled off: the curve's peak, and what its last epoch added."""
+    """Whether the row's validation robustness levelled off: the curve's peak, and what its last epoch added;
+    then any seed's one-epoch collapse, which the mean over the seeds would blur."""
+    fell = collapses(docs)
+    note = f" Behind the mean: {'; '.join(fell)}." if fell else ""
+    return _curve_verdict(docs) + note
+
+
+def _curve_verdict(docs: list[dict]) -> str:
     curve = mean_curve(docs)
     label, peak = docs[0]["row"]["label"], max(range(len(curve)), key=curve.__getitem__)
     text = (f"{label}: validation PGD accuracy by epoch {', '.join(f'{100 * v:.1f}' for v in curve)} %")

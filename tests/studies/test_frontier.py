@@ -602,6 +602,17 @@ def test_the_report_says_whether_validation_robustness_levelled_off(curve, verdi
     assert "route-fixed" not in line  # runs from before validation ran it
 
 
+def test_the_curve_line_names_a_seed_whose_validation_robustness_collapsed_for_an_epoch():
+    """The row's mean of 0.72 and 0.21 would read as a dip to 46.5 %; the line says which seed fell, and how far."""
+    runs = _planted("dense", "pgd-at", 11, [0.72, 0.73], [0.72, 0.73])
+    runs[0]["curve"] = [{"epoch": e + 1, "val_pgd_accuracy": v} for e, v in enumerate((0.69, 0.744, 0.217, 0.744, 0.759))]
+    runs[1]["curve"] = [{"epoch": e + 1, "val_pgd_accuracy": v} for e, v in enumerate((0.70, 0.72, 0.713, 0.74, 0.735))]
+    line = frontier.curve_verdict(runs)
+    assert line.endswith("levelled off. Behind the mean: seed 0 fell from 74.4 to 21.7 % at epoch 3, 74.4 % the next.")
+    runs[0]["curve"][2]["val_pgd_accuracy"] = 0.6  # 14 points: a swing, not a collapse
+    assert "Behind the mean" not in frontier.curve_verdict(runs)
+
+
 def test_the_curve_line_adds_validation_route_fixed_accuracy_where_every_run_has_it():
     runs = _planted("advmoe", "advmoe", 10, [0.56, 0.6], [0.58, 0.6])
     for run, fixed in zip(runs, ((0.5, 0.55, 0.6), (0.4, 0.45, 0.5))):
