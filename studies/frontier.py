@@ -790,8 +790,8 @@ def collapses(docs: list[dict]) -> list[str]:
 
 def curve_verdict(docs: list[dict]) -> str:
     """Whether the row's validation robustness levelled off: the curve's peak, and what its last epoch added;
-    then any seed's one-epoch collapse, which the mean over the seeds would blur."""
-    fell = collapses(docs)
+    then, for a row of several runs, any seed's fall within one epoch, which their mean would blur."""
+    fell = collapses(docs) if len(docs) > 1 else []  # one run's curve shows its own fall
     note = f" Behind the mean: {'; '.join(fell)}." if fell else ""
     return _curve_verdict(docs) + note
 

@@ -609,6 +609,7 @@ def test_the_curve_line_names_a_seed_whose_validation_robustness_collapsed_for_a
     runs[1]["curve"] = [{"epoch": e + 1, "val_pgd_accuracy": v} for e, v in enumerate((0.70, 0.72, 0.713, 0.74, 0.735))]
     line = frontier.curve_verdict(runs)
     assert line.endswith("levelled off. Behind the mean: seed 0 fell from 74.4 to 21.7 % at epoch 3, 74.4 % the next.")
+    assert "Behind the mean" not in frontier.curve_verdict(runs[:1])  # one run: its curve is the fall itself
     runs[0]["curve"][2]["val_pgd_accuracy"] = 0.6  # 14 points: a swing, not a collapse
     assert "Behind the mean" not in frontier.curve_verdict(runs)
 
