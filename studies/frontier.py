@@ -780,7 +780,7 @@ def collapses(docs: list[dict]) -> list[str]:
     found = []
     for x in docs:
         values = [r["val_pgd_accuracy"] for r in x["curve"]]
-        run = f"seed {x['seed']}" + (f" (repeat {x['repeat']})" if x.get("repeat") else "")
+        run = f"seed {run_label(x)}"
         for e in range(1, len(values)):
             if values[e] <= values[e - 1] - COLLAPSE:
                 after = f", {100 * values[e + 1]:.1f} % the next" if e + 1 < len(values) else ""
