@@ -66,11 +66,23 @@ async def parse(cls: type[LenientInput], request: Request) -> LenientInput:
     try:
         model = cls.model_validate({k: v for k, v in data.items() if k not in files})
     except ValidationError as e:
-        raise RequestError(400, "bad_field", "; ".join(
-            f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}" for err in e.errors()[:5])) from None
+        form = media_type in FORM_TYPES
+        raise RequestError(400, "bad_field", "; ".join(field_error(err, form) for err in e.errors()[:5])) from None
     for name in files & data.keys():  # the uploaded bytes, as they came
         setattr(model, name, data[name])
     return model
+
+
+def field_error(err: dict, form: bool) -> str:
+    """One pydantic error as `field: what is wrong`. A list field given one whole number (`labels=9`
+    for one image) also gets the list to send, in the request's own syntax."""
+    where = ".".join(map(str, err["loc"])) or "body"
+    text = f"{where}: {err['msg']}"
+    value = err.get("input")
+    if err["type"] == "list_type" and len(err["loc"]) == 1 and type(value) is int:
+        shown = f"{where}=[{value}] (a form field holds JSON)" if form else f'"{where}": [{value}]'
+        text += f"; send a list, even of one: {shown}"
+    return text
 
 
 async def form_fields(request: Request, files: set[str]) -> dict:

@@ -290,6 +290,7 @@ def test_probe_requires_its_token(server, served_images):
     ({"steps": 6}, 400, "steps=6"),
     ({"attack": "cw"}, 400, "fgsm, pgd"),
     ({"labels": [0]}, 400, "one label per input"),
+    ({"n": 1, "labels": 9}, 400, 'send a list, even of one: "labels": [9]'),
     ({"labels": [0, 10]}, 400, "class indices"),
     ({"n": 5, "labels": [0] * 5}, 413, "limit is 4"),
 ])
@@ -299,6 +300,14 @@ def test_probe_respects_its_caps(server, served_images, change, status, message)
     response = post(server, "attack_probe", json={**PROBE, "inputs": served_images[:n].tolist(), **change}, headers=AUTH)
     assert response.status_code == status, response.text
     assert message in response.json()["error"]
+
+
+def test_a_probe_form_with_one_label_not_in_a_list_is_told_the_list_to_send(server, served_images):
+    response = post(server, "attack_probe", headers=AUTH, files={"images": ("a.png", png(served_images[0, 0]), "image/png")},
+                    data={"labels": "9", "eps": "0.1"})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"] == ("labels: Input should be a valid list; send a list, even of one: labels=[9] "
+                                        "(a form field holds JSON)")
 
 
 @pytest.mark.parametrize("attack", ["fgsm", "pgd"])
