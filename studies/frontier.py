@@ -55,6 +55,7 @@ RESULTS = Path("reports/robustness_frontier")
 REPORT = Path("reports/robustness_frontier.md")
 MAIN_ATTACKS = ("pgd", "apgd", "route-fixed", "router")
 PGD_STEPS = (10, 50)
+BUDGET_HOURS = 12  # what the study at its defaults was sized for on a 2-core CPU
 ROUTE_STEPS = 50
 # Gradient passes (forward + input gradient) per image of each evaluation, at the defaults above;
 # APGD-T runs on the survivors only (SURVIVE of the images); FAB-T and Square on the clean-correct
@@ -847,6 +848,38 @@ def plot(grouped: dict[str, list[dict]], path: Path) -> None:
     tmp.replace(path)
 
 
+def study_cost(grouped: dict[str, list[dict]], rows: list[Row]) -> str:
+    """What the study itself (its rows at their seeds; no variant, extra seed or repeat) has cost:
+    the hours its result files record, and those hours again at each row's quickest run, stage by
+    stage, which is what a machine with nothing else on it would have taken."""
+    runs = {r.key: r for r in rows}
+    own = [d for docs in grouped.values() for d in docs
+           if d["row"]["key"] in runs and d["seed"] in runs[d["row"]["key"]].seeds and not d.get("repeat")]
+    if not own:
+        return ""
+    planned = sum(len(r.seeds) for r in rows)
+    recorded = sum(sum(d["seconds"].values()) for d in own) / 3600
+    quickest = 0.0
+    for row in rows:
+        docs = [d for d in own if d["row"]["key"] == row.key]
+        for stage in ("train", "eval", "autoattack"):
+            times = [d["seconds"][stage] for d in docs if stage in d["seconds"]]
+            if times and (stage != "autoattack" or row.headline):
+                quickest += min(times) * len(row.seeds) / 3600
+    cpu = all(d["config"].get("device", "cpu") == "cpu" for d in own)
+    text = (f"The study itself, its {len(rows)} rows at their seeds without the variants, extra seeds and "
+            f"repeats beside them: {len(own)} of {planned} runs finished, {recorded:.1f} hours recorded"
+            + (f" against a budget of {BUDGET_HOURS} hours of a 2-core CPU" if cpu else "")
+            + f"; {quickest:.1f} hours at each row's quickest run, stage by stage (training, evaluation, "
+              f"AutoAttack), as a machine with nothing else on it would take.")
+    missing = [doc_run_name(d) for d in own if runs[d["row"]["key"]].headline and "autoattack" not in d["seconds"]]
+    if missing:
+        runs_word = "run" if len(missing) == 1 else "runs"
+        text += (f" AutoAttack has not run on {len(missing)} headline {runs_word} ({', '.join(missing)}); the "
+                 f"quickest-run hours count it.")
+    return text
+
+
 def write_report(results: Path, report: Path, plan: Plan, command: str | None = None) -> str:
     grouped = load_results(results)
     if not grouped:
@@ -859,12 +892,14 @@ def write_report(results: Path, report: Path, plan: Plan, command: str | None = 
     runs = sum(len(d) for d in grouped.values())
     devices = sorted({d["config"].get("device", "cpu").split(":")[0] for docs in grouped.values() for d in docs})
     where = " and ".join({"cpu": "the CPU", "cuda": "a GPU"}.get(d, d) for d in devices)
+    cost = study_cost(grouped, default_rows(plan))
+    cost += "\n" if cost else ""
     text = f"""# Robustness against cost on Fashion-MNIST
 
 Produced by `{command or 'python -m studies.frontier'}` (studies/frontier.py) from the result files in
 [{folder}/]({folder}/) ({runs} run{'s' * (runs != 1)}, {hours:.1f} hours on {where} so far:
 training epochs and evaluations, as each result file records them).
-linf ε = {first['eps']:g}; training: {first['epochs']} epochs, {first['train_examples'] or 'all'} training images, PGD-{first['attack_steps']}
+{cost}linf ε = {first['eps']:g}; training: {first['epochs']} epochs, {first['train_examples'] or 'all'} training images, PGD-{first['attack_steps']}
 for the training attack; checkpoints selected on validation PGD accuracy. Evaluation on the first
 {plan.eval_examples} test images: PGD-10 and PGD-50 through the straight-through router, APGD-CE then APGD-T,
 the route-fixed and the router attack; the **worst case** counts an image only if it survives every one of

@@ -602,6 +602,26 @@ def test_the_report_says_whether_validation_robustness_levelled_off(curve, verdi
     assert "route-fixed" not in line  # runs from before validation ran it
 
 
+def test_the_study_cost_counts_its_own_runs_against_the_budget_and_at_each_rows_quickest_run():
+    rows = [frontier.Row("dense", "dense", "pgd-at", "resnet18", 0.25, (0, 1), headline=True),
+            frontier.Row("moe", "MoE", "advmoe", "moe_resnet18", 0.25, (0, 1))]
+
+    def doc(key, seed, repeat=0, **seconds):
+        return {"row": {"key": key}, "seed": seed, "repeat": repeat, "config": {"device": "cpu"}, "seconds": seconds}
+
+    grouped = {"dense": [doc("dense", 0, train=3600, eval=1800), doc("dense", 1, train=1800, eval=1800, autoattack=1800),
+                         doc("dense", 2, train=9000), doc("dense", 1, repeat=1, train=9000)],  # an extra seed, a repeat
+               "moe": [doc("moe", 0, train=7200, eval=3600)],
+               "moe-e10": [doc("moe-e10", 0, train=9000)]}  # a variant
+    text = frontier.study_cost(grouped, rows)
+    # recorded: 1.5 + 1.5 + 3 hours; quickest: dense 2 x (0.5 + 0.5 + 0.5), MoE 2 x (2 + 1), no AutoAttack off the headline
+    assert "3 of 4 runs finished, 6.0 hours recorded against a budget of 12 hours of a 2-core CPU; 9.0 hours at" in text
+    assert text.endswith("AutoAttack has not run on 1 headline run (dense-seed0); the quickest-run hours count it.")
+    grouped["dense"][0]["config"]["device"] = "cuda:0"
+    assert "budget" not in frontier.study_cost(grouped, rows)  # the budget is the CPU's
+    assert frontier.study_cost({"moe-e10": grouped["moe-e10"]}, rows) == ""
+
+
 def test_the_curve_line_names_a_seed_whose_validation_robustness_collapsed_for_an_epoch():
     """The row's mean of 0.72 and 0.21 would read as a dip to 46.5 %; the line says which seed fell, and how far."""
     runs = _planted("dense", "pgd-at", 11, [0.72, 0.73], [0.72, 0.73])
