@@ -859,24 +859,29 @@ def study_cost(grouped: dict[str, list[dict]], rows: list[Row]) -> str:
         return ""
     planned = sum(len(r.seeds) for r in rows)
     recorded = sum(sum(d["seconds"].values()) for d in own) / 3600
-    quickest = 0.0
+    quickest, started, uncounted = 0.0, 0, []
     for row in rows:
         docs = [d for d in own if d["row"]["key"] == row.key]
+        started += bool(docs)
+        if docs and row.headline and not any("autoattack" in d["seconds"] for d in docs):
+            uncounted.append(row.key)
         for stage in ("train", "eval", "autoattack"):
             times = [d["seconds"][stage] for d in docs if stage in d["seconds"]]
             if times and (stage != "autoattack" or row.headline):
                 quickest += min(times) * len(row.seeds) / 3600
     cpu = all(d["config"].get("device", "cpu") == "cpu" for d in own)
+    rows_counted = "" if started == len(rows) else f" (the {started} of its {len(rows)} rows with a finished run)"
     text = (f"The study itself, its {len(rows)} rows at their seeds without the variants, extra seeds and "
             f"repeats beside them: {len(own)} of {planned} runs finished, {recorded:.1f} hours recorded"
             + (f" against a budget of {BUDGET_HOURS} hours of a 2-core CPU" if cpu else "")
-            + f"; {quickest:.1f} hours at each row's quickest run, stage by stage (training, evaluation, "
-              f"AutoAttack), as a machine with nothing else on it would take.")
+            + f"; {quickest:.1f} hours{rows_counted} at each row's quickest run, stage by stage (training, "
+              f"evaluation, AutoAttack), as a machine with nothing else on it would take.")
     missing = [doc_run_name(d) for d in own if runs[d["row"]["key"]].headline and "autoattack" not in d["seconds"]]
     if missing:
         runs_word = "run" if len(missing) == 1 else "runs"
-        text += (f" AutoAttack has not run on {len(missing)} headline {runs_word} ({', '.join(missing)}); the "
-                 f"quickest-run hours count it.")
+        counted = (f"the quickest-run hours count it, except for {', '.join(uncounted)}, where no run has it" if uncounted
+                   else "the quickest-run hours count it")
+        text += f" AutoAttack has not run on {len(missing)} headline {runs_word} ({', '.join(missing)}); {counted}."
     return text
 
 

@@ -617,6 +617,11 @@ def test_the_study_cost_counts_its_own_runs_against_the_budget_and_at_each_rows_
     # recorded: 1.5 + 1.5 + 3 hours; quickest: dense 2 x (0.5 + 0.5 + 0.5), MoE 2 x (2 + 1), no AutoAttack off the headline
     assert "3 of 4 runs finished, 6.0 hours recorded against a budget of 12 hours of a 2-core CPU; 9.0 hours at" in text
     assert text.endswith("AutoAttack has not run on 1 headline run (dense-seed0); the quickest-run hours count it.")
+    # one row's runs only, and no AutoAttack on any of them: both said
+    dense_only = {"dense": [d for d in grouped["dense"] if "autoattack" not in d["seconds"]]}
+    text = frontier.study_cost(dense_only, rows)
+    assert "1 of 4 runs finished" in text and "hours (the 1 of its 2 rows with a finished run) at" in text
+    assert text.endswith("the quickest-run hours count it, except for dense, where no run has it.")
     grouped["dense"][0]["config"]["device"] = "cuda:0"
     assert "budget" not in frontier.study_cost(grouped, rows)  # the budget is the CPU's
     assert frontier.study_cost({"moe-e10": grouped["moe-e10"]}, rows) == ""
