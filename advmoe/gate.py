@@ -42,6 +42,33 @@ class Route:
         return self.experts[:, 0]
 
 
+@dataclass
+class SortedRoute:
+    """A top-1 route for a batch sorted by expert (`sort_by_expert`): expert e's rows are the
+    e-th of `counts` consecutive slices of every activation, so each MoE layer runs each expert
+    on its own rows only, without copies. What the masked execution passes the backbone when
+    the gradient needs no unchosen expert's output (`needs_every_expert`)."""
+
+    counts: list[int]  # rows per expert, in expert order
+    gain: Tensor  # [B, 1]: the chosen expert's gate weight per sorted row; 1 forward, differentiable
+
+
+def needs_every_expert(top_k: int, grad: str) -> bool:
+    """Whether the backward pass needs every expert's output, not only the chosen one's. Under
+    "softmax" the gradient of an unchosen expert's gate weight is that expert's output against
+    the output gradient; under "chosen" and "none" (top-1) it is dropped, so computing only the
+    chosen experts gives the same values and the same gradients at a fraction of the work."""
+    return top_k > 1 or grad == "softmax"
+
+
+def sort_by_expert(gate: Route, num_experts: int) -> tuple[Tensor, SortedRoute]:
+    """The order that sorts a top-1 batch by expert, and the route of the sorted batch."""
+    order = gate.top1.argsort(stable=True)
+    counts = gate.top1.bincount(minlength=num_experts).tolist()
+    gain = gate.weights.gather(1, gate.experts).index_select(0, order)
+    return order, SortedRoute(counts=counts, gain=gain)
+
+
 class _StraightThroughOneHot(torch.autograd.Function):
     """Forward: exact one-hot of `index`. Backward: the gradient goes to `source` unchanged."""
 

@@ -11,9 +11,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .dispatch import dispatch
-from .gate import Route, route as make_route
+from .gate import Route, SortedRoute, route as make_route
 
-RouteArg = Route | int | None  # a Route, a fixed expert (shared-router sparse path), or nothing
+# A Route, a SortedRoute (the masked path on a batch sorted by expert), a fixed expert (the
+# shared-router sparse path), or nothing.
+RouteArg = Route | SortedRoute | int | None
 
 
 class Normalize(nn.Module):
@@ -150,6 +152,8 @@ class MoEConv2d(_ConvUnit):
             if self.folded is None:
                 raise RuntimeError("a fixed expert needs sparse execution (set_execution(model, 'sparse'))")
             return self._conv(x, *self.folded[route])
+        if isinstance(route, SortedRoute):
+            return self._sorted(x, route)
         if self.gate is not None:
             route = make_route(self.gate(x), self.top_k, self.gate_grad)
         if route is None:
@@ -163,6 +167,19 @@ class MoEConv2d(_ConvUnit):
         y = F.conv2d(x, self.weight, None, self.stride, self.padding)
         y = y.unflatten(1, (self.num_experts, self.out_channels))
         y = (y * route.weights[:, :, None, None, None]).sum(1)
+        return y if self.norm is None else self.norm(y)
+
+    def _sorted(self, x: Tensor, route: SortedRoute) -> Tensor:
+        """The masked path when no unchosen expert's output is needed: the batch comes sorted
+        by expert, each expert convolves its own slice of rows (1/N of the masked path's conv
+        work), and the chosen gate weight scales the result as in `_masked`."""
+        parts, start = [], 0
+        for expert, rows in enumerate(route.counts):
+            if rows:
+                weight = self.weight[expert * self.out_channels:(expert + 1) * self.out_channels]
+                parts.append(self._conv(x[start:start + rows], weight))
+                start += rows
+        y = (parts[0] if len(parts) == 1 else torch.cat(parts)) * route.gain[:, :, None, None]
         return y if self.norm is None else self.norm(y)
 
     def _dispatch(self, x: Tensor, route: Route) -> Tensor:

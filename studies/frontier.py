@@ -339,8 +339,13 @@ def _evaluate(best: Path, out: Path, cfg: TrainConfig, n: int, attacks: tuple[st
                                        attacks=attacks, split=split, device=cfg.device, **settings)
 
 
-def _settings(plan: Plan) -> dict:
-    return {"pgd_steps": PGD_STEPS, "route_steps": ROUTE_STEPS, **plan.attack_settings}
+def _settings(plan: Plan, cfg: TrainConfig) -> dict:
+    """The attacks' settings. A MoE model trained along another straight-through gradient is
+    attacked along "softmax" all the same: the strongest of them (reports/gate_grad.md), so that
+    every row meets the same attacks. (Absent when it is the model's own: the evaluations of
+    the runs before the option still match.)"""
+    gate = {"gate_grad": "softmax"} if cfg.is_moe and cfg.gate_grad != "softmax" else {}
+    return {"pgd_steps": PGD_STEPS, "route_steps": ROUTE_STEPS, **gate, **plan.attack_settings}
 
 
 def main_attacks(cfg: TrainConfig) -> tuple[str, ...]:
@@ -358,7 +363,7 @@ def run_one(plan: Plan, row: Row, seed: int, results: Path, log=print) -> dict:
         train(cfg, out, resume=(out / "config.json").is_file(), log=lambda *a, **k: None)
     attacks = main_attacks(cfg)
     log(f"evaluating {name} on {plan.eval_examples} test images: {', '.join(attacks)}")
-    main = _evaluate(best, out / "eval-main", cfg, plan.eval_examples, attacks, _settings(plan))
+    main = _evaluate(best, out / "eval-main", cfg, plan.eval_examples, attacks, _settings(plan, cfg))
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     doc = summarise(row, seed, cfg, main, history, plan.repeat)
     atomic_write_text(result_path(results, row, seed, plan.repeat), json.dumps(doc, indent=1) + "\n")
@@ -384,7 +389,7 @@ def add_autoattack(plan: Plan, row: Row, seed: int, results: Path, doc: dict, lo
     log(f"AutoAttack on {name}, {plan.autoattack_examples} test images: FAB-T and Square "
         "(APGD-CE and APGD-T from the main evaluation)")
     rest = _evaluate(out / "best", out / "eval-autoattack", cfg, plan.autoattack_examples, AUTOATTACK_REST,
-                     _settings(plan))
+                     _settings(plan, cfg))
     main = json.loads((out / "eval-main" / "eval.json").read_text())
     doc = {**doc, "autoattack": compose_autoattack(main, rest)}
     doc["seconds"] = {**doc["seconds"], "autoattack": rest["seconds"]}
@@ -528,7 +533,7 @@ def ship(results: Path, runs: Path, dest: Path, log=print, plan: Plan | None = N
     for d in at_hand:
         cfg, name = resolve(None, **d["config"]), doc_run_name(d)
         validation[name] = _evaluate(source(d), source(d).parent / "eval-select", cfg, plan.select_examples,
-                                     main_attacks(cfg), _settings(plan), split="val")
+                                     main_attacks(cfg), _settings(plan, cfg), split="val")
         curve = ", ".join(f"{100 * r['val_pgd_accuracy']:.1f}" for r in d["curve"])
         log(f"{key} seed {run_label(d)}: validation worst case {100 * validation[name]['robust_accuracy']:.1f} % "
             f"on {validation[name]['examples']} held-out images (validation PGD by epoch: {curve} %)")

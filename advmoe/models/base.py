@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ..dispatch import dispatch
-from ..gate import GATE_GRADS, route
+from ..gate import GATE_GRADS, needs_every_expert, route, sort_by_expert
 from ..layers import ConvNorm2d, LayerGate, MoEConv2d, Normalize, _ConvUnit
 from ..routers import ResNetRouter
 
@@ -101,6 +101,9 @@ class MoENet(nn.Module):
         if cfg.is_moe and cfg.router == "shared":
             self.router = ResNetRouter(channels, cfg.num_experts, cfg.router_width, cfg.router_blocks)
         self.execution = "masked"
+        # Masked execution computes only the chosen experts whenever the gradient allows it
+        # (`needs_every_expert`); False computes every expert always (benchmarks, tests).
+        self.skip_unchosen = True
         self.channels_last = False
         self.last_routing: Tensor | None = None  # [B, n_moe_layers]: expert per sample and layer
         self.last_route = None  # the shared router's last Route (masked execution)
@@ -173,7 +176,19 @@ class MoENet(nn.Module):
             self.last_route = None
             return logits, experts.expand(-1, n_layers)
         gate = self.last_route = route(router_logits, self.cfg.top_k, self.cfg.gate_grad)
-        return self.forward_backbone(x, gate), gate.top1[:, None].expand(-1, n_layers)
+        if self._can_skip_unchosen(x):
+            # Sort the batch by expert, run each expert on its own rows, put the rows back.
+            order, sorted_route = sort_by_expert(gate, self.cfg.num_experts)
+            logits = self.forward_backbone(x.index_select(0, order), sorted_route)
+            logits = torch.empty_like(logits).index_copy(0, order, logits)
+        else:
+            logits = self.forward_backbone(x, gate)
+        return logits, gate.top1[:, None].expand(-1, n_layers)
+
+    def _can_skip_unchosen(self, x: Tensor) -> bool:
+        # Not while tracing: the slices have data-dependent sizes, and export has its own path.
+        return (self.skip_unchosen and x.shape[0] > 0 and not needs_every_expert(self.cfg.top_k, self.cfg.gate_grad)
+                and not torch.compiler.is_compiling() and not torch.jit.is_tracing())
 
     @property
     def router_scores(self) -> Tensor | None:

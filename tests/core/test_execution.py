@@ -1,10 +1,16 @@
 """Sparse execution (inference: only the chosen experts run) equals masked execution (the
-training path, every expert computed), for every MoE model, batch size and routing."""
+training path, every expert computed), for every MoE model, batch size and routing; and the
+masked path that runs only the chosen experts, where the gradient allows it, gives the same
+values and gradients as the one that computes every expert."""
+import copy
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 import advmoe
 from advmoe.calibrate import force_routing
+from advmoe.layers import MoEConv2d
 from helpers import MOE_MODELS, ROUTERS, calibrated_model
 
 TOL = 1e-5
@@ -100,3 +106,64 @@ def test_dense_model_inference_preparation_matches_eager():
         eager = model(x)
         advmoe.set_execution(model, "sparse")
         assert (model(x) - eager).abs().max() <= TOL
+
+
+def training_step(model, x, y, skip_unchosen: bool):
+    """One masked forward and backward in train mode: what it computed and every gradient."""
+    model.skip_unchosen = skip_unchosen
+    model.train().zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_(True)
+    logits = model(x)
+    F.cross_entropy(logits, y).backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    stats = {n: b.clone() for n, b in model.named_buffers() if "running" in n}
+    return logits.detach(), model.last_routing.clone(), x.grad, grads, stats
+
+
+def refuse(monkeypatch, method: str):
+    def refused(*args, **kwargs):
+        raise AssertionError(f"MoEConv2d.{method} ran")
+    monkeypatch.setattr(MoEConv2d, method, refused)
+
+
+@pytest.mark.parametrize("name", MOE_MODELS)
+@pytest.mark.parametrize("grad", ["chosen", "none"])
+@pytest.mark.parametrize("routing", ["mixed", "all_to_1"])
+def test_masked_runs_only_the_chosen_experts_when_the_gradient_allows(name, grad, routing, monkeypatch):
+    every = advmoe.set_gate_grad(calibrated_model(name, "shared"), grad)
+    if routing != "mixed":
+        force_routing(every, 1)
+    chosen = copy.deepcopy(every)
+    torch.manual_seed(2)
+    x, y = torch.rand(24, 3, 32, 32), torch.randint(0, 10, (24,))
+    reference = training_step(every, x, y, skip_unchosen=False)
+    refuse(monkeypatch, "_masked")  # from here on, no layer may compute every expert
+    fast = training_step(chosen, x, y, skip_unchosen=True)
+    logits, routes, x_grad, grads, stats = reference
+    assert torch.equal(routes, fast[1])
+    if routing == "mixed":
+        assert set(routes[:, 0].tolist()) == {0, 1}  # the batch really is split and put back
+    torch.testing.assert_close(fast[0], logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast[2], x_grad, rtol=1e-4, atol=1e-6)
+    for n, g in grads.items():
+        if g is None:
+            assert fast[3][n] is None, n
+        else:
+            torch.testing.assert_close(fast[3][n], g, rtol=1e-4, atol=1e-6, msg=n)
+    for n, s in stats.items():  # BatchNorm saw the same batch, in another order
+        torch.testing.assert_close(fast[4][n], s, rtol=1e-5, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_masked_computes_every_expert_when_the_gradient_needs_them(router, monkeypatch):
+    """Under "softmax" an unchosen expert's output is its logit's gradient; per-layer gates
+    route each layer afresh: both keep the path that computes every expert."""
+    model = calibrated_model("moe_resnet18", router)
+    if router == "per_layer":
+        advmoe.set_gate_grad(model, "chosen")
+    refuse(monkeypatch, "_sorted")
+    x = torch.rand(16, 3, 32, 32, requires_grad=True)
+    model.train()
+    model(x).sum().backward()
+    if router == "shared":
+        assert model.router.fc.weight.grad.abs().sum(1).gt(0).all()  # every expert's logit learns

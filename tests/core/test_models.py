@@ -62,11 +62,13 @@ def test_set_gate_grad_changes_the_router_gradient_not_the_forward_pass(name, ro
     advmoe.set_gate_grad(model, "chosen")
     assert model.cfg.gate_grad == "chosen" and all(m.gate_grad == "chosen" for m in model.moe_layers)
     chosen_logits, chosen_grad = forward_and_router_grad()
-    torch.testing.assert_close(chosen_logits, softmax_logits)
+    # To float precision: under "chosen" and "none" the masked path convolves only the chosen
+    # experts' rows, a different summation order (test_execution.py checks it in full).
+    torch.testing.assert_close(chosen_logits, softmax_logits, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(chosen_grad, softmax_grad)
     advmoe.set_gate_grad(model, "none")  # the route is a constant: the routers get nothing from the output
     none_logits, none_grad = forward_and_router_grad()
-    torch.testing.assert_close(none_logits, softmax_logits)
+    torch.testing.assert_close(none_logits, softmax_logits, rtol=1e-4, atol=1e-4)
     assert (none_grad == 0).all() and (softmax_grad != 0).any()
     with pytest.raises(ValueError, match="gate grad must be one of"):
         advmoe.set_gate_grad(model, "nowhere")

@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -192,6 +193,18 @@ def test_a_method_variant_trains_the_rows_with_that_method_and_says_so(study):
     assert plan.config(row, 0).method == "trades"
     [moe] = frontier.variant_rows(rows[1:], "ce", {"method": "pgd-at"})  # the MoE model under PGD-AT stays a MoE row
     assert (moe.label, moe.method) == ("MoE PGD-AT, tiny (ce: method=pgd-at)", "pgd-at")
+
+
+def test_a_moe_run_trained_along_another_gate_gradient_is_attacked_along_softmax(study):
+    """Attacks along "chosen" leave 5 points more standing (reports/gate_grad.md): a row trained
+    along it must meet the same attacks as the others, not its own weaker gradient."""
+    plan, rows, root, docs = study
+    variant = replace(plan, overrides={**plan.overrides, "gate_grad": "chosen"})  # what --set gate_grad=... gives
+    [chosen] = frontier.variant_rows(rows[1:], "chosen", {"gate_grad": "chosen"})
+    assert variant.config(chosen, 0).gate_grad == "chosen"
+    assert frontier._settings(variant, variant.config(chosen, 0))["gate_grad"] == "softmax"
+    for row in rows:  # a row attacked along its own gradient keeps the settings its evaluations were made with
+        assert "gate_grad" not in frontier._settings(plan, plan.config(row, 0))
 
 
 def test_settings_are_read_as_toml_values():
