@@ -7,7 +7,10 @@ interleaved rounds (median), so machine noise hits all methods alike. Printed: m
 samples per second, PGD steps per batch, the cost relative to MoE-AT, and the projected
 seconds per epoch of the preset. The methods that re-craft their attack for the router step
 (AdvMoE, route-aware) are timed with --no-recraft too, which reuses the expert step's
-adversarial examples.
+adversarial examples. The routers start balanced on the batch (half of it per expert), as a
+trained router splits its inputs; the last step's split is printed. Under a gate gradient that needs no unchosen expert (`--gate-grad chosen`,
+the reference code's), the masked path runs only the chosen experts: each method is timed again
+computing every expert, and the speed-up is printed beside it.
 """
 from __future__ import annotations
 
@@ -19,20 +22,24 @@ import time
 import torch
 
 import advmoe
+from advmoe.calibrate import balance_routing
 from advmoe.device import synchronizer, unavailable
+from advmoe.gate import GATE_GRADS, expert_share, needs_every_expert
 from training.config import resolve
 from training.methods import METHODS, Step
 from training.trainer import make_optimizers
 
 
 VARIANTS = [(name, {}) for name in METHODS] + [(name, {"recraft": False}) for name, m in METHODS.items() if m.recrafts]
+EVERY_EXPERT = " (every expert)"
 
 
 def run(preset: str = "fmnist-tiny", batch_size: int | None = None, rounds: int = 5, width: float | None = None,
-        methods: list[str] | None = None, device: str = "cpu"):
-    """methods: time these only (MoE-AT, the reference of the relative cost, always)."""
+        methods: list[str] | None = None, device: str = "cpu", gate_grad: str | None = None):
+    """methods: time these only (MoE-AT, the reference of the relative cost, always).
+    gate_grad: the straight-through gradient to train along (default: the preset's)."""
     device = torch.device(device)
-    size = {"width": width} if width is not None else {}
+    size = {"width": width, "gate_grad": gate_grad}
     base = resolve(preset, **size)
     batch_size = batch_size or base.batch_size
     info = advmoe.get_dataset_info(base.dataset)
@@ -44,9 +51,16 @@ def run(preset: str = "fmnist-tiny", batch_size: int | None = None, rounds: int 
         if methods and method not in {*methods, "moe-at"}:
             continue
         cfg = resolve(preset, method=method, **changes, **size)
-        torch.manual_seed(0)
-        model = advmoe.create_model(cfg.model, **cfg.model_kwargs(info)).to(device).train()
-        steps[_label(method, changes)] = (Step(model, cfg, make_optimizers(cfg, model)), cfg)
+        skips = cfg.is_moe and cfg.router == "shared" and not needs_every_expert(cfg.top_k, cfg.gate_grad)
+        for skip_unchosen in (True, False) if skips and not changes else (True,):
+            torch.manual_seed(0)
+            model = advmoe.create_model(cfg.model, **cfg.model_kwargs(info)).to(device)
+            if cfg.is_moe:  # a fresh router sends noise to one expert; a trained one splits its inputs
+                with torch.no_grad():
+                    balance_routing(model.eval(), x)
+            model.train().skip_unchosen = skip_unchosen
+            label = _label(method, changes) + ("" if skip_unchosen else EVERY_EXPERT)
+            steps[label] = (Step(model, cfg, make_optimizers(cfg, model)), cfg)
     samples = {label: [] for label in steps}
     for label, (step, cfg) in steps.items():
         METHODS[cfg.method].step(step, x, y)  # warm-up
@@ -65,8 +79,19 @@ def run(preset: str = "fmnist-tiny", batch_size: int | None = None, rounds: int 
         rows.append(dict(method=label, ms_per_batch=ms[label], samples_per_second=batch_size * 1e3 / ms[label],
                          attack_steps=METHODS[cfg.method].attack_steps(cfg),
                          optimisers=len(METHODS[cfg.method].groups), relative_to_moe_at=ms[label] / ms["moe-at"],
-                         projected_epoch_seconds=ms[label] * batches / 1e3))
+                         projected_epoch_seconds=ms[label] * batches / 1e3,
+                         speedup_over_every_expert=(ms[label + EVERY_EXPERT] / ms[label]
+                                                    if label + EVERY_EXPERT in ms else None),
+                         busiest_expert=_busiest_expert(step.model)))
     return rows, base, batch_size, batches
+
+
+def _busiest_expert(model) -> float | None:
+    """Share of the last step's routes that took the most used expert: what skipping the
+    unchosen experts saves depends on how the batch splits."""
+    if model.last_routing is None or model.last_routing.numel() == 0:
+        return None
+    return max(expert_share(model.last_routing, model.cfg.num_experts))
 
 
 def _label(method: str, changes: dict) -> str:
@@ -82,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (median taken)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    parser.add_argument("--gate-grad", choices=list(GATE_GRADS), help="the straight-through gradient to train along "
+                        "(default: the preset's); chosen and none let the masked path skip the unchosen experts")
     args = parser.parse_args(argv)
     if args.rounds < 1 or (args.batch_size is not None and args.batch_size < 1) or (args.width is not None and args.width <= 0):
         parser.error("--rounds, --batch-size and --width must be positive")
@@ -89,16 +116,19 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(problem)
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows, cfg, batch_size, batches = run(args.preset, args.batch_size, args.rounds, args.width, args.methods, args.device)
+    rows, cfg, batch_size, batches = run(args.preset, args.batch_size, args.rounds, args.width, args.methods, args.device,
+                                         args.gate_grad)
     where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else f"{torch.get_num_threads()} threads"
     print(f"# advmoe {advmoe.__version__}, torch {torch.__version__}, {where}; preset "
           f"{args.preset}: {cfg.model} width {cfg.width}, {cfg.dataset}, batch {batch_size}, {batches} batches per "
-          f"epoch, PGD-{cfg.attack_steps} for training; {args.rounds} rounds\n")
-    print("| method | ms per batch | samples/s | PGD steps per batch | optimisers | relative to MoE-AT | projected s per epoch |\n"
-          "|---|---|---|---|---|---|---|")
+          f"epoch, PGD-{cfg.attack_steps} for training, gate gradient {cfg.gate_grad}; {args.rounds} rounds\n")
+    print("| method | ms per batch | samples/s | PGD steps per batch | optimisers | relative to MoE-AT | projected s per epoch "
+          "| speed-up over every expert | busiest expert |\n|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        speedup = f"{r['speedup_over_every_expert']:.2f}x" if r["speedup_over_every_expert"] else "-"
         print(f"| {r['method']} | {r['ms_per_batch']:.0f} | {r['samples_per_second']:.0f} | {r['attack_steps']} | {r['optimisers']} "
-              f"| {r['relative_to_moe_at']:.2f}x | {r['projected_epoch_seconds']:.0f} |")
+              f"| {r['relative_to_moe_at']:.2f}x | {r['projected_epoch_seconds']:.0f} | {speedup} | "
+              f"{'-' if r['busiest_expert'] is None else format(r['busiest_expert'], '.0%')} |")
     return 0
 
 

@@ -17,3 +17,19 @@ def test_every_method_is_timed_with_its_attack_steps():
 def test_the_width_and_a_subset_of_methods_can_be_chosen():
     rows, cfg, _, _ = bench_methods.run("fmnist-tiny", batch_size=4, rounds=1, width=0.0625, methods=["standard"])
     assert cfg.width == 0.0625 and [r["method"] for r in rows] == ["standard", "moe-at"]
+
+
+def test_under_the_chosen_gate_gradient_each_method_is_timed_against_computing_every_expert():
+    rows, cfg, _, _ = bench_methods.run("fmnist-tiny", batch_size=8, rounds=1, methods=["advmoe"], gate_grad="chosen")
+    assert cfg.gate_grad == "chosen"
+    by_label = {r["method"]: r for r in rows}
+    assert set(by_label) == {"advmoe", "advmoe (every expert)", "advmoe --no-recraft", "moe-at", "moe-at (every expert)"}
+    assert by_label["advmoe"]["speedup_over_every_expert"] == pytest.approx(
+        by_label["advmoe (every expert)"]["ms_per_batch"] / by_label["advmoe"]["ms_per_batch"])
+    assert by_label["advmoe (every expert)"]["speedup_over_every_expert"] is None
+    assert all(0.5 <= r["busiest_expert"] <= 1 for r in rows)  # two experts: the busier has half or more
+
+
+def test_under_the_softmax_gate_gradient_there_is_nothing_to_skip():
+    rows, cfg, _, _ = bench_methods.run("fmnist-tiny", batch_size=4, rounds=1, methods=["advmoe"], gate_grad="softmax")
+    assert all(r["speedup_over_every_expert"] is None and "every expert" not in r["method"] for r in rows)
