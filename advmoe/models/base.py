@@ -188,7 +188,7 @@ class MoENet(nn.Module):
     def _can_skip_unchosen(self, x: Tensor) -> bool:
         # Not while tracing: the slices have data-dependent sizes, and export has its own path.
         return (self.skip_unchosen and x.shape[0] > 0 and not needs_every_expert(self.cfg.top_k, self.cfg.gate_grad)
-                and not torch.compiler.is_compiling() and not torch.jit.is_tracing())
+                and not torch.compiler.is_compiling() and not torch.compiler.is_exporting() and not torch.jit.is_tracing())
 
     @property
     def router_scores(self) -> Tensor | None:

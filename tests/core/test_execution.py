@@ -167,3 +167,18 @@ def test_masked_computes_every_expert_when_the_gradient_needs_them(router, monke
     model(x).sum().backward()
     if router == "shared":
         assert model.router.fc.weight.grad.abs().sum(1).gt(0).all()  # every expert's logit learns
+
+
+def test_tracing_and_export_keep_the_path_that_computes_every_expert():
+    """The sorted path's slices have data-dependent sizes: a trace would freeze this batch's
+    split into the graph. Tracing and export take the every-expert path, exact for any batch."""
+    model = advmoe.set_gate_grad(calibrated_model("moe_resnet18", "shared"), "chosen").eval()
+    x, other = torch.rand(16, 3, 32, 32), torch.rand(16, 3, 32, 32).flip(0)
+    traced = torch.jit.trace(model, (x,), check_trace=False)
+    exported = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},))
+    with torch.no_grad():
+        for batch in (x, other, x[:5]):
+            expected = model(batch)
+            assert len(set(model.last_routing[:, 0].tolist())) == 2  # a split the trace did not see
+            torch.testing.assert_close(traced(batch), expected, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(exported.module()(batch), expected, rtol=1e-5, atol=1e-5)
