@@ -101,8 +101,8 @@ class MoENet(nn.Module):
         if cfg.is_moe and cfg.router == "shared":
             self.router = ResNetRouter(channels, cfg.num_experts, cfg.router_width, cfg.router_blocks)
         self.execution = "masked"
-        # Masked execution computes only the chosen experts whenever the gradient allows it
-        # (`needs_every_expert`); False computes every expert always (benchmarks, tests).
+        # Masked execution computes only the chosen experts when gradients flow and need no
+        # other (`needs_every_expert`); False computes every expert always (benchmarks, tests).
         self.skip_unchosen = True
         self.channels_last = False
         self.last_routing: Tensor | None = None  # [B, n_moe_layers]: expert per sample and layer
@@ -186,8 +186,11 @@ class MoENet(nn.Module):
         return logits, gate.top1[:, None].expand(-1, n_layers)
 
     def _can_skip_unchosen(self, x: Tensor) -> bool:
-        # Not while tracing: the slices have data-dependent sizes, and export has its own path.
-        return (self.skip_unchosen and x.shape[0] > 0 and not needs_every_expert(self.cfg.top_k, self.cfg.gate_grad)
+        # Only where gradients flow (training, attacks): without them masked execution stays the
+        # reference's every-expert path that benchmarks and `ADVMOE_EXECUTION=masked` compare
+        # against. Not while tracing: the slices have data-dependent sizes.
+        return (self.skip_unchosen and torch.is_grad_enabled() and x.shape[0] > 0
+                and not needs_every_expert(self.cfg.top_k, self.cfg.gate_grad)
                 and not torch.compiler.is_compiling() and not torch.compiler.is_exporting() and not torch.jit.is_tracing())
 
     @property
