@@ -694,8 +694,8 @@ def verdicts(grouped: dict[str, list[dict]]) -> list[str]:
     lines = [f"{d[0]['row']['label']}: its router collapsed (busiest expert {100 * collapsed(d):.0f} % of the clean "
              f"routes), so it is not a mixture of experts any more and not the best MoE row whatever its accuracy."
              for d in moe.values() if collapsed(d) is not None]
-    lines += [f"{d[0]['row']['label']} is above the best MoE row ({b['row']['label']}) on one run ({100 * worst[k][0]:.1f} "
-              f"% against {100 * worst[best][0]:.1f} %): a second seed would say whether it is the better row."
+    lines += [f"{d[0]['row']['label']} is above the best MoE row ({b['row']['label']}) on one run ({_pair(worst[k][0], worst[best][0])}"
+              f"): a second seed would say whether it is the better row."
               for k, d in mixtures.items() if len(d) == 1 and worst[k][0] > worst[best][0]]
 
     def compare(other: str, what: str, key: str = best) -> None:
@@ -930,6 +930,13 @@ so it is another draw of the row, not a copy).
 """
     atomic_write_text(report, text)
     return text
+
+
+def _pair(above: float, below: float) -> str:
+    """Two accuracies as "a % against b %", with the decimals that tell them apart (a single run
+    of 1,000 images against a row's mean can differ by a few hundredths)."""
+    digits = 1 if round(100 * above, 1) != round(100 * below, 1) else 2
+    return f"{100 * above:.{digits}f} % against {100 * below:.{digits}f} %"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -584,6 +584,10 @@ def test_the_best_moe_row_is_one_of_two_runs_or_more_and_a_better_single_run_is_
                         "would say whether it is the better row.")
     assert lines[1].startswith("moe (the best MoE row) does not beat the dense model of the same MACs (dense)")
     assert not any(line.startswith("moe-poor is above") for line in lines)
+    # a run a few hundredths over the row's mean: the decimals that tell the two apart
+    grouped["moe-close"] = _planted("moe-close", "advmoe", 10, [0.6103], [0.6103], variant="close")
+    assert ("moe-close is above the best MoE row (moe) on one run (61.03 % against 61.00 %): a second seed would say "
+            "whether it is the better row.") in frontier.verdicts(grouped)
     grouped["moe-lucky"].append({**grouped["moe-lucky"][0], "seed": 1})  # a second run: now it is the best row
     assert frontier.best_row({k: grouped[k] for k in ("moe", "moe-lucky", "moe-poor")}) == "moe-lucky"
     assert frontier.verdicts(grouped)[0].startswith("moe-lucky (the best MoE row) does not beat the dense model")
