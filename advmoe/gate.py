@@ -46,7 +46,7 @@ class Route:
 class SortedRoute:
     """A top-1 route for a batch sorted by expert (`sort_by_expert`): expert e's rows are the
     e-th of `counts` consecutive slices of every activation, so each MoE layer runs each expert
-    on its own rows only, without copies. What the masked execution passes the backbone when
+    on its own rows only, a slice rather than a gather. What masked execution passes the backbone when
     the gradient needs no unchosen expert's output (`needs_every_expert`)."""
 
     counts: list[int]  # rows per expert, in expert order

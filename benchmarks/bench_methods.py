@@ -8,9 +8,10 @@ samples per second, PGD steps per batch, the cost relative to MoE-AT, and the pr
 seconds per epoch of the preset. The methods that re-craft their attack for the router step
 (AdvMoE, route-aware) are timed with --no-recraft too, which reuses the expert step's
 adversarial examples. The routers start balanced on the batch (half of it per expert), as a
-trained router splits its inputs; the last step's split is printed. Under a gate gradient that needs no unchosen expert (`--gate-grad chosen`,
-the reference code's), the masked path runs only the chosen experts: each method is timed again
-computing every expert, and the speed-up is printed beside it.
+trained router splits its inputs; the last step's split is printed. Under a gate gradient that
+needs no unchosen expert (`--gate-grad chosen`, the reference code's, or `none`), the masked path
+runs only the chosen experts: each method is timed again computing every expert, and the
+speed-up is printed beside it.
 """
 from __future__ import annotations
 
