@@ -25,7 +25,7 @@ import torch
 import advmoe
 from advmoe.calibrate import balance_routing
 from advmoe.device import synchronizer, unavailable
-from advmoe.gate import GATE_GRADS, expert_share, needs_every_expert
+from advmoe.gate import GATE_GRADS, expert_share
 from training.config import resolve
 from training.methods import METHODS, Step
 from training.trainer import make_optimizers
@@ -52,16 +52,11 @@ def run(preset: str = "fmnist-tiny", batch_size: int | None = None, rounds: int 
         if methods and method not in {*methods, "moe-at"}:
             continue
         cfg = resolve(preset, method=method, **changes, **size)
-        skips = cfg.is_moe and cfg.router == "shared" and not needs_every_expert(cfg.top_k, cfg.gate_grad)
-        for skip_unchosen in (True, False) if skips and not changes else (True,):
-            torch.manual_seed(0)
-            model = advmoe.create_model(cfg.model, **cfg.model_kwargs(info)).to(device)
-            if cfg.is_moe:  # a fresh router sends noise to one expert; a trained one splits its inputs
-                with torch.no_grad():
-                    balance_routing(model.eval(), x)
-            model.train().skip_unchosen = skip_unchosen
-            label = _label(method, changes) + ("" if skip_unchosen else EVERY_EXPERT)
-            steps[label] = (Step(model, cfg, make_optimizers(cfg, model)), cfg)
+        model = _model(cfg, info, device, x)
+        steps[_label(method, changes)] = (Step(model, cfg, make_optimizers(cfg, model)), cfg)
+        if model.can_skip_unchosen and not changes:  # the same method computing every expert, beside it
+            model = _model(cfg, info, device, x, skip_unchosen=False)
+            steps[_label(method, changes) + EVERY_EXPERT] = (Step(model, cfg, make_optimizers(cfg, model)), cfg)
     samples = {label: [] for label in steps}
     for label, (step, cfg) in steps.items():
         METHODS[cfg.method].step(step, x, y)  # warm-up
@@ -85,6 +80,17 @@ def run(preset: str = "fmnist-tiny", batch_size: int | None = None, rounds: int 
                                                     if label + EVERY_EXPERT in ms else None),
                          busiest_expert=_busiest_expert(step.model)))
     return rows, base, batch_size, batches
+
+
+def _model(cfg, info, device: torch.device, x: torch.Tensor, skip_unchosen: bool = True):
+    """The method's copy of the model, the same initial weights for every method."""
+    torch.manual_seed(0)
+    model = advmoe.create_model(cfg.model, **cfg.model_kwargs(info)).to(device)
+    if cfg.is_moe:  # a fresh router sends noise to one expert; a trained one splits its inputs
+        with torch.no_grad():
+            balance_routing(model.eval(), x)
+    model.train().skip_unchosen = skip_unchosen
+    return model
 
 
 def _busiest_expert(model) -> float | None:

@@ -176,7 +176,7 @@ class MoENet(nn.Module):
             self.last_route = None
             return logits, experts.expand(-1, n_layers)
         gate = self.last_route = route(router_logits, self.cfg.top_k, self.cfg.gate_grad)
-        if self._can_skip_unchosen(x):
+        if self._skips_unchosen_now(x):
             # Sort the batch by expert, run each expert on its own rows, put the rows back.
             order, sorted_route = sort_by_expert(gate, self.cfg.num_experts)
             logits = self.forward_backbone(x.index_select(0, order), sorted_route)
@@ -185,12 +185,17 @@ class MoENet(nn.Module):
             logits = self.forward_backbone(x, gate)
         return logits, gate.top1[:, None].expand(-1, n_layers)
 
-    def _can_skip_unchosen(self, x: Tensor) -> bool:
+    @property
+    def can_skip_unchosen(self) -> bool:
+        """Whether masked execution may run only the chosen experts: a shared top-1 router and a
+        gate gradient that needs no unchosen expert's output (`needs_every_expert`)."""
+        return self.router is not None and not needs_every_expert(self.cfg.top_k, self.cfg.gate_grad)
+
+    def _skips_unchosen_now(self, x: Tensor) -> bool:
         # Only where gradients flow (training, attacks): without them masked execution stays the
         # reference's every-expert path that benchmarks and `ADVMOE_EXECUTION=masked` compare
         # against. Not while tracing: the slices have data-dependent sizes.
-        return (self.skip_unchosen and torch.is_grad_enabled() and x.shape[0] > 0
-                and not needs_every_expert(self.cfg.top_k, self.cfg.gate_grad)
+        return (self.skip_unchosen and self.can_skip_unchosen and torch.is_grad_enabled() and x.shape[0] > 0
                 and not torch.compiler.is_compiling() and not torch.compiler.is_exporting() and not torch.jit.is_tracing())
 
     @property

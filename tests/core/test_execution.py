@@ -133,6 +133,7 @@ def test_masked_runs_only_the_chosen_experts_when_the_gradient_allows(name, grad
     every = advmoe.set_gate_grad(calibrated_model(name, "shared"), grad)
     if routing != "mixed":
         force_routing(every, 1)
+    assert every.can_skip_unchosen
     chosen = copy.deepcopy(every)
     torch.manual_seed(2)
     x, y = torch.rand(24, 3, 32, 32), torch.randint(0, 10, (24,))
@@ -161,6 +162,7 @@ def test_masked_computes_every_expert_when_the_gradient_needs_them(router, monke
     model = calibrated_model("moe_resnet18", router)
     if router == "per_layer":
         advmoe.set_gate_grad(model, "chosen")
+    assert not model.can_skip_unchosen
     refuse(monkeypatch, "_sorted")
     x = torch.rand(16, 3, 32, 32, requires_grad=True)
     model.train()
