@@ -10,8 +10,9 @@ seconds per epoch of the preset. The methods that re-craft their attack for the 
 adversarial examples. The routers start balanced on the batch (half of it per expert), as a
 trained router splits its inputs; the last step's split is printed. Under a gate gradient that
 needs no unchosen expert (`--gate-grad chosen`, the reference code's, or `none`), the masked path
-runs only the chosen experts: each method is timed again computing every expert, and the
-speed-up is printed beside it.
+runs only the chosen experts, and so does it, under any gate gradient, for the part of
+route-aware training's attack that forces the route: those methods are timed again computing
+every expert, and the speed-up is printed beside it.
 """
 from __future__ import annotations
 
@@ -54,7 +55,8 @@ def run(preset: str = "fmnist-tiny", batch_size: int | None = None, rounds: int 
         cfg = resolve(preset, method=method, **changes, **size)
         model = _model(cfg, info, device, x)
         steps[_label(method, changes)] = (Step(model, cfg, make_optimizers(cfg, model)), cfg)
-        if model.can_skip_unchosen and not changes:  # the same method computing every expert, beside it
+        skips = model.can_skip_unchosen or (cfg.is_moe and METHODS[method].forces_routes)
+        if skips and not changes:  # the same method computing every expert, beside it
             model = _model(cfg, info, device, x, skip_unchosen=False)
             steps[_label(method, changes) + EVERY_EXPERT] = (Step(model, cfg, make_optimizers(cfg, model)), cfg)
     samples = {label: [] for label in steps}

@@ -279,6 +279,7 @@ class Method:
     moe_only: bool
     help: str
     recrafts: int = 0  # more PGD runs for the router step, unless the config says --no-recraft
+    forces_routes: bool = False  # part of its attack runs on a forced route, where only the chosen experts run
 
     def attack_steps(self, cfg: "TrainConfig") -> int:
         """PGD steps per training batch."""
@@ -299,5 +300,5 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "AdvMoE: expert step and router step in turn, each against fresh adversarial examples", recrafts=1),
     Method("route-aware", route_aware, ("experts", "router"), 2, True,
            "AdvMoE on the worse per example of its attack and a route-fixed attack on the runner-up route",
-           recrafts=2),
+           recrafts=2, forces_routes=True),
 )}

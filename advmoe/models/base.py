@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ..dispatch import dispatch
-from ..gate import GATE_GRADS, needs_every_expert, route, sort_by_expert
+from ..gate import GATE_GRADS, Route, needs_every_expert, route, sort_by_expert
 from ..layers import ConvNorm2d, LayerGate, MoEConv2d, Normalize, _ConvUnit
 from ..routers import ResNetRouter
 
@@ -176,7 +176,7 @@ class MoENet(nn.Module):
             self.last_route = None
             return logits, experts.expand(-1, n_layers)
         gate = self.last_route = route(router_logits, self.cfg.top_k, self.cfg.gate_grad)
-        if self._skips_unchosen_now(x):
+        if self._skips_unchosen_now(x, gate):
             # Sort the batch by expert, run each expert on its own rows, put the rows back.
             order, sorted_route = sort_by_expert(gate, self.cfg.num_experts)
             logits = self.forward_backbone(x.index_select(0, order), sorted_route)
@@ -187,15 +187,20 @@ class MoENet(nn.Module):
 
     @property
     def can_skip_unchosen(self) -> bool:
-        """Whether masked execution may run only the chosen experts: a shared top-1 router and a
-        gate gradient that needs no unchosen expert's output (`needs_every_expert`)."""
+        """Whether masked execution may run only the chosen experts wherever the router learns:
+        a shared top-1 router and a gate gradient that needs no unchosen expert's output
+        (`needs_every_expert`)."""
         return self.router is not None and not needs_every_expert(self.cfg.top_k, self.cfg.gate_grad)
 
-    def _skips_unchosen_now(self, x: Tensor) -> bool:
+    def _skips_unchosen_now(self, x: Tensor, gate: Route) -> bool:
         # Only where gradients flow (training, attacks): without them masked execution stays the
         # reference's every-expert path that benchmarks and `ADVMOE_EXECUTION=masked` compare
-        # against. Not while tracing: the slices have data-dependent sizes.
-        return (self.skip_unchosen and self.can_skip_unchosen and torch.is_grad_enabled() and x.shape[0] > 0
+        # against. Not while tracing: the slices have data-dependent sizes. Under any gate
+        # gradient, a route whose weights carry no gradient (forced or detached by an attack,
+        # advmoe.route_attacks) needs no unchosen expert either.
+        safe = self.can_skip_unchosen or (self.router is not None and self.cfg.top_k == 1
+                                            and not gate.weights.requires_grad)
+        return (self.skip_unchosen and safe and torch.is_grad_enabled() and x.shape[0] > 0
                 and not torch.compiler.is_compiling() and not torch.compiler.is_exporting() and not torch.jit.is_tracing())
 
     @property

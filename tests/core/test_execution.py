@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import advmoe
 from advmoe.calibrate import force_routing
 from advmoe.layers import MoEConv2d
+from advmoe.route_attacks import detached_routers, forced_route
 from helpers import MOE_MODELS, ROUTERS, calibrated_model
 
 TOL = 1e-5
@@ -153,6 +154,44 @@ def test_masked_runs_only_the_chosen_experts_when_the_gradient_allows(name, grad
             torch.testing.assert_close(fast[3][n], g, rtol=1e-4, atol=1e-6, msg=n)
     for n, s in stats.items():  # BatchNorm saw the same batch, in another order
         torch.testing.assert_close(fast[4][n], s, rtol=1e-5, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("name", MOE_MODELS)
+@pytest.mark.parametrize("forced", ["per_sample", "one_expert", "detached"])
+def test_a_route_that_carries_no_gradient_runs_only_the_chosen_experts(name, forced, monkeypatch):
+    """Under our "softmax" gate, an attack that forces the route (route-fixed PGD, route-aware
+    training) or detaches the router gives the gate weights no gradient: no unchosen expert's
+    output can reach one, so masked execution runs only the chosen experts, with the same
+    values and input gradient as computing every expert."""
+    model = calibrated_model(name, "shared").train()
+    assert not model.can_skip_unchosen
+    torch.manual_seed(3)
+    x, y = torch.rand(24, 3, 32, 32), torch.randint(0, 10, (24,))
+    runner_up = model.router(x).argmin(1)  # two experts: the route each sample would not take
+
+    def attack_gradient(skip_unchosen: bool):
+        model.skip_unchosen = skip_unchosen
+        x_adv = x.clone().requires_grad_(True)
+        if forced == "detached":
+            context = detached_routers(model)
+        else:
+            context = forced_route(model, runner_up if forced == "per_sample" else 1)
+        with context:
+            logits = model(x_adv)
+            routes = model.last_routing[:, 0].clone()
+            (grad,) = torch.autograd.grad(F.cross_entropy(logits, y), x_adv)
+        return logits.detach(), routes, grad
+
+    logits, routes, grad = attack_gradient(skip_unchosen=False)
+    if forced != "one_expert":
+        assert set(routes.tolist()) == {0, 1}
+    refuse(monkeypatch, "_masked")
+    fast = attack_gradient(skip_unchosen=True)
+    assert torch.equal(fast[1], routes)
+    torch.testing.assert_close(fast[0], logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast[2], grad, rtol=1e-4, atol=1e-6)
+    with pytest.raises(AssertionError, match="_masked ran"):  # the real route's gate learns: every expert again
+        model(x.clone().requires_grad_(True))
 
 
 @pytest.mark.parametrize("router", ROUTERS)
