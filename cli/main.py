@@ -9,7 +9,7 @@ import importlib
 import sys
 
 BENCHMARKS = {"sparse": "benchmarks.bench_sparse", "export": "benchmarks.bench_export",
-              "methods": "benchmarks.bench_methods", "serve": "benchmarks.bench_serve"}
+              "methods": "benchmarks.bench_methods", "serve": "benchmarks.bench_serve", "eval": "benchmarks.bench_eval"}
 
 
 def cmd_models(args: argparse.Namespace) -> int:

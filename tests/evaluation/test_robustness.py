@@ -18,7 +18,9 @@ from advmoe.attacks import cross_entropy, pgd
 from advmoe.calibrate import balance_routing, calibrate_batchnorm
 from advmoe.gate import Route
 from cli.main import main as cli
-from evaluation.robustness import EvalSettings, evaluate_model, kept_evaluation, worst_case
+from advmoe.settings import ConfigError
+from evaluation.robustness import (EvalSettings, evaluate_checkpoint, evaluate_in_processes, evaluate_model, kept_evaluation,
+                                   worst_case)
 from evaluation.summary import summary
 from helpers import small_model
 
@@ -285,6 +287,19 @@ def test_two_ranks_give_the_per_example_results_of_one_process(checkpoint, fashi
     assert two["attacks"]["autoattack"]["components"][0]["attacked"] == one["attacks"]["autoattack"]["components"][0]["attacked"]
     assert two["sanity"]["checks"] == one["sanity"]["checks"]
     assert result.stdout.count("wrote ") == 1  # rank 0 alone writes and reports
+
+
+def test_evaluate_in_processes_starts_the_ranks_itself(checkpoint, fashion_dir, tmp_path):
+    """What the study calls: the same sharding as torchrun, from Python, one thread per rank."""
+    kwargs = dict(data_dir=str(fashion_dir), n_examples=12, batch_size=6, attacks=["pgd", "route-fixed"],
+                  pgd_steps=(2,), route_steps=2, sweep_examples=6, gradient_examples=6, progress=False)
+    one = evaluate_checkpoint(checkpoint, out=tmp_path / "one", **kwargs)
+    two = evaluate_in_processes(2, checkpoint, threads=1, out=tmp_path / "two", **kwargs)
+    assert two == json.loads((tmp_path / "two" / "eval.json").read_text())
+    assert (one["processes"], two["processes"], two["threads"]) == (1, 2, 1)
+    assert two["per_example"] == one["per_example"] and two["accuracy"] == one["accuracy"]
+    with pytest.raises(ConfigError, match="processes must be >= 1"):
+        evaluate_in_processes(0, checkpoint, **kwargs)
 
 
 def test_a_kept_evaluation_is_reused_only_when_it_is_whole_and_accepted(tmp_path):

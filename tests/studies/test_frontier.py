@@ -73,7 +73,7 @@ def test_the_report_and_its_plot_come_from_the_result_files(study):
 def test_a_second_call_reuses_the_results(study, monkeypatch):
     plan, rows, root, docs = study
     monkeypatch.setattr(frontier, "train", lambda *a, **k: pytest.fail("trained again"))
-    monkeypatch.setattr(frontier, "evaluate_checkpoint", lambda *a, **k: pytest.fail("evaluated again"))
+    monkeypatch.setattr(frontier, "evaluate_in_processes", lambda *a, **k: pytest.fail("evaluated again"))
     again = frontier.run_study(plan, rows, root / "results", root / "frontier.md", log=lambda *a: None)
     assert [d["worst_case"] for d in again] == [d["worst_case"] for d in docs]
 
@@ -86,10 +86,23 @@ def test_a_study_cut_off_after_an_evaluation_reuses_it(study, tmp_path, monkeypa
     shutil.copytree(root / "results", results)
     (results / "pgd-at-tiny-seed0.json").unlink()
     monkeypatch.setattr(frontier, "train", lambda *a, **k: pytest.fail("trained again"))
-    monkeypatch.setattr(frontier, "evaluate_checkpoint", lambda *a, **k: pytest.fail("evaluated again"))
+    monkeypatch.setattr(frontier, "evaluate_in_processes", lambda *a, **k: pytest.fail("evaluated again"))
     again = frontier.run_study(plan, rows, results, tmp_path / "frontier.md", log=lambda *a: None)
     assert json.loads((results / "pgd-at-tiny-seed0.json").read_text())["worst_case"] == docs[0]["worst_case"]
     assert [d["worst_case"] for d in again] == [d["worst_case"] for d in docs]
+
+
+def test_evaluations_are_sharded_over_the_plans_processes_with_the_threads_split(study, tmp_path, monkeypatch):
+    plan, rows, root, docs = study
+    calls = []
+    monkeypatch.setattr(frontier, "evaluate_in_processes", lambda *a, **k: calls.append((a, k)) or {"seconds": 1.0})
+    monkeypatch.setattr(frontier.torch, "get_num_threads", lambda: 2)
+    cfg = plan.config(rows[0], 0)
+    for processes, threads in ((2, 1), (1, 2)):
+        frontier._evaluate(replace(plan, eval_processes=processes), root / "runs" / "pgd-at-tiny-seed0" / "best",
+                           tmp_path / "eval", cfg, 8, ("pgd",), {})
+        (passed_processes, _, passed_threads), kwargs = calls[-1]
+        assert (passed_processes, passed_threads, kwargs["out"]) == (processes, threads, tmp_path / "eval")
 
 
 def test_a_result_stands_wherever_its_data_was_read_from(study, tmp_path):
@@ -150,7 +163,7 @@ def test_a_repeat_trains_the_runs_again_beside_the_first_and_the_report_pools_th
     assert "| 0, 0 (repeat 1) |" in line
     # a second call finds the repeat and trains nothing
     monkeypatch.setattr(frontier, "train", lambda *a, **k: pytest.fail("trained again"))
-    monkeypatch.setattr(frontier, "evaluate_checkpoint", lambda *a, **k: pytest.fail("evaluated again"))
+    monkeypatch.setattr(frontier, "evaluate_in_processes", lambda *a, **k: pytest.fail("evaluated again"))
     [kept_doc] = frontier.run_study(again, rows[:1], results, tmp_path / "frontier.md", log=lambda *a: None)
     assert (kept_doc["repeat"], kept_doc["checkpoint_sha256"]) == (1, doc["checkpoint_sha256"])
 
@@ -177,6 +190,7 @@ def test_a_result_file_of_an_older_version_still_counts_as_finished(study, tmp_p
     (["--variant", "more"], "--variant runs the rows with other settings: give them with --set KEY=VALUE or --epochs"),
     (["--set", "attack_steps=3", "--variant", "../up"], "variant name '../up': use letters, digits"),
     (["--repeat", "-1"], "--repeat -1: give 1, 2, ... to train the runs again"),
+    (["--eval-processes", "0"], "--eval-processes 0: give 1 or more"),
 ])
 def test_bad_variant_settings_get_one_line_and_exit_code_2(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -223,7 +237,7 @@ def test_a_result_that_outlived_its_run_folder_gets_no_autoattack_and_says_so(st
         doc.pop("autoattack", None)
         (results / path.name).write_text(json.dumps(doc))
     monkeypatch.setattr(frontier, "train", lambda *a, **k: pytest.fail("trained again"))
-    monkeypatch.setattr(frontier, "evaluate_checkpoint", lambda *a, **k: pytest.fail("evaluated again"))
+    monkeypatch.setattr(frontier, "evaluate_in_processes", lambda *a, **k: pytest.fail("evaluated again"))
     logged = []
     gone = frontier.Plan(**{**plan.__dict__, "runs": str(tmp_path / "gone")})
     again = frontier.run_study(gone, rows, results, tmp_path / "frontier.md", log=logged.append)
@@ -330,7 +344,7 @@ def test_ship_chooses_the_run_by_its_validation_worst_case_not_its_validation_pg
     (results / f"{names[1]}.json").write_text(json.dumps(second))
     asked = []
 
-    def planted(best, out, cfg, n, attacks, settings, split="test"):
+    def planted(plan, best, out, cfg, n, attacks, settings, split="test"):
         asked.append((best.parent.name, out.name, n, split))
         return {"robust_accuracy": worst[names.index(best.parent.name)], "examples": n}
 
