@@ -698,8 +698,12 @@ def evaluate_in_processes(processes: int, checkpoint: str | os.PathLike, threads
     with socket.socket() as free:  # a port for the group's rendezvous, as torchrun --standalone picks one
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
-    torch.multiprocessing.spawn(_evaluate_rank, args=(processes, port, threads, str(checkpoint), kwargs),
-                                nprocs=processes)
+    try:
+        torch.multiprocessing.spawn(_evaluate_rank, args=(processes, port, threads, str(checkpoint), kwargs),
+                                    nprocs=processes)
+    except torch.multiprocessing.ProcessRaisedException as e:  # the rank's own error, not its traceback
+        error, _, message = str(e).strip().splitlines()[-1].partition(": ")
+        raise (ConfigError if error.endswith("ConfigError") else RuntimeError)(message or error) from None
     return json.loads((Path(kwargs.get("out") or checkpoint) / "eval.json").read_text())
 
 

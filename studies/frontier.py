@@ -117,8 +117,8 @@ class Plan:
     runs: str = "runs/frontier"
     repeat: int = 0  # K > 0: the runs trained again, beside the first (run_name)
     # Evaluations sharded over this many CPU processes, the threads split between them: on this
-    # 2-core CPU two one-thread processes attack 1.3x faster than one two-thread process
-    # (frontier.md, "Cost"), with the same per-image results. Training stays in one process.
+    # 2-core CPU two one-thread processes run APGD 1.18x faster than one two-thread process
+    # (docs/evaluation.md), with the same per-image results. Training stays in one process.
     eval_processes: int = 1
 
     def config(self, row: Row, seed: int) -> TrainConfig:
@@ -971,7 +971,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--eval-processes", type=int, default=Plan.eval_processes, metavar="P",
                         help="shard each evaluation over P CPU processes, --threads split between them (the same "
-                        "results; on a 2-core CPU, 2 evaluate 1.3x faster than 1)")
+                        "results; on a 2-core CPU, 2 run APGD 1.18x faster than 1); CPU only")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="training settings for every run of this call (TOML values: attack_steps=3); give them a "
                         "--variant name to measure them beside the study's runs")
@@ -999,8 +999,11 @@ def main(argv: list[str] | None = None) -> int:
                 repeat=args.repeat, eval_processes=args.eval_processes)
     try:
         rows = default_rows(plan)
+        device = resolve(plan.preset, **settings).device
     except ConfigError as e:
         parser.error(str(e))
+    if plan.eval_processes > 1 and device != "cpu":
+        parser.error(f"--eval-processes shards evaluations over CPU processes; the runs use {device}: drop it")
     if args.rows:
         unknown = sorted(set(args.rows) - {r.key for r in rows})
         if unknown:

@@ -59,6 +59,18 @@ def calibrated_model(name: str, router: str | None = None, top_k: int = 1, image
 
 # -- tiny Fashion-MNIST-shaped data as idx files: training tests need no download nor the Debian
 # package. 10 classes, each a fixed random pattern plus noise, so there is something to learn.
+def fmnist_moe_checkpoint(folder):
+    """A Fashion-MNIST-shaped MoE checkpoint in folder/best (untrained, calibrated, both experts in
+    use) with a training eps of 0.1: what evaluations and the studies over them read."""
+    torch.manual_seed(0)
+    model = small_model("moe_resnet18", "shared", in_channels=1, image_size=28, width=0.0625, router_blocks=1,
+                        router_width=4)
+    x = torch.rand(32, 1, 28, 28)
+    calibrate_batchnorm(model, x)
+    balance_routing(model, x)
+    return advmoe.save_checkpoint(model, folder / "best", config={"dataset": "fashion_mnist", "training": {"eps": 0.1}})
+
+
 def write_idx(path, array: np.ndarray) -> None:
     header = struct.pack(">HBB", 0, 0x08, array.ndim) + b"".join(struct.pack(">I", d) for d in array.shape)
     with gzip.open(path, "wb") as f:

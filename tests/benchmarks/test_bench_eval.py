@@ -1,24 +1,14 @@
 """The benchmark times one evaluation both ways on the same images and checks that they agree;
 the speed-up is read from its printed ratio (docs/evaluation.md), never asserted on time here."""
 import pytest
-import torch
 
-import advmoe
-from advmoe.calibrate import balance_routing, calibrate_batchnorm
 from benchmarks import bench_eval
-from helpers import small_model
+from helpers import fmnist_moe_checkpoint
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    model = small_model("moe_resnet18", "shared", in_channels=1, image_size=28, width=0.0625, router_blocks=1,
-                        router_width=4)
-    x = torch.rand(32, 1, 28, 28)
-    calibrate_batchnorm(model, x)
-    balance_routing(model, x)
-    return advmoe.save_checkpoint(model, tmp_path_factory.mktemp("bench-eval") / "best",
-                                  config={"dataset": "fashion_mnist", "training": {"eps": 0.1}})
+    return fmnist_moe_checkpoint(tmp_path_factory.mktemp("bench-eval"))
 
 
 def test_one_process_and_two_are_timed_on_the_same_images_and_agree(checkpoint, fashion_dir, capsys):

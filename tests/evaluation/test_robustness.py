@@ -15,14 +15,14 @@ import torch.nn.functional as F
 import advmoe
 import advmoe.models.base as model_base
 from advmoe.attacks import cross_entropy, pgd
-from advmoe.calibrate import balance_routing, calibrate_batchnorm
+from advmoe.calibrate import calibrate_batchnorm
 from advmoe.gate import Route
 from cli.main import main as cli
 from advmoe.settings import ConfigError
 from evaluation.robustness import (EvalSettings, evaluate_checkpoint, evaluate_in_processes, evaluate_model, kept_evaluation,
                                    worst_case)
 from evaluation.summary import summary
-from helpers import small_model
+from helpers import fmnist_moe_checkpoint, small_model
 
 EPS = 0.1
 # AutoAttack's four attacks, with Square cut to 300 queries and 30 iterations (a custom, cheaper AutoAttack)
@@ -198,14 +198,7 @@ def test_dense_models_skip_the_route_attacks_and_say_so(trained):
 # -- the command ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """A Fashion-MNIST-shaped MoE checkpoint (untrained, calibrated) with a training eps of 0.1."""
-    torch.manual_seed(0)
-    model = tiny_moe()
-    x = torch.rand(32, 1, 28, 28)
-    calibrate_batchnorm(model, x)
-    balance_routing(model, x)
-    return advmoe.save_checkpoint(model, tmp_path_factory.mktemp("eval") / "best",
-                                  config={"dataset": "fashion_mnist", "training": {"eps": 0.1}})
+    return fmnist_moe_checkpoint(tmp_path_factory.mktemp("eval"))
 
 
 @pytest.mark.parametrize("args, message", [
@@ -300,6 +293,8 @@ def test_evaluate_in_processes_starts_the_ranks_itself(checkpoint, fashion_dir, 
     assert two["per_example"] == one["per_example"] and two["accuracy"] == one["accuracy"]
     with pytest.raises(ConfigError, match="processes must be >= 1"):
         evaluate_in_processes(0, checkpoint, **kwargs)
+    with pytest.raises(ConfigError, match="split must be test or val"):  # a rank's error, in one line
+        evaluate_in_processes(2, checkpoint, threads=1, **{**kwargs, "split": "train"})
 
 
 def test_a_kept_evaluation_is_reused_only_when_it_is_whole_and_accepted(tmp_path):

@@ -191,6 +191,7 @@ def test_a_result_file_of_an_older_version_still_counts_as_finished(study, tmp_p
     (["--set", "attack_steps=3", "--variant", "../up"], "variant name '../up': use letters, digits"),
     (["--repeat", "-1"], "--repeat -1: give 1, 2, ... to train the runs again"),
     (["--eval-processes", "0"], "--eval-processes 0: give 1 or more"),
+    (["--eval-processes", "2", "--set", 'device="cuda"', "--variant", "gpu"], "--eval-processes shards evaluations over CPU"),
 ])
 def test_bad_variant_settings_get_one_line_and_exit_code_2(argv, message, capsys):
     with pytest.raises(SystemExit) as e:

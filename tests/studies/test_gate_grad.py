@@ -3,11 +3,9 @@ image; evaluations reused when they match, refused when they do not."""
 import json
 
 import pytest
-import torch
 
 import advmoe
-from advmoe.calibrate import balance_routing, calibrate_batchnorm
-from helpers import small_model
+from helpers import fmnist_moe_checkpoint, small_model
 from studies import evaluations, gate_grad
 
 FAST = ["--examples", "12", "--pgd-steps", "3", "--apgd-iterations", "4", "--threads", "1"]
@@ -15,15 +13,7 @@ FAST = ["--examples", "12", "--pgd-steps", "3", "--apgd-iterations", "4", "--thr
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """A Fashion-MNIST-shaped MoE checkpoint (untrained, calibrated, both experts in use)."""
-    torch.manual_seed(0)
-    model = small_model("moe_resnet18", "shared", in_channels=1, image_size=28, width=0.0625, router_blocks=1,
-                        router_width=4)
-    x = torch.rand(32, 1, 28, 28)
-    calibrate_batchnorm(model, x)
-    balance_routing(model, x)
-    return advmoe.save_checkpoint(model, tmp_path_factory.mktemp("gate") / "best",
-                                  config={"dataset": "fashion_mnist", "training": {"eps": 0.1}})
+    return fmnist_moe_checkpoint(tmp_path_factory.mktemp("gate"))
 
 
 @pytest.fixture(scope="module")
