@@ -53,12 +53,14 @@ class SortedRoute:
     gain: Tensor  # [B, 1]: the chosen expert's gate weight per sorted row; 1 forward, differentiable
 
 
-def needs_every_expert(top_k: int, grad: str) -> bool:
+def needs_every_expert(top_k: int, grad: str, gate_learns: bool = True) -> bool:
     """Whether the backward pass needs every expert's output, not only the chosen one's. Under
     "softmax" the gradient of an unchosen expert's gate weight is that expert's output against
     the output gradient; under "chosen" and "none" (top-1) it is dropped, so computing only the
-    chosen experts gives the same values and the same gradients at a fraction of the work."""
-    return top_k > 1 or grad == "softmax"
+    chosen experts gives the same values and the same gradients at a fraction of the work.
+    `gate_learns`: whether the gate weights carry a gradient at all; a route an attack forced or
+    detached (advmoe.route_attacks) does not, and then no gate option needs the unchosen experts."""
+    return top_k > 1 or (grad == "softmax" and gate_learns)
 
 
 def sort_by_expert(gate: Route, num_experts: int) -> tuple[Tensor, SortedRoute]:

@@ -27,10 +27,10 @@ def run(checkpoint: str | Path, processes: int = 2, threads: int = 2, rounds: in
     """evaluation: evaluate_checkpoint's arguments (n_examples, batch_size, attacks, settings)."""
     seconds: dict[int, list[float]] = {1: [], processes: []}
     verdicts = {}
+    torch.set_num_threads(threads)  # one process runs in this one, with the caller's threads
     with tempfile.TemporaryDirectory() as scratch:
         for _ in range(rounds):
             for shards in (1, processes):
-                torch.set_num_threads(threads)  # one process: the caller's threads
                 start = time.perf_counter()
                 doc = evaluate_in_processes(shards, checkpoint, max(1, threads // shards), progress=False,
                                             out=Path(scratch) / str(shards), **evaluation)

@@ -195,11 +195,9 @@ class MoENet(nn.Module):
     def _skips_unchosen_now(self, x: Tensor, gate: Route) -> bool:
         # Only where gradients flow (training, attacks): without them masked execution stays the
         # reference's every-expert path that benchmarks and `ADVMOE_EXECUTION=masked` compare
-        # against. Not while tracing: the slices have data-dependent sizes. Under any gate
-        # gradient, a route whose weights carry no gradient (forced or detached by an attack,
-        # advmoe.route_attacks) needs no unchosen expert either.
-        safe = self.can_skip_unchosen or (self.router is not None and self.cfg.top_k == 1
-                                            and not gate.weights.requires_grad)
+        # against. Not while tracing: the slices have data-dependent sizes.
+        safe = self.router is not None and not needs_every_expert(self.cfg.top_k, self.cfg.gate_grad,
+                                                                  gate.weights.requires_grad)
         return (self.skip_unchosen and safe and torch.is_grad_enabled() and x.shape[0] > 0
                 and not torch.compiler.is_compiling() and not torch.compiler.is_exporting() and not torch.jit.is_tracing())
 
