@@ -864,7 +864,9 @@ def plot(grouped: dict[str, list[dict]], path: Path) -> None:
 def study_cost(grouped: dict[str, list[dict]], rows: list[Row]) -> str:
     """What the study itself (its rows at their seeds; no variant, extra seed or repeat) has cost:
     the hours its result files record, and those hours again at each row's quickest run, stage by
-    stage, which is what a machine with nothing else on it would have taken."""
+    stage, which is what a machine with nothing else on it would have taken. The quickest run of
+    a stage is sought among every run of the row's own settings, its extra seeds and repeats
+    included: each is the same work, one more sample of what the stage costs."""
     runs = {r.key: r for r in rows}
     own = [d for docs in grouped.values() for d in docs
            if d["row"]["key"] in runs and d["seed"] in runs[d["row"]["key"]].seeds and not d.get("repeat")]
@@ -874,7 +876,7 @@ def study_cost(grouped: dict[str, list[dict]], rows: list[Row]) -> str:
     recorded = sum(sum(d["seconds"].values()) for d in own) / 3600
     quickest, started, uncounted = 0.0, 0, []
     for row in rows:
-        docs = [d for d in own if d["row"]["key"] == row.key]
+        docs = grouped.get(row.key, [])
         started += bool(docs)
         if docs and row.headline and not any("autoattack" in d["seconds"] for d in docs):
             uncounted.append(row.key)
@@ -888,7 +890,8 @@ def study_cost(grouped: dict[str, list[dict]], rows: list[Row]) -> str:
             f"repeats beside them: {len(own)} of {planned} runs finished, {recorded:.1f} hours recorded"
             + (f" against a budget of {BUDGET_HOURS} hours of a 2-core CPU" if cpu else "")
             + f"; {quickest:.1f} hours{rows_counted} at each row's quickest run, stage by stage (training, "
-              f"evaluation, AutoAttack), as a machine with nothing else on it would take.")
+              f"evaluation, AutoAttack; among every run of the row's settings, its extra seeds and repeats "
+              f"included), as a machine with nothing else on it would take.")
     missing = [doc_run_name(d) for d in own if runs[d["row"]["key"]].headline and "autoattack" not in d["seconds"]]
     if missing:
         runs_word = "run" if len(missing) == 1 else "runs"
