@@ -52,6 +52,7 @@ class DatasetNotFoundError(FileNotFoundError):
 @dataclass(frozen=True)
 class DatasetInfo:
     name: str
+    title: str  # as people write it: "CIFAR-10" (report titles)
     num_classes: int
     in_channels: int
     image_size: int
@@ -114,6 +115,7 @@ DATASETS: dict[str, DatasetInfo] = {
     for info in [
         DatasetInfo(
             name="fashion_mnist",
+            title="Fashion-MNIST",
             num_classes=10,
             in_channels=1,
             image_size=28,
@@ -130,6 +132,7 @@ DATASETS: dict[str, DatasetInfo] = {
         ),
         DatasetInfo(
             name="cifar10",
+            title="CIFAR-10",
             num_classes=10,
             in_channels=3,
             image_size=32,
@@ -144,6 +147,7 @@ DATASETS: dict[str, DatasetInfo] = {
         ),
         DatasetInfo(
             name="cifar100",
+            title="CIFAR-100",
             num_classes=100,
             in_channels=3,
             image_size=32,
@@ -156,6 +160,7 @@ DATASETS: dict[str, DatasetInfo] = {
         ),
         DatasetInfo(
             name="svhn",
+            title="SVHN",
             num_classes=10,
             in_channels=3,
             image_size=32,
@@ -168,6 +173,7 @@ DATASETS: dict[str, DatasetInfo] = {
         ),
         DatasetInfo(
             name="tiny_imagenet",
+            title="Tiny ImageNet",
             num_classes=200,
             in_channels=3,
             image_size=64,

@@ -1,5 +1,6 @@
-"""The robustness-cost frontier on Fashion-MNIST: dense PGD-AT at several widths against the MoE
-methods, worst-case robust accuracy against MACs per image.
+"""The robustness-cost frontier: dense PGD-AT at several widths against the MoE methods,
+worst-case robust accuracy against MACs per image; on Fashion-MNIST (--preset fmnist-tiny), or on
+any data set of a preset, read from --data-dir.
 
     python -m studies.frontier --plan            # the rows, seeds and the estimated cost; starts nothing
     nice python -m studies.frontier               # run (resumes: finished runs are skipped)
@@ -7,6 +8,7 @@ methods, worst-case robust accuracy against MACs per image.
     python -m studies.frontier --ship checkpoints/fmnist-moe   # the best MoE run, as the model to serve
     nice python -m studies.frontier --rows advmoe-w0.25 --variant steps3 --set attack_steps=3   # a lever, beside
     nice python -m studies.frontier --rows advmoe-w0.25 --repeat 1   # the same runs trained again, beside
+    python -m studies.frontier --preset cifar10-resnet18 --data-dir ~/data --moe-width 1.0 --epochs 100   # CIFAR-10, GPU
 
 Each (row, seed) is one run: train (runs/frontier/ROW-seedS, resumed if cut off), evaluate its
 best checkpoint (selected on validation PGD accuracy, never on test images) on the first
@@ -53,6 +55,22 @@ from training.trainer import COLLAPSE_SHARE, make_optimizers, train
 
 RESULTS = Path("reports/robustness_frontier")
 REPORT = Path("reports/robustness_frontier.md")
+
+
+def default_paths(dataset: str) -> tuple[Path, Path, Path]:
+    """Where a study of `dataset` keeps its run folders, result files and report: Fashion-MNIST's
+    the project's own, any other data set's beside them, so no run or table mixes data sets."""
+    runs = Path(Plan.runs)
+    if dataset == "fashion_mnist":
+        return runs, RESULTS, REPORT
+    return (runs.with_name(f"{runs.name}_{dataset}"), RESULTS.with_name(f"{RESULTS.name}_{dataset}"),
+            REPORT.with_name(f"{RESULTS.name}_{dataset}.md"))
+
+
+def eps_text(eps: float) -> str:
+    """ε as people write it: 8/255 for an image budget in 255ths, 0.1 otherwise."""
+    steps = eps * 255
+    return f"{round(steps)}/255" if abs(steps - round(steps)) < 1e-6 and round(eps, 3) != eps else f"{eps:g}"
 MAIN_ATTACKS = ("pgd", "apgd", "route-fixed", "router")
 PGD_STEPS = (10, 50)
 BUDGET_HOURS = 12  # what the study at its defaults was sized for on a 2-core CPU
@@ -593,6 +611,11 @@ def load_results(results: Path) -> dict[str, list[dict]]:
     for path in sorted(results.glob("*.json")):
         doc = json.loads(path.read_text())
         grouped.setdefault(doc["row"]["key"], []).append(doc)
+    kinds = sorted({(d["config"]["dataset"], d["config"]["eps"]) for docs in grouped.values() for d in docs})
+    if len(kinds) > 1:
+        raise ValueError(f"{results} holds results of {len(kinds)} data sets or budgets "
+                         f"({', '.join(f'{name} at eps {eps:g}' for name, eps in kinds)}); one table compares one: "
+                         "give each study its own --results and --report")
     for docs in grouped.values():
         docs.sort(key=lambda d: (d["seed"], d.get("repeat", 0)))
     return dict(sorted(grouped.items(), key=lambda kv: kv[1][0]["macs_per_image"]))
@@ -915,12 +938,12 @@ def write_report(results: Path, report: Path, plan: Plan, command: str | None = 
     where = " and ".join({"cpu": "the CPU", "cuda": "a GPU"}.get(d, d) for d in devices)
     cost = study_cost(grouped, default_rows(plan))
     cost += "\n" if cost else ""
-    text = f"""# Robustness against cost on Fashion-MNIST
+    text = f"""# Robustness against cost on {advmoe.get_dataset_info(first['dataset']).title}
 
 Produced by `{command or 'python -m studies.frontier'}` (studies/frontier.py) from the result files in
 [{folder}/]({folder}/) ({runs} run{'s' * (runs != 1)}, {hours:.1f} hours on {where} so far:
 training epochs and evaluations, as each result file records them).
-{cost}linf ε = {first['eps']:g}; training: {first['epochs']} epochs, {first['train_examples'] or 'all'} training images, PGD-{first['attack_steps']}
+{cost}linf ε = {eps_text(first['eps'])}; training: {first['epochs']} epochs, {first['train_examples'] or 'all'} training images, PGD-{first['attack_steps']}
 for the training attack; checkpoints selected on validation PGD accuracy. Evaluation on the first
 {plan.eval_examples} test images: PGD-10 and PGD-50 through the straight-through router, APGD-CE then APGD-T,
 the route-fixed and the router attack; the **worst case** counts an image only if it survives every one of
@@ -968,9 +991,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="train the runs again as ROW-seedS-repeatK, beside the first: training on a CPU is not "
                         "bitwise reproducible, so a repeat is another draw of its row, and the report pools it")
     parser.add_argument("--rows", nargs="+", help="only these rows (keys from --plan)")
-    parser.add_argument("--runs", default=Plan.runs)
-    parser.add_argument("--results", default=str(RESULTS))
-    parser.add_argument("--report", default=str(REPORT))
+    parser.add_argument("--data-dir", metavar="DIR", help="the data set's folder: CIFAR-10/100, SVHN and Tiny ImageNet "
+                        "need it (nothing is downloaded); Fashion-MNIST defaults to Debian's files")
+    parser.add_argument("--runs", help=f"the run folders (default: {Plan.runs}, {Plan.runs}_DATASET for another data set)")
+    parser.add_argument("--results", help=f"the result files' folder (default: {RESULTS}, "
+                        f"{RESULTS}_DATASET for another data set than Fashion-MNIST's)")
+    parser.add_argument("--report", help=f"the report (default: {REPORT}, {RESULTS}_DATASET.md for another data set)")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--eval-processes", type=int, default=Plan.eval_processes, metavar="P",
                         help="shard each evaluation over P CPU processes, --threads split between them (the same "
@@ -995,18 +1021,21 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--repeat {args.repeat}: give 1, 2, ... to train the runs again (0 is the first runs)")
     if "method" in settings and not args.variant:  # the rows' own methods would win without a word
         parser.error("--set method: another method makes rows of their own; name them with --variant NAME")
+    where = {"data_dir": args.data_dir} if args.data_dir else {}  # where the data is: no setting of the runs
     plan = Plan(preset=args.preset, moe_width=args.moe_width, epochs=args.epochs, train_examples=args.train_examples,
                 eval_examples=args.eval_examples, autoattack_examples=args.autoattack_examples,
-                select_examples=args.select_examples,
-                seeds=tuple(args.seeds), headline_seeds=tuple(args.headline_seeds), overrides=settings, runs=args.runs,
+                select_examples=args.select_examples, seeds=tuple(args.seeds), headline_seeds=tuple(args.headline_seeds),
+                overrides={**settings, **where},
                 repeat=args.repeat, eval_processes=args.eval_processes)
     try:
         rows = default_rows(plan)
-        device = resolve(plan.preset, **settings).device
+        base = resolve(plan.preset, **plan.overrides)
+        runs, results, report = default_paths(base.dataset)
+        plan = replace(plan, runs=args.runs or str(runs))
     except ConfigError as e:
         parser.error(str(e))
-    if plan.eval_processes > 1 and device != "cpu":
-        parser.error(f"--eval-processes shards evaluations over CPU processes; the runs use {device}: drop it")
+    if plan.eval_processes > 1 and base.device != "cpu":
+        parser.error(f"--eval-processes shards evaluations over CPU processes; the runs use {base.device}: drop it")
     if args.rows:
         unknown = sorted(set(args.rows) - {r.key for r in rows})
         if unknown:
@@ -1020,21 +1049,24 @@ def main(argv: list[str] | None = None) -> int:
             rows = variant_rows(rows, args.variant, changed)
         except ValueError as e:
             parser.error(str(e))
-    results, report = Path(args.results), Path(args.report)
+    results, report = Path(args.results or results), Path(args.report or report)
     command = "python -m studies.frontier " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.ship:
         try:
-            ship(results, Path(args.runs), Path(args.ship), plan=plan)
-        except (ValueError, FileExistsError) as e:
+            ship(results, Path(plan.runs), Path(args.ship), plan=plan)
+        except (ValueError, FileExistsError, advmoe.DatasetNotFoundError) as e:
             parser.exit(2, f"python -m studies.frontier: error: {e}\n")
         return 0
     if args.report_only:
-        print(write_report(results, report, plan, command.strip()) or f"no results in {results}")
+        try:
+            print(write_report(results, report, plan, command.strip()) or f"no results in {results}")
+        except ValueError as e:
+            parser.exit(2, f"python -m studies.frontier: error: {e}\n")
         return 0
     done = {p.stem for p in results.glob("*.json")}
     try:  # every row's result files are checked here, before any run starts
         costs = estimate(plan, rows, results)
-    except ValueError as e:
+    except (ValueError, advmoe.DatasetNotFoundError) as e:
         parser.exit(2, f"python -m studies.frontier: error: {e}\n")
     print_estimate(costs, done, rows, repeat=plan.repeat)
     if args.plan:

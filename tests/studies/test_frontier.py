@@ -70,6 +70,61 @@ def test_the_report_and_its_plot_come_from_the_result_files(study):
     assert (root / "frontier.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_the_report_names_the_data_set_and_budget_of_its_results_and_never_mixes_two(study, tmp_path):
+    plan, rows, root, docs = study
+    assert "# Robustness against cost on Fashion-MNIST" in (root / "frontier.md").read_text()
+    cifar = tmp_path / "cifar10"
+    cifar.mkdir()
+    for path in (root / "results").glob("*.json"):
+        doc = json.loads(path.read_text())
+        doc["config"].update(dataset="cifar10", eps=8 / 255)
+        (cifar / path.name).write_text(json.dumps(doc))
+    text = frontier.write_report(cifar, tmp_path / "cifar10.md", plan)
+    assert text.startswith("# Robustness against cost on CIFAR-10\n") and "linf ε = 8/255;" in text
+    shutil.copy(root / "results" / "pgd-at-tiny-seed0.json", cifar / "pgd-at-tiny-seed1.json")
+    with pytest.raises(ValueError, match=r"2 data sets or budgets \(cifar10 at eps 0.0313725, fashion_mnist at eps "
+                       r"0.1\); one table compares one: give each study its own --results"):
+        frontier.write_report(cifar, tmp_path / "mixed.md", plan)
+    assert not (tmp_path / "mixed.md").exists()
+
+
+@pytest.mark.parametrize("eps, text", [(0.1, "0.1"), (8 / 255, "8/255"), (2 / 255, "2/255"), (0.2, "0.2"), (0.5, "0.5")])
+def test_the_budget_is_written_as_people_write_it(eps, text):
+    assert frontier.eps_text(eps) == text
+
+
+def test_a_study_of_another_data_set_reads_it_from_data_dir_and_keeps_its_own_folders(tmp_path, monkeypatch):
+    """CIFAR-10 is never downloaded: the study reads it from --data-dir, and its runs, results and
+    report go beside Fashion-MNIST's, not among them."""
+    seen = {}
+
+    def estimate(plan, rows, results):
+        seen.update(plan=plan, results=results)
+        return []
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(frontier, "estimate", estimate)
+    monkeypatch.setattr(frontier, "print_estimate", lambda *a, **k: None)
+    assert frontier.main(["--plan", "--preset", "cifar10-resnet18", "--data-dir", "/data/cifar", "--moe-width", "1.0"]) == 0
+    plan = seen["plan"]
+    assert plan.overrides == {"data_dir": "/data/cifar"} and plan.runs == "runs/frontier_cifar10"
+    assert seen["results"] == Path("reports/robustness_frontier_cifar10")
+    assert plan.config(frontier.default_rows(plan)[0], 0).dataset == "cifar10"
+    frontier.main(["--plan", "--preset", "cifar10-resnet18", "--data-dir", "/data/cifar", "--runs", "r", "--results", "x"])
+    assert seen["plan"].runs == "r" and seen["results"] == Path("x")
+    frontier.main(["--plan"])  # Fashion-MNIST's own folders
+    assert seen["plan"].runs == "runs/frontier" and seen["results"] == Path("reports/robustness_frontier")
+
+
+def test_a_study_without_its_data_says_where_to_put_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        frontier.main(["--plan", "--preset", "cifar10-resnet18", "--data-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "cifar10:" in err and "cifar-10-batches-py" in err and "Traceback" not in err
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
 def test_a_second_call_reuses_the_results(study, monkeypatch):
     plan, rows, root, docs = study
     monkeypatch.setattr(frontier, "train", lambda *a, **k: pytest.fail("trained again"))
