@@ -55,22 +55,6 @@ from training.trainer import COLLAPSE_SHARE, make_optimizers, train
 
 RESULTS = Path("reports/robustness_frontier")
 REPORT = Path("reports/robustness_frontier.md")
-
-
-def default_paths(dataset: str) -> tuple[Path, Path, Path]:
-    """Where a study of `dataset` keeps its run folders, result files and report: Fashion-MNIST's
-    the project's own, any other data set's beside them, so no run or table mixes data sets."""
-    runs = Path(Plan.runs)
-    if dataset == "fashion_mnist":
-        return runs, RESULTS, REPORT
-    return (runs.with_name(f"{runs.name}_{dataset}"), RESULTS.with_name(f"{RESULTS.name}_{dataset}"),
-            REPORT.with_name(f"{RESULTS.name}_{dataset}.md"))
-
-
-def eps_text(eps: float) -> str:
-    """ε as people write it: 8/255 for an image budget in 255ths, 0.1 otherwise."""
-    steps = eps * 255
-    return f"{round(steps)}/255" if abs(steps - round(steps)) < 1e-6 and round(eps, 3) != eps else f"{eps:g}"
 MAIN_ATTACKS = ("pgd", "apgd", "route-fixed", "router")
 PGD_STEPS = (10, 50)
 BUDGET_HOURS = 12  # what the study at its defaults was sized for on a 2-core CPU
@@ -605,6 +589,22 @@ def evaluated_weights(doc: dict, best: Path, key: str) -> str:
 
 
 # -- the report -------------------------------------------------------------------------------------
+def default_paths(dataset: str) -> tuple[Path, Path, Path]:
+    """Where a study of `dataset` keeps its run folders, result files and report: Fashion-MNIST's
+    the project's own, any other data set's beside them, so no run or table mixes data sets."""
+    runs = Path(Plan.runs)
+    if dataset == "fashion_mnist":
+        return runs, RESULTS, REPORT
+    return (runs.with_name(f"{runs.name}_{dataset}"), RESULTS.with_name(f"{RESULTS.name}_{dataset}"),
+            REPORT.with_name(f"{RESULTS.name}_{dataset}.md"))
+
+
+def eps_text(eps: float) -> str:
+    """ε as people write it: 8/255 for an image budget in 255ths, 0.1 otherwise."""
+    steps = eps * 255
+    return f"{round(steps)}/255" if abs(steps - round(steps)) < 1e-6 and round(eps, 3) != eps else f"{eps:g}"
+
+
 def load_results(results: Path) -> dict[str, list[dict]]:
     """{row key: summaries of its runs, by seed and repeat}, the rows by MACs per image."""
     grouped: dict[str, list[dict]] = {}
@@ -614,7 +614,7 @@ def load_results(results: Path) -> dict[str, list[dict]]:
     kinds = sorted({(d["config"]["dataset"], d["config"]["eps"]) for docs in grouped.values() for d in docs})
     if len(kinds) > 1:
         raise ValueError(f"{results} holds results of {len(kinds)} data sets or budgets "
-                         f"({', '.join(f'{name} at eps {eps:g}' for name, eps in kinds)}); one table compares one: "
+                         f"({', '.join(f'{name} at ε {eps_text(eps)}' for name, eps in kinds)}); one table compares one: "
                          "give each study its own --results and --report")
     for docs in grouped.values():
         docs.sort(key=lambda d: (d["seed"], d.get("repeat", 0)))

@@ -82,8 +82,8 @@ def test_the_report_names_the_data_set_and_budget_of_its_results_and_never_mixes
     text = frontier.write_report(cifar, tmp_path / "cifar10.md", plan)
     assert text.startswith("# Robustness against cost on CIFAR-10\n") and "linf ε = 8/255;" in text
     shutil.copy(root / "results" / "pgd-at-tiny-seed0.json", cifar / "pgd-at-tiny-seed1.json")
-    with pytest.raises(ValueError, match=r"2 data sets or budgets \(cifar10 at eps 0.0313725, fashion_mnist at eps "
-                       r"0.1\); one table compares one: give each study its own --results"):
+    with pytest.raises(ValueError, match=r"2 data sets or budgets \(cifar10 at ε 8/255, fashion_mnist at ε 0.1\); "
+                       r"one table compares one: give each study its own --results"):
         frontier.write_report(cifar, tmp_path / "mixed.md", plan)
     assert not (tmp_path / "mixed.md").exists()
 
