@@ -48,6 +48,15 @@ def help_of(field: dataclasses.Field) -> str:
     return field.metadata.get("help", "")
 
 
+def number_text(value: float) -> str:
+    """A setting's number as people write it: a budget in 8-bit pixel levels as k/255 (8/255,
+    not 0.03137), any other in up to four significant digits (0.1)."""
+    levels = value * 255
+    if round(value, 3) != value and abs(levels - round(levels)) < 1e-9:
+        return f"{round(levels)}/255"
+    return f"{value:.4g}"
+
+
 def check_choice(name: str, value: Any, choices: Iterable[str]) -> None:
     """A one-line ConfigError naming the setting and every valid value."""
     choices = list(choices)

@@ -10,7 +10,7 @@ import types
 import typing
 from fractions import Fraction
 
-from advmoe.settings import choices_of, help_of
+from advmoe.settings import choices_of, help_of, number_text
 
 
 def number(text: str) -> float:
@@ -33,10 +33,7 @@ def _base_type(annotation) -> tuple[type, bool]:
 
 def _format_default(value) -> str:
     if isinstance(value, float):
-        levels = value * 255  # budgets in 8-bit pixel levels read better as k/255
-        if round(value, 3) != value and abs(levels - round(levels)) < 1e-9:
-            return f"{round(levels)}/255"
-        return f"{value:.4g}"
+        return number_text(value)
     if isinstance(value, (tuple, list)):
         return " ".join(_format_default(v) for v in value) or "none"
     return str(value)

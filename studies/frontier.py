@@ -45,7 +45,7 @@ import advmoe
 from advmoe.checkpoint import WEIGHTS, is_checkpoint, read_metrics, update_metrics
 from advmoe.device import synchronizer
 from advmoe.io import atomic_directory, atomic_write_text
-from advmoe.settings import ConfigError
+from advmoe.settings import ConfigError, number_text
 from advmoe.stats import mean_std, percent
 from evaluation import sanity
 from evaluation.robustness import evaluate_in_processes, evaluated_with, file_sha256, kept_evaluation
@@ -599,12 +599,6 @@ def default_paths(dataset: str) -> tuple[Path, Path, Path]:
             REPORT.with_name(f"{RESULTS.name}_{dataset}.md"))
 
 
-def eps_text(eps: float) -> str:
-    """ε as people write it: 8/255 for an image budget in 255ths, 0.1 otherwise."""
-    steps = eps * 255
-    return f"{round(steps)}/255" if abs(steps - round(steps)) < 1e-6 and round(eps, 3) != eps else f"{eps:g}"
-
-
 def load_results(results: Path) -> dict[str, list[dict]]:
     """{row key: summaries of its runs, by seed and repeat}, the rows by MACs per image."""
     grouped: dict[str, list[dict]] = {}
@@ -614,7 +608,7 @@ def load_results(results: Path) -> dict[str, list[dict]]:
     kinds = sorted({(d["config"]["dataset"], d["config"]["eps"]) for docs in grouped.values() for d in docs})
     if len(kinds) > 1:
         raise ValueError(f"{results} holds results of {len(kinds)} data sets or budgets "
-                         f"({', '.join(f'{name} at ε {eps_text(eps)}' for name, eps in kinds)}); one table compares one: "
+                         f"({', '.join(f'{name} at ε {number_text(eps)}' for name, eps in kinds)}); one table compares one: "
                          "give each study its own --results and --report")
     for docs in grouped.values():
         docs.sort(key=lambda d: (d["seed"], d.get("repeat", 0)))
@@ -943,7 +937,7 @@ def write_report(results: Path, report: Path, plan: Plan, command: str | None = 
 Produced by `{command or 'python -m studies.frontier'}` (studies/frontier.py) from the result files in
 [{folder}/]({folder}/) ({runs} run{'s' * (runs != 1)}, {hours:.1f} hours on {where} so far:
 training epochs and evaluations, as each result file records them).
-{cost}linf ε = {eps_text(first['eps'])}; training: {first['epochs']} epochs, {first['train_examples'] or 'all'} training images, PGD-{first['attack_steps']}
+{cost}linf ε = {number_text(first['eps'])}; training: {first['epochs']} epochs, {first['train_examples'] or 'all'} training images, PGD-{first['attack_steps']}
 for the training attack; checkpoints selected on validation PGD accuracy. Evaluation on the first
 {plan.eval_examples} test images: PGD-10 and PGD-50 through the straight-through router, APGD-CE then APGD-T,
 the route-fixed and the router attack; the **worst case** counts an image only if it survives every one of

@@ -88,11 +88,6 @@ def test_the_report_names_the_data_set_and_budget_of_its_results_and_never_mixes
     assert not (tmp_path / "mixed.md").exists()
 
 
-@pytest.mark.parametrize("eps, text", [(0.1, "0.1"), (8 / 255, "8/255"), (2 / 255, "2/255"), (0.2, "0.2"), (0.5, "0.5")])
-def test_the_budget_is_written_as_people_write_it(eps, text):
-    assert frontier.eps_text(eps) == text
-
-
 def test_a_study_of_another_data_set_reads_it_from_data_dir_and_keeps_its_own_folders(tmp_path, monkeypatch):
     """CIFAR-10 is never downloaded: the study reads it from --data-dir, and its runs, results and
     report go beside Fashion-MNIST's, not among them."""
