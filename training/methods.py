@@ -280,6 +280,11 @@ class Method:
     help: str
     recrafts: int = 0  # more PGD runs for the router step, unless the config says --no-recraft
     forces_routes: bool = False  # part of its attack runs on a forced route, where only the chosen experts run
+    label: str = ""  # how tables and plots name it ("AdvMoE"); the name when empty
+
+    def __post_init__(self):
+        if not self.label:
+            object.__setattr__(self, "label", self.name)  # frozen: set once, here
 
     def attack_steps(self, cfg: "TrainConfig") -> int:
         """PGD steps per training batch."""
@@ -291,14 +296,16 @@ ALTERNATING = ("advmoe", "route-aware")
 
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("standard", standard, ("all",), 0, False, "cross-entropy on clean inputs (no robustness)"),
-    Method("pgd-at", pgd_at, ("all",), 1, False, "Madry PGD adversarial training, one optimiser"),
-    Method("trades", trades, ("all",), 1, False, "TRADES: clean CE + beta * KL(adversarial || clean)"),
-    Method("moe-at", trades, ("all",), 1, True, "TRADES on the whole MoE model with one optimiser (the paper's MoE-AT)"),
+    Method("pgd-at", pgd_at, ("all",), 1, False, "Madry PGD adversarial training, one optimiser", label="PGD-AT"),
+    Method("trades", trades, ("all",), 1, False, "TRADES: clean CE + beta * KL(adversarial || clean)", label="TRADES"),
+    Method("moe-at", trades, ("all",), 1, True, "TRADES on the whole MoE model with one optimiser (the paper's MoE-AT)",
+           label="MoE-AT"),
     Method("router-only", router_only, ("experts", "router"), 1, True,
            "robust router, standard experts: shows routers alone are not enough"),
     Method("advmoe", advmoe, ("experts", "router"), 1, True,
-           "AdvMoE: expert step and router step in turn, each against fresh adversarial examples", recrafts=1),
+           "AdvMoE: expert step and router step in turn, each against fresh adversarial examples", recrafts=1,
+           label="AdvMoE"),
     Method("route-aware", route_aware, ("experts", "router"), 2, True,
            "AdvMoE on the worse per example of its attack and a route-fixed attack on the runner-up route",
-           recrafts=2, forces_routes=True),
+           recrafts=2, forces_routes=True, label="route-aware AT"),
 )}
