@@ -29,6 +29,7 @@ from tqdm import tqdm
 import advmoe
 from advmoe.checkpoint import read_metrics
 from advmoe.data import augment
+from advmoe.distributed import setup as join_group
 from advmoe.io import atomic_write_text
 
 from . import plots
@@ -72,7 +73,9 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, log=functools
     with resume=True). max_steps caps the steps per epoch (tests)."""
     cfg.validate()
     out = Path(out)
-    rank, world, distributed = _distributed_setup(cfg)
+    # A group joined here is left to the launcher's script, which may still use it after train().
+    rank, world, _ = join_group(cfg.device)
+    distributed = dist.is_initialized()  # one rank under torchrun too: the same DDP path as eight
     device = torch.device(cfg.device if cfg.device != "cuda" else f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
     if rank == 0:
         _check_run_dir(cfg, out, resume)
@@ -262,17 +265,6 @@ def _ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.parallel.Dist
     # torch 2.14 renamed broadcast_buffers to forward_sync_buffers (and warns on the old name)
     sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters else "broadcast_buffers"
     return ddp(model, device_ids=[device.index] if device.type == "cuda" else None, **{sync: False})
-
-
-def _distributed_setup(cfg: TrainConfig) -> tuple[int, int, bool]:
-    """(rank, world size, distributed). Under torchrun the run joins its process group and trains
-    under DDP, one rank included (`--nproc_per_node 1` runs the same NCCL path as eight); a group
-    the caller started already is used as it is."""
-    if not dist.is_initialized() and "TORCHELASTIC_RUN_ID" in os.environ:
-        dist.init_process_group(backend="nccl" if cfg.device.startswith("cuda") else "gloo")
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), True
-    return 0, 1, False
 
 
 def _write_logs(out: Path, history: list[dict]) -> None:
