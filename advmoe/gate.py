@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .usage import share_of_counts
+
 GATE_GRADS = {
     "softmax": "straight through to the softmax scores: every expert's logit gets a gradient (ours)",
     "chosen": "straight through to the chosen expert's logit only (the reference code)",
@@ -126,5 +128,4 @@ def route(logits: Tensor, top_k: int = 1, grad: str = "softmax") -> Route:
 def expert_share(routing: Tensor, num_experts: int) -> list[float]:
     """Share of the routing decisions (samples x MoE layers, `last_routing`) that went to each
     expert: what training logs, `advmoe eval` reports and collapse checks read."""
-    counts = routing.flatten().bincount(minlength=num_experts).float()
-    return (counts / max(1, routing.numel())).tolist()
+    return share_of_counts(routing.flatten().bincount(minlength=num_experts).tolist(), num_experts)

@@ -36,6 +36,8 @@ from urllib.parse import urlsplit
 import httpx
 import numpy as np
 
+from advmoe.usage import share_of_counts
+
 from .client import Client, ModelInfo
 
 ROOT = Path(__file__).resolve().parent.parent  # where `clients` imports from
@@ -112,8 +114,7 @@ def expert_share(usage: dict[str, dict[str, int]], num_experts: int = 0) -> list
     for experts in usage.values():
         for expert, count in experts.items():
             totals[int(expert)] = totals.get(int(expert), 0) + count
-    n = sum(totals.values())
-    return [totals.get(e, 0) / n for e in range(max(max(totals) + 1, num_experts))] if n else []
+    return share_of_counts(totals, num_experts)
 
 
 # -- results ----------------------------------------------------------------------------------
