@@ -1,5 +1,6 @@
-"""What the studies that compare evaluations share: their command-line settings, and an
-evaluation taken from --reuse, kept from an earlier call, or run."""
+"""What every study shares about evaluations: their command-line settings, and the one way an
+evaluation is taken from --reuse, kept from an earlier call (a study cut off resumes without
+redoing it), or run, in one process or sharded over several."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +11,9 @@ from pathlib import Path
 import torch
 
 from advmoe.io import atomic_write_text
-from evaluation.robustness import EvalSettings, evaluate_checkpoint, kept_evaluation
+from evaluation.cache import kept_evaluation
+from evaluation.robustness import EvalSettings
+from evaluation.sharding import evaluate_in_processes
 
 
 def add_arguments(parser: argparse.ArgumentParser, runs: Path, report: Path, pgd_steps: tuple[int, ...]) -> None:
@@ -43,15 +46,17 @@ def reused(path: Path, name: str, accept: Callable[[dict], bool], wanted: str, l
 
 
 def kept_or_run(checkpoint: Path, out: Path, accept: Callable[[dict], bool], n: int, settings: dict,
-                data_dir: str | None = None, log=print, **extra) -> dict:
-    """The eval.json kept in `out` when `accept` takes it, or a new evaluation of the first n test
-    images written there (`extra`: more evaluate_checkpoint arguments)."""
+                data_dir: str | None = None, log=print, processes: int = 1, **extra) -> dict:
+    """The eval.json kept in `out` when `accept` takes it, or a new evaluation of the first n images
+    written there (`extra`: more evaluate_checkpoint arguments), sharded over `processes` CPU
+    processes with the threads split between them (the same per-image results)."""
     if (doc := kept_evaluation(out / "eval.json", accept)) is not None:
         log(f"{out.name}: reusing {out / 'eval.json'}")
         return doc
-    log(f"{out.name}: evaluating {checkpoint} on {n} test images ({', '.join(settings['attacks'])})")
-    return evaluate_checkpoint(checkpoint, data_dir=data_dir, n_examples=n, out=out, progress=False, **settings,
-                               **extra)
+    log(f"{out.name}: evaluating {checkpoint} on {n} images ({', '.join(settings['attacks'])})")
+    threads = max(1, torch.get_num_threads() // processes)
+    return evaluate_in_processes(processes, checkpoint, threads, data_dir=data_dir, n_examples=n, out=out,
+                                 progress=False, **settings, **extra)
 
 
 def write(report: Path, result: dict, text: str) -> None:

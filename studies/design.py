@@ -1,0 +1,168 @@
+"""The frontier study's design: its rows (a method, a model and a width, run at some seeds), what
+every run is trained with (the Plan), and where its folders go."""
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import advmoe
+from training.config import TrainConfig, resolve
+from training.methods import METHODS
+
+RESULTS = Path("reports/robustness_frontier")
+REPORT = Path("reports/robustness_frontier.md")
+# the dense rows' widths go in steps of 1/64: every stage of ResNet-18 (64 to 512 channels) keeps whole channels
+WIDTH_STEP = 1 / 64
+# settings a row or a flag of its own sets: --set would be overridden by them without a word
+ROW_SETTINGS = {"model": "the rows set it (--rows)", "width": "the rows set it (--moe-width, --rows)",
+                "seed": "give seeds with --seeds and --headline-seeds", "epochs": "give it with --epochs"}
+MOE_METHODS = ("moe-at", "advmoe", "route-aware")  # the MoE rows, at the MoE width
+
+
+@dataclass(frozen=True)
+class Row:
+    key: str  # run folder and result file prefix
+    label: str
+    method: str
+    model: str
+    width: float
+    seeds: tuple[int, ...]
+    headline: bool = False
+    variant: str | None = None  # the --variant name of a row run with other settings beside the study's
+
+    @property
+    def is_moe(self) -> bool:
+        return advmoe.is_moe_model(self.model)
+
+    @property
+    def is_dense_line(self) -> bool:
+        """The study's own dense PGD-AT rows: the line of the plot and of the verdict on width. Dense
+        rows of another method or variant are weighed against the MoE rows but not drawn into it."""
+        return not self.is_moe and self.method == "pgd-at" and not self.variant
+
+
+@dataclass
+class Plan:
+    """What the study trains and evaluates; the training settings start from --preset."""
+
+    preset: str = "fmnist-tiny"
+    # 0.25: experts of 8 to 64 channels (0.125 gave 4 in the first stage); the dense rows at and
+    # above the experts' own width say whether that is enough. 0.5 would cost 55 hours on 2 cores.
+    moe_width: float = 0.25
+    epochs: int = 5
+    train_examples: int | None = None  # None: the full training set (55,000 after validation)
+    eval_examples: int = 1000
+    autoattack_examples: int = 500
+    select_examples: int = 500  # validation images per seed for --ship's choice between seeds
+    seeds: tuple[int, ...] = (0, 1)
+    # Two: a third for the headline rows would take the study from about 14 to 19 hours of this
+    # machine (--plan); --headline-seeds 0 1 2 adds it, resuming.
+    headline_seeds: tuple[int, ...] = (0, 1)
+    overrides: dict = field(default_factory=dict)  # more TrainConfig settings for every run
+    attack_settings: dict = field(default_factory=dict)  # EvalSettings changes (tests: fewer steps)
+    runs: str = "runs/frontier"
+    repeat: int = 0  # K > 0: the runs trained again, beside the first (run_name)
+    # Evaluations sharded over this many CPU processes, the threads split between them: on a 2-core
+    # CPU two one-thread processes run APGD 1.18x faster than one two-thread process
+    # (docs/evaluation.md), with the same per-image results. Training stays in one process.
+    eval_processes: int = 1
+
+    def config(self, row: Row, seed: int) -> TrainConfig:
+        cfg = resolve(self.preset, **{**self.overrides, "method": row.method, "model": row.model, "width": row.width,
+                                      "seed": seed, "epochs": self.epochs})
+        return replace(cfg, train_examples=self.train_examples).validate()  # None: every training image
+
+
+def run_name(key: str, seed: int, repeat: int = 0) -> str:
+    """The run folder and result file name of a row's seed; a repeat (the seed trained again) gets
+    its own, beside the first."""
+    return f"{key}-seed{seed}" + (f"-repeat{repeat}" if repeat else "")
+
+
+def parse_settings(pairs: list[str]) -> dict:
+    """KEY=VALUE pairs as TrainConfig overrides, each value read as TOML (3, 0.1, true, "name")."""
+    settings = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key or not value.strip():
+            raise ValueError(f"--set {pair!r}: write KEY=VALUE, e.g. attack_steps=3")
+        if key in ROW_SETTINGS:
+            raise ValueError(f"--set {key}: {ROW_SETTINGS[key]}")
+        try:
+            settings[key] = tomllib.loads(f"value = {value.strip()}")["value"]
+        except tomllib.TOMLDecodeError:
+            raise ValueError(f"--set {pair!r}: {value.strip()!r} is not a TOML value (quote a string: "
+                             f"{key}=\"...\")") from None
+    return settings
+
+
+def variant_rows(rows: list[Row], name: str, settings: dict) -> list[Row]:
+    """The rows again, as rows of their own (run folders, result files, table lines) trained with
+    `settings` changed: a lever such as more epochs or a stronger training attack is measured
+    beside the study's runs instead of over them. A `method` setting changes the rows' method (dense
+    TRADES beside dense PGD-AT, say), and their labels name it."""
+    if not name or not all(c.isalnum() or c in "._" for c in name):
+        raise ValueError(f"variant name {name!r}: use letters, digits, '.' and '_' (it goes into file names)")
+    method = settings.get("method")  # a known one: the settings were resolved before
+    changed = ", ".join(f"{k}={v}" for k, v in settings.items())
+
+    def label(row: Row) -> str:
+        if method is None or method == row.method:
+            return row.label
+        named = METHODS[method].label if method in METHODS else method
+        if row.is_moe and "MoE" not in named:  # PGD-AT of the MoE model is no dense row
+            named = f"MoE {named}"
+        return row.label.replace(METHODS[row.method].label, named, 1)
+    return [replace(row, key=f"{row.key}-{name}", label=f"{label(row)} ({name}: {changed})",
+                    method=method or row.method, variant=name) for row in rows]
+
+
+def macs_per_image(model: str, width: float, cfg: TrainConfig) -> int:
+    """MACs per image of the path sparse execution runs (router included)."""
+    info = advmoe.get_dataset_info(cfg.dataset)
+    cfg = replace(cfg, model=model, width=width)
+    built = advmoe.create_model(model, **cfg.model_kwargs(info))
+    return advmoe.count_macs(built, (info.in_channels, info.image_size, info.image_size))
+
+
+def width_for_macs(target: int, model: str, cfg: TrainConfig, widest: float = 2.0) -> float:
+    """The narrowest width, in steps of WIDTH_STEP, at which `model` costs at least `target` MACs
+    per image: a dense row "of the MoE model's MACs" is never given fewer than the MoE model has
+    (bisection over the steps; MACs grow with width)."""
+    low, high = 0, round(widest / WIDTH_STEP)  # MACs at low steps < target <= MACs at high steps
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if macs_per_image(model, mid * WIDTH_STEP, cfg) < target else (low, mid)
+    return high * WIDTH_STEP
+
+
+def default_rows(plan: Plan) -> list[Row]:
+    """Dense PGD-AT at the MoE model's MACs, in between and at the MoE model's own width (its
+    full-width twin; where no whole-channel width lies in between, at twice the twin's width, so
+    there are still three); MoE-AT, AdvMoE and route-aware training at the MoE width."""
+    base = resolve(plan.preset, **plan.overrides)
+    moe, dense = base.model, advmoe.dense_twin(base.model)
+    equal = width_for_macs(macs_per_image(moe, plan.moe_width, base), dense, base)
+    middle = round((equal + plan.moe_width) / 2 / WIDTH_STEP) * WIDTH_STEP
+    if middle in (equal, plan.moe_width):  # no whole-channel width between them: one wider than the twin instead
+        middle = 2 * plan.moe_width
+    rows = [Row(f"pgd-at-w{equal:g}", f"dense PGD-AT, width {equal:g} (the MoE model's MACs)", "pgd-at", dense, equal,
+                plan.headline_seeds, headline=True),
+            Row(f"pgd-at-w{middle:g}", f"dense PGD-AT, width {middle:g}", "pgd-at", dense, middle, plan.seeds),
+            Row(f"pgd-at-w{plan.moe_width:g}", f"dense PGD-AT, width {plan.moe_width:g} (the MoE model's full-width twin)",
+                "pgd-at", dense, plan.moe_width, plan.seeds)]
+    rows += [Row(f"{method}-w{plan.moe_width:g}", f"{METHODS[method].label}, width {plan.moe_width:g}", method, moe,
+                 plan.moe_width, plan.headline_seeds, headline=True) for method in MOE_METHODS if method in METHODS]
+    return rows
+
+
+def default_paths(dataset: str) -> tuple[Path, Path, Path]:
+    """Where a study of `dataset` keeps its run folders, result files and report: Fashion-MNIST's
+    the project's own, any other data set's beside them, so no run or table mixes data sets."""
+    runs = Path(Plan.runs)
+    if dataset == "fashion_mnist":
+        return runs, RESULTS, REPORT
+    return (runs.with_name(f"{runs.name}_{dataset}"), RESULTS.with_name(f"{RESULTS.name}_{dataset}"),
+            REPORT.with_name(f"{RESULTS.name}_{dataset}.md"))

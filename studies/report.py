@@ -1,0 +1,162 @@
+"""The frontier study's report: a table per row, the verdicts as tables and short lines, a plot, and
+the same numbers as JSON beside it (reports/robustness_frontier.md, .png, .json), written from
+whatever result files there are."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import advmoe
+from advmoe.io import atomic_write_text
+from advmoe.settings import number_text
+from advmoe.stats import mean_std, percent
+
+from .columns import header
+from .design import Plan, default_rows
+from .estimate import study_cost
+from .plot import plot
+from .record import RunResult, load_results, worst
+from .verdicts import Findings, verdicts
+
+COLUMNS = ("clean", "pgd-10", "pgd-50", "apgd", "route-fixed", "router")
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def _autoattack_cell(runs: list[RunResult]) -> str:
+    aa = [r.autoattack for r in runs if r.autoattack]
+    if not aa:
+        return "-"
+    cell = f"{percent([a['accuracy'] for a in aa])} ({percent([a['worst_case_with_main'] for a in aa])})"
+    if len(aa) < len(runs):  # a seed whose checkpoint was gone before its AutoAttack ran
+        cell += f", seed {', '.join(r.run_label for r in runs if r.autoattack)}"
+    return cell
+
+
+def table(grouped: dict[str, list[RunResult]]) -> str:
+    lines = ["| row | MACs per image | seeds | " + " | ".join(header(k) for k in COLUMNS)
+             + " | **worst case** | PGD - worst | route flips | busiest expert | AutoAttack (worst with the rest) |",
+             "|---" * (len(COLUMNS) + 8) + "|"]
+    for runs in grouped.values():
+        cells = [percent([r.accuracy.get(k) for r in runs]) if any(k in r.accuracy for r in runs) else "-" for k in COLUMNS]
+        moe = runs[0].route_flip_rate is not None
+        flips = percent([r.route_flip_rate for r in runs]) if moe else "-"
+        # its share of the clean test routes: 100 % is a collapsed router, a dense model in effect
+        busiest = percent([max(r.expert_share) for r in runs]) if runs[0].expert_share else "-"
+        lines.append(f"| {runs[0].row.label} | {runs[0].macs_per_image / 1e6:.2f} M | "
+                     f"{', '.join(r.run_label for r in runs)} | " + " | ".join(cells)
+                     + f" | **{percent([r.worst_case for r in runs])}** | {percent([r.pgd_minus_worst for r in runs])} "
+                     f"| {flips} | {busiest} | {_autoattack_cell(runs)} |")
+    return "\n".join(lines)
+
+
+def comparisons_table(found: Findings) -> str:
+    lines = ["| row | against | other row | worst case | other's | difference | spread | verdict | by attack, where it "
+             "does not beat |", "|---|---|---|---|---|---|---|---|---|"]
+    for c in found.comparisons:
+        by_attack = ", ".join(f"{header(k)} {100 * v:+.1f}" for k, v in c.by_attack.items())
+        lines.append(f"| {c.row} | {c.against} | {c.other} | {_pct(c.mean)} | {_pct(c.other_mean)} "
+                     f"| {100 * c.difference:+.1f} | {'-' if c.one_run else _pct(c.spread)} | {c.verdict} | {by_attack} |")
+    return "\n".join(lines)
+
+
+def curves_table(found: Findings) -> str:
+    lines = ["| row | validation PGD by epoch (%) | route-fixed by epoch (%) | curve | one-epoch falls of a run |",
+             "|---|---|---|---|---|"]
+    for c in found.curves:
+        fixed = ", ".join(_pct(v) for v in c.route_fixed) if c.route_fixed else "-"
+        fell = "; ".join(f"seed {run}: {_pct(a)} → {_pct(b)} at epoch {e}" for run, e, a, b in c.falls) or "-"
+        lines.append(f"| {c.row} | {', '.join(_pct(v) for v in c.pgd)} | {fixed} | {c.state} | {fell} |")
+    return "\n".join(lines)
+
+
+def finding_lines(found: Findings) -> list[str]:
+    """The findings that are no comparison, one short line each."""
+    lines = [f"Router collapsed: {row} (busiest expert {100 * share:.0f} % of clean routes); not counted as a mixture."
+             for row, share in found.collapsed.items()]
+    lines += [f"Above the best MoE row on one run: {row}; a second seed would tell." for row in found.ahead_on_one_run]
+    if found.width:
+        w = found.width
+        by_cost = ", ".join(f"{macs / 1e6:.1f} M: {_pct(v)} %" for macs, v in w["rows"])
+        lines.append(f"Dense PGD-AT by cost: {by_cost}. {w['macs_ratio']:.1f}x the MACs: {100 * w['rise']:+.1f} points "
+                     f"(spread {_pct(w['spread'])}); capacity limits robustness here: {'yes' if w['capacity_limits'] else 'no'}.")
+    if found.twin:
+        t = found.twin
+        kept = f"{100 * t['kept']:.0f} %" if t["kept"] is not None else "-"
+        lines.append(f"{t['row']} against its twin ({t['twin']}): {t['macs_ratio']:.2f}x the MACs, keeps {kept} of its "
+                     f"worst case ({_pct(t['worst'])} vs {_pct(t['twin_worst'])} %).")
+    lines += [f"Masking check failed: {row}, seed {seed} ({detail})." for row, seed, detail in found.masking]
+    for t in found.targets:
+        met = t.met
+        lines.append(f"Targets, {t.row}: {t.pgd.upper()} minus worst {100 * t.pgd_minus_worst:.1f} points (≤ 5: "
+                     f"{'met' if met['pgd_gap'] else 'missed'}); route flips {_pct(t.route_flips)} % (≤ 10: "
+                     f"{'met' if met['route_flips'] else 'missed'}).")
+    return lines
+
+
+def cost_line(cost: dict | None) -> str:
+    if not cost:
+        return ""
+    budget = f" (budget {cost['budget_hours']} h)" if cost["budget_hours"] else ""
+    line = (f"Study cost: {cost['runs_finished']} of {cost['runs_planned']} planned runs, {cost['hours_recorded']:.1f} h "
+            f"recorded{budget}, {cost['hours_at_quickest']:.1f} h at each row's quickest run per stage"
+            f" ({cost['rows_started']} of {cost['rows']} rows started).")
+    if cost["autoattack_missing"]:
+        line += f" AutoAttack missing on: {', '.join(cost['autoattack_missing'])}."
+    return line + "\n"
+
+
+def summary(grouped: dict[str, list[RunResult]], found: Findings, cost: dict | None) -> dict:
+    """The report's numbers as JSON: each row's mean and spread, and every finding."""
+    rows = {k: {"label": runs[0].row.label, "macs_per_image": runs[0].macs_per_image, "runs": [r.name for r in runs],
+                "worst_case": worst(runs),
+                "accuracy": {a: mean_std([r.accuracy.get(a) for r in runs]) for a in COLUMNS if a in runs[0].accuracy}}
+            for k, runs in grouped.items()}
+    return {"rows": rows, "findings": asdict(found), "cost": cost}
+
+
+def write_report(results: Path, report: Path, plan: Plan, command: str | None = None) -> str:
+    grouped = load_results(results)
+    if not grouped:
+        return ""
+    found, cost = verdicts(grouped), study_cost(grouped, default_rows(plan))
+    plot(grouped, report.with_suffix(".png"))
+    first = next(iter(grouped.values()))[0].config
+    runs = [r for rs in grouped.values() for r in rs]
+    hours = sum(sum(r.seconds.values()) for r in runs) / 3600
+    folder = os.path.relpath(results, report.parent)
+    devices = sorted({r.config.get("device", "cpu").split(":")[0] for r in runs})
+    where = " and ".join({"cpu": "the CPU", "cuda": "a GPU"}.get(d, d) for d in devices)
+    text = f"""# Robustness against cost on {advmoe.get_dataset_info(first['dataset']).title}
+
+Produced by `{command or 'advmoe study frontier --report-only'}` (studies/) from the result files in
+[{folder}/]({folder}/): {len(runs)} runs, {hours:.1f} hours on {where}. Numbers also in [{report.with_suffix('.json').name}]({report.with_suffix('.json').name}).
+{cost_line(cost)}
+linf ε = {number_text(first['eps'])}. Training: {first['epochs']} epochs, {first['train_examples'] or 'all'} training images,
+PGD-{first['attack_steps']} training attack, checkpoints selected on validation PGD accuracy. Evaluation: the first
+{plan.eval_examples} test images. The **worst case** counts an image only if it survives every attack of its row.
+AutoAttack (headline rows, first {plan.autoattack_examples} images): APGD-CE and APGD-T from the main evaluation,
+FAB-T and Square added; in brackets the worst case with everything else. Mean ± standard deviation over a row's runs.
+How to read it: [docs/frontier.md](../docs/frontier.md).
+
+![frontier]({report.with_suffix('.png').name})
+
+{table(grouped)}
+
+## Comparisons
+
+{comparisons_table(found)}
+
+{chr(10).join('- ' + line for line in finding_lines(found))}
+
+## Validation curves
+
+{curves_table(found)}
+"""
+    atomic_write_text(report.with_suffix(".json"), json.dumps(summary(grouped, found, cost), indent=1) + "\n")
+    atomic_write_text(report, text)
+    return text
