@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 import advmoe
-from evaluation.robustness import ATTACKS, evaluate_in_processes
+from evaluation.sharding import evaluate_in_processes
+from evaluation.suite import ATTACKS
 
 
 def run(checkpoint: str | Path, processes: int = 2, threads: int = 2, rounds: int = 2, **evaluation) -> dict:

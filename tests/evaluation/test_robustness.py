@@ -19,8 +19,11 @@ from advmoe.calibrate import calibrate_batchnorm
 from advmoe.gate import Route
 from cli.main import main as cli
 from advmoe.settings import ConfigError
-from evaluation.robustness import (EvalSettings, evaluate_checkpoint, evaluate_in_processes, evaluate_model, kept_evaluation,
-                                   worst_case)
+from evaluation.cache import evaluated_with, kept_evaluation
+from evaluation.document import worst_case
+from evaluation.robustness import EvalSettings, evaluate_checkpoint
+from evaluation.sharding import evaluate_in_processes
+from evaluation.suite import evaluate_model
 from evaluation.summary import summary
 from helpers import fmnist_moe_checkpoint, small_model
 
@@ -240,8 +243,6 @@ def test_the_val_split_is_the_validation_images_the_checkpoints_own_training_hel
     """--split val evaluates on the images its training run held out (its val_size and seed), so
     that checkpoints can be compared without the test set; an evaluation of one split never
     stands in for the other."""
-    from evaluation.robustness import evaluated_with
-
     held_out = advmoe.save_checkpoint(advmoe.load_checkpoint(checkpoint), tmp_path / "best", config={
         "dataset": "fashion_mnist", "training": {"eps": 0.1, "val_size": 50, "seed": 3}})
     args = ["eval", str(held_out), "--data-dir", str(fashion_dir), "--attacks", "pgd", "--n-examples", "30",
