@@ -1,2 +1,2 @@
 """Training: the methods (one table, training.methods.METHODS), TrainConfig and presets, the
-trainer (resume, DDP), per-epoch validation and the method comparison report."""
+trainer (resume, DDP) and per-epoch validation. The method comparison is a study: `studies.methods`."""
