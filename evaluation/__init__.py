@@ -3,5 +3,5 @@
 `evaluation.suite` (`evaluate_model`), the eval.json it writes is built by `evaluation.document`, the
 images are shared out to processes by `evaluation.sharding` (torchrun, or `evaluate_in_processes`),
 and a finished evaluation is reused through `evaluation.cache`. AutoAttack is `evaluation.autoattack`,
-the checks against gradient masking `evaluation.sanity`, eval.md `evaluation.summary`, and the report
-over a folder of runs `evaluation.robustness_report`."""
+the checks against gradient masking `evaluation.sanity` and eval.md `evaluation.summary`. The report
+over a folder of runs is a study: `studies.robustness`."""
