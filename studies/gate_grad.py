@@ -22,7 +22,8 @@ from pathlib import Path
 from advmoe.checkpoint import CheckpointError, read_config
 from advmoe.gate import GATE_GRADS
 from advmoe.settings import ConfigError
-from evaluation.robustness import EvalSettings, evaluated_with
+from evaluation.cache import evaluated_with
+from evaluation.robustness import EvalSettings
 
 from . import evaluations
 

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Subset
 import advmoe
 from advmoe.checkpoint import CheckpointError, read_config
 from advmoe.settings import ConfigError
-from evaluation.robustness import evaluated_with
+from evaluation.cache import evaluated_with
 
 from . import evaluations
 

@@ -116,7 +116,12 @@ def summary(grouped: dict[str, list[RunResult]], found: Findings, cost: dict | N
                 "worst_case": worst(runs),
                 "accuracy": {a: mean_std([r.accuracy.get(a) for r in runs]) for a in COLUMNS if a in runs[0].accuracy}}
             for k, runs in grouped.items()}
-    return {"rows": rows, "findings": asdict(found), "cost": cost}
+    findings = asdict(found)
+    for c, found_c in zip(findings["comparisons"], found.comparisons):  # what the tables say, not only what it is from
+        c.update(difference=found_c.difference, verdict=found_c.verdict)
+    for t, found_t in zip(findings["targets"], found.targets):
+        t["met"] = found_t.met
+    return {"rows": rows, "findings": findings, "cost": cost}
 
 
 def write_report(results: Path, report: Path, plan: Plan, command: str | None = None) -> str:

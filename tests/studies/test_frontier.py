@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from studies import evaluations, frontier, run
-from studies.design import Plan, Row, default_rows, variant_rows
+from studies.design import default_rows, variant_rows
 from studies.estimate import estimate
 from studies.record import load_results, read
 from studies.report import write_report
@@ -242,7 +242,8 @@ def test_commands_prints_one_job_per_missing_run_and_each_job_runs_only_its_run(
     assert frontier.job_flags(argv) == ["--results", "r", "--set", "attack_steps=2", "--threads=1"]
     # a job's flags, parsed back: one row, one seed
     chosen = {}
-    monkeypatch.setattr(frontier, "default_rows", lambda plan: two)
+    monkeypatch.setattr(frontier, "default_rows", lambda plan: [replace(r, seeds=plan.headline_seeds if r.headline
+                                                                        else plan.seeds) for r in study.rows])
     monkeypatch.setattr(frontier, "estimate", lambda plan, rows, results: chosen.update(rows=rows) or [])
     monkeypatch.setattr(frontier, "estimate_table", lambda *a, **k: "")
     monkeypatch.setattr(frontier, "run_study", lambda plan, rows, results, **k: chosen.update(plan=plan))
@@ -326,6 +327,3 @@ def test_the_estimate_costs_rows_with_finished_runs_at_what_they_took(study):
     assert cost["eval_hours"] == pytest.approx((moe.seconds["eval"] + moe.seconds["autoattack"]) / 3600)
     counted = estimate(study.plan, study.rows)  # nothing landed: a timed step and counted attack passes
     assert [c["measured_runs"] for c in counted] == [0, 0] and all(c["train_hours"] > 0 < c["eval_hours"] for c in counted)
-
-
-# -- the model `make run` serves: tests/studies/test_ship.py

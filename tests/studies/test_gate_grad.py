@@ -46,7 +46,7 @@ def test_every_gradient_attacks_the_same_model_and_images(study):
 
 def test_grads_chooses_the_gradients_compared(study, tmp_path, monkeypatch):
     root, args = study
-    monkeypatch.setattr(evaluations, "evaluate_checkpoint", lambda *a, **k: pytest.fail("evaluated again"))
+    monkeypatch.setattr(evaluations, "evaluate_in_processes", lambda *a, **k: pytest.fail("evaluated again"))
     report = tmp_path / "two.md"
     assert gate_grad.main([*args[:-len(FAST)], *FAST, "--grads", "softmax", "chosen", "--report", str(report)]) == 0
     assert "| `softmax` | `chosen` | all |" in report.read_text()
@@ -57,7 +57,7 @@ def test_grads_chooses_the_gradients_compared(study, tmp_path, monkeypatch):
 
 def test_a_second_call_reuses_every_evaluation(study, monkeypatch):
     root, args = study
-    monkeypatch.setattr(evaluations, "evaluate_checkpoint", lambda *a, **k: pytest.fail("evaluated again"))
+    monkeypatch.setattr(evaluations, "evaluate_in_processes", lambda *a, **k: pytest.fail("evaluated again"))
     assert gate_grad.main(args) == 0
 
 
@@ -78,7 +78,7 @@ def test_a_reused_evaluation_must_match(study, checkpoint, capsys):
 ])
 def test_bad_input_is_refused_with_what_to_fix(checkpoint, extra, message, capsys, tmp_path, monkeypatch):
     # refused before any evaluation runs, not after the other gradient's
-    monkeypatch.setattr(evaluations, "evaluate_checkpoint", lambda *a, **k: pytest.fail("evaluated before refusing"))
+    monkeypatch.setattr(evaluations, "evaluate_in_processes", lambda *a, **k: pytest.fail("evaluated before refusing"))
     (tmp_path / "broken.json").write_text("{not json")
     extra = [a.format(here=tmp_path) for a in extra]
     with pytest.raises(SystemExit) as exit:

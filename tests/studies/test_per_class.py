@@ -66,7 +66,7 @@ def test_the_classes_add_up_to_each_model_and_to_the_difference(study):
 
 def test_a_second_call_reuses_both_evaluations(study, monkeypatch):
     _, args = study
-    monkeypatch.setattr(evaluations, "evaluate_checkpoint", lambda *a, **k: pytest.fail("evaluated again"))
+    monkeypatch.setattr(evaluations, "evaluate_in_processes", lambda *a, **k: pytest.fail("evaluated again"))
     assert per_class.main(args) == 0
 
 
@@ -92,7 +92,7 @@ def test_classes_tied_to_experts_are_named_by_expert():
     (["--names", "same", "same"], "both checkpoints are called 'same'"),
 ])
 def test_bad_input_is_refused_with_what_to_fix(checkpoints, extra, message, capsys, tmp_path, monkeypatch):
-    monkeypatch.setattr(evaluations, "evaluate_checkpoint", lambda *a, **k: pytest.fail("evaluated before refusing"))
+    monkeypatch.setattr(evaluations, "evaluate_in_processes", lambda *a, **k: pytest.fail("evaluated before refusing"))
     (tmp_path / "broken.json").write_text("{not json")
     extra = [a.format(here=tmp_path) for a in extra]
     with pytest.raises(SystemExit) as exit:
