@@ -10,7 +10,8 @@ from .record import RunResult, worst
 from .verdicts import mean_curve
 
 MARKERS = "sD^vP*Xh<>p"
-DODGE = 0.025  # sideways spread of rows at one MACs value, as a share of that value
+DODGE = 0.012  # sideways spread of rows at one MACs value, as a share of that value
+LINE_STYLES = (("black", "o"), ("0.4", "H"), ("0.65", "8"), ("0.8", "d"))  # the dense line's rows, by MACs
 
 
 def _points(grouped: dict[str, list[RunResult]]) -> list[tuple[str, float, float, float]]:
@@ -27,6 +28,15 @@ def _points(grouped: dict[str, list[RunResult]]) -> list[tuple[str, float, float
     return points
 
 
+def styles(grouped: dict[str, list[RunResult]], colours) -> dict[str, tuple]:
+    """(colour, marker) of every row, none shared: the dense line's rows in greys, the others in colour."""
+    line = [runs[0].row.label for runs in grouped.values() if runs[0].row.is_dense_line]
+    others = [runs[0].row.label for runs in grouped.values() if not runs[0].row.is_dense_line]
+    found = {label: LINE_STYLES[i % len(LINE_STYLES)] for i, label in enumerate(line)}
+    found |= {label: (colours[i % len(colours)], MARKERS[i % len(MARKERS)]) for i, label in enumerate(others)}
+    return found
+
+
 def plot(grouped: dict[str, list[RunResult]], path: Path) -> None:
     import matplotlib
 
@@ -34,15 +44,13 @@ def plot(grouped: dict[str, list[RunResult]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (frontier, curves) = plt.subplots(1, 2, figsize=(14, 5.5))
-    colours = plt.get_cmap("tab10").colors
+    style = styles(grouped, plt.get_cmap("tab20" if len(grouped) > 10 else "tab10").colors)
     dense = sorted((runs[0].macs_per_image, *worst(runs)) for runs in grouped.values() if runs[0].row.is_dense_line)
     if dense:
         macs, mean, std = zip(*dense)
         frontier.errorbar([m / 1e6 for m in macs], [100 * v for v in mean], yerr=[100 * s for s in std], fmt="o-",
                           color="black", capsize=3, label="dense PGD-AT (the line)")
-    style = {}
-    for i, (label, x, mean, std) in enumerate(_points(grouped)):
-        style[label] = (colours[i % len(colours)], MARKERS[i % len(MARKERS)])
+    for label, x, mean, std in _points(grouped):
         frontier.errorbar([x], [100 * mean], yerr=[100 * std], fmt=style[label][1], color=style[label][0], capsize=3,
                           label=label)
     frontier.set(xlabel="MACs per image (M)", ylabel="worst-case robust accuracy (%)",
@@ -50,7 +58,7 @@ def plot(grouped: dict[str, list[RunResult]], path: Path) -> None:
     frontier.grid(alpha=0.3)
     for runs in grouped.values():
         label = runs[0].row.label
-        colour, marker = style.get(label, ("black", "o"))
+        colour, marker = style[label]
         mean = mean_curve(runs)
         curves.plot(range(1, len(mean) + 1), [100 * v for v in mean], marker=marker, color=colour,
                     linestyle="-" if runs[0].row.is_moe else "--", label=label)

@@ -52,7 +52,7 @@ class Curve:
     pgd: list[float]
     route_fixed: list[float] | None
     state: str  # "levelled off" | "still rising" | "peaked at epoch N, fell after"
-    falls: list[tuple[str, int, float, float]]  # (run, epoch, before, after): a seed's one-epoch fall
+    falls: list[tuple[str, int, float, float, float | None]]  # (run, epoch, before, after, the epoch after)
 
 
 @dataclass
@@ -151,12 +151,13 @@ def mean_curve(runs: list[RunResult], key: str = "val_pgd_accuracy") -> list[flo
     return [statistics.mean(r.curve[e][key] for r in runs if e < len(r.curve)) for e in range(epochs)]
 
 
-def falls(runs: list[RunResult]) -> list[tuple[str, int, float, float]]:
-    """Each epoch where a run's validation PGD accuracy fell by FALL or more from the epoch before."""
+def falls(runs: list[RunResult]) -> list[tuple[str, int, float, float, float | None]]:
+    """Each epoch where a run's validation PGD accuracy fell by FALL or more from the epoch before, with
+    the next epoch's (a recovery, or not)."""
     found = []
     for r in runs:
-        values = [e["val_pgd_accuracy"] for e in r.curve]
-        found += [(r.run_label, e + 1, values[e - 1], values[e]) for e in range(1, len(values))
+        values = [e["val_pgd_accuracy"] for e in r.curve] + [None]
+        found += [(r.run_label, e + 1, values[e - 1], values[e], values[e + 1]) for e in range(1, len(values) - 1)
                   if values[e] <= values[e - 1] - FALL]
     return found
 

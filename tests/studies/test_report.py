@@ -136,5 +136,5 @@ def test_a_seeds_fall_shows_its_epoch_and_accuracies_in_the_curves_table():
     runs[1].curve = curve_of((0.70, 0.72, 0.713, 0.74, 0.735))
     cells = _rows(curves_table(verdicts({"dense": runs})))["dense"]
     assert [float(v) for v in cells["validation PGD by epoch (%)"].split(", ")] == [69.5, 73.2, 46.5, 74.2, 74.7]
-    assert cells["one-epoch falls of a run"] == "seed 0: 74.4 → 21.7 at epoch 3"
+    assert cells["one-epoch falls of a run"] == "seed 0: 74.4 → 21.7 at epoch 3, 74.4 the next"
     assert cells["route-fixed by epoch (%)"] == "-"

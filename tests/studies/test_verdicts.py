@@ -252,11 +252,11 @@ def test_the_curve_names_a_seed_whose_validation_robustness_fell_for_an_epoch():
     runs[0].curve = curve_of((0.69, 0.744, 0.217, 0.744, 0.759))
     runs[1].curve = curve_of((0.70, 0.72, 0.713, 0.74, 0.735))
     found = curve(runs)
-    assert found.falls == [("0", 3, 0.744, 0.217)] and found.state == "levelled off"
+    assert found.falls == [("0", 3, 0.744, 0.217, 0.744)] and found.state == "levelled off"
     assert found.pgd == pytest.approx([0.695, 0.732, 0.465, 0.742, 0.747])
-    assert curve(runs[:1]).falls == [] and falls(runs[:1]) == [("0", 3, 0.744, 0.217)]  # one run: its curve shows it
+    assert curve(runs[:1]).falls == [] and falls(runs[:1]) == [("0", 3, 0.744, 0.217, 0.744)]  # one run: its curve shows it
     runs[0].repeat = 1
-    assert falls(runs) == [("0 (repeat 1)", 3, 0.744, 0.217)]
+    assert falls(runs) == [("0 (repeat 1)", 3, 0.744, 0.217, 0.744)]
     runs[0].curve[2]["val_pgd_accuracy"] = 0.6  # 14 points: a swing, not a fall
     assert curve(runs).falls == []
 
