@@ -43,3 +43,23 @@ def test_no_application_imports_another(application):
     others = set(APPLICATIONS + ABOVE) - {application}
     offending = {pkg: files for pkg, files in imports.items() if pkg in others}
     assert not offending, f"{application}/ imports {offending}"
+
+
+# -- size: the study and evaluation layers read like the core, each file one job ----------------------
+MAX_FILE_LINES, MAX_FUNCTION_LINES = 400, 80
+
+
+@pytest.mark.parametrize("folder", ["studies", "evaluation"])
+def test_no_file_or_function_of_the_study_and_evaluation_layers_is_too_long(folder):
+    long_files, long_functions = [], []
+    for file in sorted((ROOT / folder).rglob("*.py")):
+        text = file.read_text()
+        if len(text.splitlines()) > MAX_FILE_LINES:
+            long_files.append(f"{file.relative_to(ROOT)}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text, str(file))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long_functions.append(f"{file.relative_to(ROOT)}:{node.lineno} {node.name}: {lines} lines")
+    assert not long_files, f"over {MAX_FILE_LINES} lines: {long_files}"
+    assert not long_functions, f"over {MAX_FUNCTION_LINES} lines: {long_functions}"
