@@ -1,1 +1,2 @@
-"""Python client, Triton client, locust load test and efficiency report: see issue 8."""
+"""Python client, Triton client, the local Triton server and the locust load test: they talk to the
+service over HTTP or the Triton protocol only."""

@@ -1,1 +1,1 @@
-"""The BentoML service: see issue 7."""
+"""The BentoML service: /predict on the sparse path, /attack_probe, /model_info and Prometheus metrics."""

@@ -41,7 +41,7 @@ STATE = "training_state.pt"
 COLLAPSE_SHARE = 0.9
 # Validation PGD accuracy this far under its best while training goes on: the training attack has
 # stopped finding adversarial examples (catastrophic overfitting; MoE-AT's 2-step TRADES attack
-# on Fashion-MNIST fell from 62.9 to 32.0 %, docs/frontier.md).
+# on Fashion-MNIST fell from 62.9 to 32.0 %, reports/frontier_notebook.md).
 OVERFIT_DROP = 0.10
 SELECTED_ON = {"pgd": "PGD", "worst": "worst-case (PGD and route-fixed)"}  # what select_on ranks, in the log
 
