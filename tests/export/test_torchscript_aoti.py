@@ -57,6 +57,12 @@ def test_both_formats_pass_the_parity_gate_and_keep_the_dispatch(exported):
     assert all(op in graph for op in ("aten::nonzero", "aten::index_select"))  # groups, not masks
 
 
+@pytest.mark.parametrize("kind", ["torchscript", "aoti"])
+def test_each_file_matches_eager_sparse_on_batches_the_gate_never_saw(exported, kind, assert_matches_eager):
+    checkpoint, result = exported
+    assert_matches_eager(checkpoint, result.out, kind)
+
+
 def test_cli_says_once_that_torchscript_is_deprecated(tmp_path, capfd):
     checkpoint = advmoe.save_checkpoint(calibrated("moe_densenet40", "per_layer", depth=10), tmp_path / "ck")
     assert cli(["export", str(checkpoint), "--out", str(tmp_path / "out"), "--format", "torchscript"]) == 0
