@@ -7,6 +7,9 @@ from torch import Tensor, nn
 
 from .layers import ConvNorm2d
 
+ROUTERS = {"shared": "one small CNN on the input image decides for every MoE layer (the reference code)",
+           "per_layer": "a gate at each MoE layer (pooled features + linear), as in the paper"}
+
 
 class RouterBlock(nn.Module):
     """CIFAR ResNet basic block with the parameter-free shortcut (subsample, zero-pad channels)."""

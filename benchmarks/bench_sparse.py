@@ -27,9 +27,9 @@ from advmoe.calibrate import balance_routing, calibrate_batchnorm
 from advmoe.device import synchronizer, unavailable
 from advmoe.io import atomic_write_text
 from advmoe.macs import measure_macs
+from advmoe.routers import ROUTERS
 
 ARCHS = ("resnet18", "wrn28_10", "vgg16", "densenet40")
-ROUTERS = ("shared", "per_layer")
 
 
 def build(arch: str, router: str, image_size: int, width: float, router_blocks: int, x: torch.Tensor):

@@ -13,11 +13,12 @@ import torch
 
 import advmoe
 from advmoe.calibrate import balance_routing, calibrate_batchnorm
+from advmoe.routers import ROUTERS as ROUTER_CHOICES
 
 SMALL_WIDTH = 0.25
 MOE_MODELS = advmoe.list_models(moe=True)
 ALL_MODELS = advmoe.list_models()
-ROUTERS = ("shared", "per_layer")
+ROUTERS = tuple(ROUTER_CHOICES)
 
 
 def model_variants(names=ALL_MODELS):

@@ -9,6 +9,7 @@ import advmoe
 from advmoe.attacks import STARTS, check_eps
 from advmoe.data import AUGMENTATIONS
 from advmoe.gate import GATE_GRADS
+from advmoe.routers import ROUTERS
 from advmoe.settings import ConfigError, setting, validate_choices
 
 from .methods import ALTERNATING, METHODS
@@ -20,8 +21,6 @@ ROUTER_LOSSES = {
     "model": "the paper's bi-level view: the whole model's TRADES loss, through the straight-through gate "
              "(backbone BatchNorm statistics kept)",
 }
-ROUTERS = {"shared": "one small CNN on the input image decides for every MoE layer (the reference code)",
-           "per_layer": "a gate at each MoE layer (pooled features + linear), as in the paper"}
 EXPERT_LOSSES = {
     "trades": "CE(f(x), y) + beta * KL(f(x) || f(x')), the attack maximising the KL (the reference code's)",
     "ce": "Madry's CE(f(x'), y), the attack maximising it (PGD-AT's loss)",

@@ -6,10 +6,7 @@ import torch.nn.functional as F
 
 from advmoe.attacks import router_kl
 from advmoe.route_attacks import detached_routers, forced_route, route_fixed_pgd, router_pgd
-from helpers import calibrated_model, small_model
-
-ROUTERS = ("shared", "per_layer")
-
+from helpers import ROUTERS, calibrated_model, small_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # many tiny steps
 
