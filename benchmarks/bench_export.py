@@ -24,6 +24,7 @@ import torch
 
 import advmoe
 from advmoe.io import atomic_write_text
+from advmoe.runtimes import RUNTIMES as ALL_RUNTIMES
 from export.aoti import aoti_runner, export_aoti
 from export.graph import export_onnx, onnx_runner
 from export.torchscript import export_torchscript, torchscript_runner
@@ -31,7 +32,8 @@ from export.torchscript import export_torchscript, torchscript_runner
 from .bench_sparse import ROUTERS, build, common_parser, parse, time_interleaved
 
 KINDS = ("dense", "masked", "sparse")
-RUNTIMES = ("torch", "onnxruntime", "torchscript", "aoti")
+# pt2's module runs the same torch ops from Python as eager does: it would time eager again.
+RUNTIMES = tuple(name for name in ALL_RUNTIMES if name != "pt2")
 
 
 def export_all(models: dict, folder: Path, runtime: str, threads: int) -> dict:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from advmoe import MoENet
+from advmoe.runtimes import onnx_session
 
 INPUT = "input"
 LOGITS, ROUTING = "logits", "routing"
@@ -87,17 +88,6 @@ def export_program(model: MoENet, path: str | Path) -> Path:
     """torch.export ExportedProgram (.pt2): the same graph for PyTorch runtimes."""
     torch.export.save(exported_program(model), str(path))
     return Path(path)
-
-
-def onnx_session(path: str | Path, threads: int = 2):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    # Spinning threads steal the cores from torch when both run in one process.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def onnx_runner(path: str | Path, threads: int = 2):

@@ -7,28 +7,29 @@ import shutil
 from pathlib import Path
 
 from advmoe import MoENet
+from advmoe.runtimes import RUNTIMES
 
 from .graph import INPUT, LOGITS, ROUTING
 
 NAME = re.compile(r"^[A-Za-z0-9_.-]{1,63}$")
-# kind -> (the model name's suffix, the config line that picks the runtime, the file in <version>/)
-RUNTIMES = {
-    "onnx": ("", 'backend: "onnxruntime"', "model.onnx"),
+# runtime (advmoe.runtimes) -> (the model name's suffix, the config line that picks Triton's backend)
+BACKENDS = {
+    "onnxruntime": ("", 'backend: "onnxruntime"'),
     # The PyTorch backend matches the input to forward()'s argument name and, as the output
     # names have no "__<index>", the outputs by their order in the config: (logits, routing).
-    "torchscript": ("_libtorch", 'platform: "pytorch_libtorch"', "model.pt"),
+    "torchscript": ("_libtorch", 'platform: "pytorch_libtorch"'),
 }
 
 
-def model_name(name: str, kind: str) -> str:
-    """The Triton model name of an export kind: `name` (ONNX) or `name_libtorch` (TorchScript)."""
-    full = name + RUNTIMES[kind][0]
+def model_name(name: str, runtime: str) -> str:
+    """The Triton model name of a runtime's model: `name` (ONNX) or `name_libtorch` (TorchScript)."""
+    full = name + BACKENDS[runtime][0]
     if not NAME.match(full):
         raise ValueError(f"Triton model name {full!r}: use letters, digits, '_', '-' or '.' (at most 63)")
     return full
 
 
-def config_pbtxt(name: str, model: MoENet, max_batch_size: int = 64, kind: str = "onnx") -> str:
+def config_pbtxt(name: str, model: MoENet, max_batch_size: int = 64, runtime: str = "onnxruntime") -> str:
     """config.pbtxt: named tensors with per-sample dims (Triton adds the batch axis),
     dynamic batching up to max_batch_size, one CPU instance (set KIND_GPU on a GPU host)."""
     cfg = model.cfg
@@ -37,7 +38,7 @@ def config_pbtxt(name: str, model: MoENet, max_batch_size: int = 64, kind: str =
         outputs.append(f'  {{ name: "{ROUTING}" data_type: TYPE_INT64 dims: [ {len(model.moe_layers)} ] }}')
     preferred = ", ".join(str(b) for b in (8, 16, 32, 64) if b <= max_batch_size) or str(max_batch_size)
     return f"""name: "{name}"
-{RUNTIMES[kind][1]}
+{BACKENDS[runtime][1]}
 max_batch_size: {max_batch_size}
 input [
   {{ name: "{INPUT}" data_type: TYPE_FP32 dims: [ {cfg.in_channels}, {cfg.image_size}, {cfg.image_size} ] }}
@@ -54,16 +55,16 @@ instance_group [ {{ count: 1 kind: KIND_CPU }} ]
 
 
 def write_repository(repo: Path, name: str, files: dict[str, Path], model: MoENet, max_batch_size: int = 64) -> list[Path]:
-    """repo/<model name>/1/<file> and repo/<model name>/config.pbtxt for each exported kind in
-    `files` ({"onnx": model.onnx, "torchscript": model.pt}); returns the models' folders."""
+    """repo/<model name>/1/<file> and repo/<model name>/config.pbtxt for each runtime's file in
+    `files` ({"onnxruntime": model.onnx, "torchscript": model.pt}); returns the models' folders."""
     if max_batch_size < 1:
         raise ValueError(f"max_batch_size={max_batch_size} must be >= 1")
     folders = []
-    for kind, file in files.items():
-        full = model_name(name, kind)
+    for runtime, file in files.items():
+        full = model_name(name, runtime)
         folder = repo / full
         (folder / "1").mkdir(parents=True)
-        shutil.copyfile(file, folder / "1" / RUNTIMES[kind][2])
-        (folder / "config.pbtxt").write_text(config_pbtxt(full, model, max_batch_size, kind))
+        shutil.copyfile(file, folder / "1" / RUNTIMES[runtime].file)
+        (folder / "config.pbtxt").write_text(config_pbtxt(full, model, max_batch_size, runtime))
         folders.append(folder)
     return folders

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ServingConfig
+from advmoe.runtimes import RUNTIMES, onnx_session
 
-FILES = {"onnxruntime": "model.onnx", "torch": "model.safetensors", "pt2": "model.pt2"}
+from .config import ServingConfig
 
 
 class Runtime:
@@ -25,16 +25,7 @@ class OnnxRuntime(Runtime):
     name = "onnxruntime"
 
     def __init__(self, path: Path, threads: int):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        # The probe worker runs torch on the same cores: spinning onnxruntime threads would starve it.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        available = ort.get_available_providers()
-        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        self.session = onnx_session(path, threads, gpu=True)
         self.providers = self.session.get_providers()
         self.input = self.session.get_inputs()[0].name
 
@@ -57,7 +48,7 @@ class TorchRuntime(Runtime):
         self.torch = torch
         self.name = "pt2" if program else "torch"
         if program:
-            self.module = torch.export.load(str(folder / FILES["pt2"])).module()
+            self.module = torch.export.load(str(folder / RUNTIMES["pt2"].file)).module()
         else:
             model = advmoe.load_checkpoint(folder)
             advmoe.set_execution(model, execution, channels_last=execution == "sparse")
@@ -78,7 +69,7 @@ class TorchRuntime(Runtime):
 
 def load_runtime(folder: str | Path, config: ServingConfig) -> Runtime:
     folder = Path(folder)
-    needed = folder / FILES[config.runtime]
+    needed = folder / RUNTIMES[config.runtime].file
     if not needed.is_file():
         raise FileNotFoundError(f"{folder} has no {needed.name}, which ADVMOE_RUNTIME={config.runtime} needs; "
                                 f"re-export the checkpoint with `advmoe export CKPT --out DIR --format all`")

@@ -12,10 +12,8 @@ from torch import Tensor, nn
 from ..dispatch import dispatch
 from ..gate import GATE_GRADS, Route, needs_every_expert, route, sort_by_expert
 from ..layers import ConvNorm2d, LayerGate, MoEConv2d, Normalize, _ConvUnit
-from ..routers import ResNetRouter
-
-ROUTERS = ("shared", "per_layer")
-EXECUTIONS = ("masked", "sparse")
+from ..routers import ROUTERS, ResNetRouter
+from ..runtimes import EXECUTIONS
 
 
 @dataclass
@@ -65,7 +63,7 @@ class ModelConfig:
             if not 0 < self.expert_ratio <= 1:
                 bad(f"expert_ratio={self.expert_ratio} must be in (0, 1]")
             if self.router not in ROUTERS:
-                bad(f"router={self.router!r}; choose one of {ROUTERS}")
+                bad(f"router={self.router!r}; choose one of {tuple(ROUTERS)}")
             if not 1 <= self.top_k <= self.num_experts:
                 bad(f"top_k={self.top_k} must be between 1 and num_experts={self.num_experts}")
             if self.router_width < 1 or self.router_blocks < 1:
@@ -280,7 +278,7 @@ def set_execution(model: nn.Module, mode: str, channels_last: bool = True) -> nn
     "sparse": inference; each sample runs its chosen experts only, BatchNorm folded, channels_last.
     For a dense model "sparse" is the same inference preparation without experts."""
     if mode not in EXECUTIONS:
-        raise ValueError(f"execution must be one of {EXECUTIONS}, got {mode!r}")
+        raise ValueError(f"execution must be one of {tuple(EXECUTIONS)}, got {mode!r}")
     if not isinstance(model, MoENet):
         raise TypeError(f"set_execution needs an advmoe model, got {type(model).__name__}")
     model.execution, model.channels_last = mode, channels_last and mode == "sparse"
