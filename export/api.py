@@ -18,6 +18,8 @@ import advmoe
 from advmoe.card import CARD
 from advmoe.checkpoint import CONFIG, METRICS, WEIGHTS, read_card
 from advmoe.io import atomic_directory
+from advmoe.runtimes import EXECUTIONS
+from advmoe.settings import check_choice, setting, validate_choices
 
 from . import bento, triton
 from .aoti import aoti_runner, export_aoti
@@ -30,8 +32,22 @@ FORMATS = ("onnx", "pt2", "torchscript", "aoti", "triton", "bento")
 # 13 s for all the other formats) would triple the export that `make run` does.
 ALIASES = {"all": ("onnx", "pt2", "torchscript", "triton", "bento")}
 CHOICES = FORMATS + tuple(ALIASES)  # what `advmoe export --format` accepts
-FORMAT_HELP = ("what to write (default: all = every format but aoti; torchscript writes model.pt for LibTorch and "
-               "Triton, aoti an AOTInductor package; see docs/export.md)")
+FORMAT_HELP = ("what to write (all: every format but aoti; torchscript writes model.pt for LibTorch and Triton, aoti "
+               "an AOTInductor package; see docs/export.md)")
+
+
+@dataclass
+class ExportSettings:
+    """What `advmoe export` writes, and how; `export_checkpoint` takes the same names."""
+    formats: tuple[str, ...] = setting(("all",), FORMAT_HELP, choices=CHOICES)
+    name: str = setting("advmoe", "Triton and BentoML model name")
+    opset: int = setting(OPSET, "ONNX opset (the dynamo exporter needs 18 or newer)")
+    max_batch_size: int = setting(64, "Triton's max_batch_size")
+    execution: str = setting("sparse", "the execution exported (masked: a baseline for `advmoe bench serve`)",
+                             choices=EXECUTIONS)
+
+    def __post_init__(self):
+        validate_choices(self)
 
 
 @dataclass
@@ -51,9 +67,10 @@ def resolve_formats(formats: list[str] | tuple[str, ...]) -> tuple[str, ...]:
     return tuple(f for f in FORMATS if f in chosen)
 
 
-def export_checkpoint(checkpoint: str | Path, out: str | Path, formats=("all",), force: bool = False,
-                      name: str = "advmoe", opset: int = OPSET, max_batch_size: int = 64, atol: float = ATOL,
-                      execution: str = "sparse", log=print) -> ExportResult:
+def export_checkpoint(checkpoint: str | Path, out: str | Path, formats=ExportSettings.formats, force: bool = False,
+                      name: str = ExportSettings.name, opset: int = ExportSettings.opset,
+                      max_batch_size: int = ExportSettings.max_batch_size, atol: float = ATOL,
+                      execution: str = ExportSettings.execution, log=print) -> ExportResult:
     """Export `checkpoint` into the directory `out` (refused if it exists, unless force).
 
     out/model.onnx, out/model.pt2, out/model.pt (TorchScript), out/model.aoti.pt2 (AOTInductor),
@@ -67,16 +84,15 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats=("all",),
     out = Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists; pass --force to replace it")
-    if execution not in ("sparse", "masked"):
-        raise ValueError(f"execution {execution!r}: choose sparse (the default) or masked (a baseline)")
+    check_choice("execution", execution, EXECUTIONS)
     if execution == "masked" and "torchscript" in formats:
         raise ValueError("--format torchscript writes sparse execution only; --execution masked (a baseline) "
                          "exports to onnx, pt2, aoti, triton (its ONNX model) and bento")
     # The TorchScript model of a Triton repository holds sparse execution only.
     torchscript = "torchscript" in formats or ("triton" in formats and execution == "sparse")
     if "triton" in formats:
-        for kind in ("onnx", "torchscript") if torchscript else ("onnx",):
-            triton.model_name(name, kind)  # a clear error before any work
+        for runtime in ("onnxruntime", "torchscript") if torchscript else ("onnxruntime",):
+            triton.model_name(name, runtime)  # a clear error before any work
     if "bento" in formats and not bento.NAME.match(name):
         raise ValueError(f"--name {name!r} is not a valid BentoML model name (lowercase, digits, . _ -)")
     model = advmoe.load_checkpoint(checkpoint)  # first: its errors say best what is wrong with a checkpoint
@@ -109,7 +125,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats=("all",),
         if "aoti" in formats:
             export_and_check("aotinductor", tmp / "model.aoti.pt2", export_aoti, aoti_runner)
         if "triton" in formats:
-            exported = {"onnx": tmp / "model.onnx"} | ({"torchscript": tmp / "model.pt"} if torchscript else {})
+            exported = {"onnxruntime": tmp / "model.onnx"} | ({"torchscript": tmp / "model.pt"} if torchscript else {})
             for folder in triton.write_repository(tmp / "triton", name, exported, model, max_batch_size):
                 files.append(out / "triton" / folder.name)
         for source in (CONFIG, METRICS, WEIGHTS):  # the weights: for the service's eager torch runtime
