@@ -57,15 +57,21 @@ def number_text(value: float) -> str:
     return f"{value:.4g}"
 
 
-def check_choice(name: str, value: Any, choices: Iterable[str]) -> None:
-    """A one-line ConfigError naming the setting and every valid value."""
+def flag_name(name: str) -> str:
+    """How a setting is named to people by default: its flag's name (gate-grad)."""
+    return name.replace("_", "-")
+
+
+def check_choice(name: str, value: Any, choices: Iterable[str], label: Callable[[str], str] = flag_name) -> None:
+    """A one-line ConfigError naming the setting (as `label` writes it) and every valid value."""
     choices = list(choices)
     if value not in choices:
-        raise ConfigError(f"unknown {name.replace('_', '-')} {value!r}; choose one of: {', '.join(choices)}")
+        raise ConfigError(f"unknown {label(name)} {value!r}; choose one of: {', '.join(choices)}")
 
 
-def validate_choices(obj: Any) -> None:
-    """Check every field of the dataclass instance `obj` that declares choices."""
+def validate_choices(obj: Any, label: Callable[[str], str] = flag_name) -> None:
+    """Check every field of the dataclass instance `obj` that declares choices; `label` names a
+    field as its user sets it (a flag by default; the service: its environment variable)."""
     for field in dataclasses.fields(obj):
         choices = choices_of(field)
         value = getattr(obj, field.name)
@@ -73,6 +79,6 @@ def validate_choices(obj: Any) -> None:
             continue
         if isinstance(value, (tuple, list)):  # "unknown attack 'x'" for a field `attacks`
             for item in value:
-                check_choice(field.name.removesuffix("s"), item, choices)
+                check_choice(field.name.removesuffix("s"), item, choices, label)
         else:
-            check_choice(field.name, value, choices)
+            check_choice(field.name, value, choices, label)

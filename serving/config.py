@@ -6,43 +6,38 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields
 
-RUNTIMES = ("onnxruntime", "torch", "pt2")
-EXECUTIONS = ("sparse", "masked")
+from advmoe.runtimes import EXECUTIONS, runtime_choices
+from advmoe.settings import ConfigError, setting, validate_choices
+
+RUNTIMES = runtime_choices(("onnxruntime", "torch", "pt2"))  # the runtimes the service runs
 ATTACKS = ("fgsm", "pgd")
 PROBE_NICENESS = 10  # the probe worker's: under /predict load it gets about a tenth of a core
 
 
-class ConfigError(ValueError):
-    pass
-
-
 @dataclass(frozen=True)
 class ServingConfig:
-    model_tag: str = "advmoe:latest"  # the BentoML model `advmoe export` wrote
-    runtime: str = "onnxruntime"  # onnxruntime (the exported graph) | torch (eager) | pt2 (torch.export)
-    execution: str = "sparse"  # torch runtime only: sparse dispatch or masked (every expert, then select)
-    # API worker processes, each with the model and its batcher; 0 = one per core. On 2 cores, 2
-    # workers of 1 thread served more images per second and per CPU second than 1 of 2 threads
-    # (`advmoe bench serve --workers N --threads M`, docs/clients.md).
-    workers: int = 0
-    threads: int = 0  # compute threads of each worker's model; 0 = the cores shared out over the workers
-    max_batch_size: int = 64  # inputs per request, and the adaptive batcher's cap
-    max_body_bytes: int = 8 * 2**20  # a larger request body gets 413
-    max_image_pixels: int = 4096 * 4096  # checked before decoding: no decompression bombs
-    probe_enabled: bool = False  # /attack_probe is expensive: off unless enabled
-    probe_token: str = ""  # when set, /attack_probe needs `Authorization: Bearer <token>`
-    probe_max_eps: float = 0.3  # L-inf, pixel units (8/255 is 0.031)
-    probe_max_steps: int = 20
-    probe_max_batch_size: int = 8
-    probe_timeout_s: float = 10.0  # an attack stops at this deadline and says so
-    probe_concurrency: int = 1  # probes running at once; more get 429
-    probe_threads: int = 1  # the probe worker's threads: it never takes every core from /predict
+    model_tag: str = setting("advmoe:latest", "the BentoML model `advmoe export` wrote")
+    runtime: str = setting("onnxruntime", "what runs the model", choices=RUNTIMES)
+    execution: str = setting("sparse", "the torch runtime's execution (an exported graph runs the way it was "
+                                       "exported)", choices=EXECUTIONS)
+    # On 2 cores, 2 workers of 1 thread served more images per second and per CPU second than 1 of 2
+    # threads (`advmoe bench serve --workers N --threads M`, docs/clients.md).
+    workers: int = setting(0, "API worker processes, each with the model and its batcher; 0: one per core")
+    threads: int = setting(0, "compute threads of each worker's model; 0: the cores shared out over the workers")
+    max_batch_size: int = setting(64, "inputs per request, and the adaptive batcher's cap")
+    max_body_bytes: int = setting(8 * 2**20, "largest request body; a larger one gets 413")
+    max_image_pixels: int = setting(4096 * 4096, "largest image, checked before decoding (no decompression bombs)")
+    probe_enabled: bool = setting(False, "serve /attack_probe (expensive, so off unless enabled)")
+    probe_token: str = setting("", "when set, /attack_probe needs `Authorization: Bearer <token>`")
+    probe_max_eps: float = setting(0.3, "largest L-inf budget of a probe, in pixel units (8/255 is 0.031)")
+    probe_max_steps: int = setting(20, "most attack steps of a probe")
+    probe_max_batch_size: int = setting(8, "most inputs of a probe")
+    probe_timeout_s: float = setting(10.0, "a probe's deadline in seconds: the attack stops there and says so")
+    probe_concurrency: int = setting(1, "probes running at once; more get 429")
+    probe_threads: int = setting(1, "the probe worker's threads: it never takes every core from /predict")
 
     def __post_init__(self):
-        if self.runtime not in RUNTIMES:
-            raise ConfigError(f"ADVMOE_RUNTIME={self.runtime!r}: choose one of {', '.join(RUNTIMES)}")
-        if self.execution not in EXECUTIONS:
-            raise ConfigError(f"ADVMOE_EXECUTION={self.execution!r}: choose one of {', '.join(EXECUTIONS)}")
+        validate_choices(self, label=env_name)
         if self.execution == "masked" and self.runtime != "torch":
             raise ConfigError("ADVMOE_EXECUTION=masked needs ADVMOE_RUNTIME=torch (an exported graph runs "
                               "the way it was exported: export a masked graph with `advmoe export --execution masked`)")
@@ -85,6 +80,12 @@ class ServingConfig:
 
 def env_name(field: str) -> str:
     return f"ADVMOE_{field.upper()}"
+
+
+def environment(**values) -> dict[str, str]:
+    """The ADVMOE_* variables that set these fields: what `advmoe serve` hands to the server."""
+    return {env_name(name): ("1" if value else "0") if isinstance(value, bool) else str(value)
+            for name, value in values.items()}
 
 
 def _parse(raw: str, kind: str):

@@ -4,17 +4,21 @@ from __future__ import annotations
 import asyncio
 import io
 import struct
+import subprocess
+import sys
 import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from advmoe.settings import ConfigError
 from helpers import calibrated_model
-from serving.config import ConfigError, ServingConfig
+from serving.config import RUNTIMES, ServingConfig, environment
 from serving.batching import Batcher
 from serving.inputs import InputSpec, RequestError, decode_image, from_npy, from_tensor
 from serving.probe import bounded_attack
@@ -31,7 +35,8 @@ def test_settings_come_from_the_environment_and_bad_ones_name_their_variable():
     assert (defaults.worker_count(cpus=2), defaults.model_threads(cpus=2)) == (2, 1)  # one worker per core
     two = ServingConfig.from_env({"ADVMOE_WORKERS": "2"})
     assert (two.model_threads(cpus=8), ServingConfig(workers=1).model_threads(cpus=8)) == (4, 8)
-    for env, message in [({"ADVMOE_RUNTIME": "tensorrt"}, "ADVMOE_RUNTIME='tensorrt'"),
+    for env, message in [({"ADVMOE_RUNTIME": "tensorrt"}, "ADVMOE_RUNTIME 'tensorrt'; choose one of: " + ", ".join(RUNTIMES)),
+                         ({"ADVMOE_EXECUTION": "dense"}, "ADVMOE_EXECUTION 'dense'"),
                          ({"ADVMOE_EXECUTION": "masked"}, "needs ADVMOE_RUNTIME=torch"),
                          ({"ADVMOE_MAX_BATCH_SIZE": "0"}, "ADVMOE_MAX_BATCH_SIZE=0"),
                          ({"ADVMOE_MAX_BATCH_SIZE": "many"}, "ADVMOE_MAX_BATCH_SIZE='many'"),
@@ -40,6 +45,20 @@ def test_settings_come_from_the_environment_and_bad_ones_name_their_variable():
                          ({"ADVMOE_WORKERS": "-1"}, "ADVMOE_WORKERS=-1")]:
         with pytest.raises(ConfigError, match=message):
             ServingConfig.from_env(env)
+
+
+def test_the_settings_import_without_torch():  # the API worker of the onnxruntime runtime has none
+    probe = "import sys, serving.config, serving.runtimes; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=Path(__file__).parents[2], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_settings_written_as_variables_read_back_the_same():
+    config = ServingConfig(runtime="torch", execution="masked", workers=2, probe_enabled=True, probe_max_eps=8 / 255)
+    values = {name: getattr(config, name) for name in ("runtime", "execution", "workers", "probe_enabled", "probe_max_eps")}
+    assert ServingConfig.from_env(environment(**values)) == config
+    assert ServingConfig.from_env(environment(probe_enabled=False)).probe_enabled is False
 
 
 @pytest.mark.parametrize("data, reason", [
