@@ -9,6 +9,9 @@ from evaluation.robustness import EvalSettings
 
 from .flags import add_dataclass_flags, given_flags, number
 
+HELP = ("robustness of a checkpoint: PGD, AutoAttack, route-fixed and router attacks, Square, sanity checks; "
+        "writes eval.json (torchrun shards it)")
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="checkpoint directory (config.json + model.safetensors)")

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import types
 import typing
+from collections.abc import Mapping
 from fractions import Fraction
 
 from advmoe.settings import choices_of, help_of, number_text
@@ -39,33 +41,37 @@ def _format_default(value) -> str:
     return str(value)
 
 
-def add_dataclass_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls, skip: tuple[str, ...] = ()) -> None:
-    """One `--field-name` flag per field of `cls`; its value is None when the flag is not given,
-    so presets and config files keep theirs (`given_flags` collects the ones given)."""
+def add_dataclass_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls, skip: tuple[str, ...] = (),
+                        names: Mapping[str, str] | None = None) -> None:
+    """One `--field-name` flag per field of `cls` (`names` renames some: {"formats": "--format"});
+    its value is None when the flag is not given, so presets and config files keep theirs
+    (`given_flags` collects the ones given)."""
     instance, hints = cls(), typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
         if field.name in skip:
             continue
-        flag = "--" + field.name.replace("_", "-")
+        flag = (names or {}).get(field.name) or "--" + field.name.replace("_", "-")
         default = getattr(instance, field.name)
         choices = choices_of(field)
+        kind, sequence = _base_type(hints[field.name])
         text = help_of(field)
-        if choices and any(choices.values()):  # values alone are in the metavar already
+        if choices and any(choices.values()):
             text += ". " + "; ".join(f"{c}: {meaning}" if meaning else c for c, meaning in choices.items())
+        elif choices and sequence:  # a single value's choices are in its metavar, a list's are not
+            text += f"; any of: {', '.join(choices)}"
         if default is not None:
             text += f" (default: {_format_default(default)})"
         text = text.replace("%", "%%")
         if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+            parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None, help=text)
             continue
-        kind, sequence = _base_type(hints[field.name])
         kind = number if kind is float else kind
         nargs = "+" if sequence else None
         if sequence:  # argparse repeats a list's metavar: keep it short, the help lists the choices
             metavar = field.name.upper().removesuffix("S")
         else:
             metavar = "{" + ",".join(choices) + "}" if choices else field.name.upper()
-        parser.add_argument(flag, type=kind, default=None, nargs=nargs, metavar=metavar, help=text)
+        parser.add_argument(flag, dest=field.name, type=kind, default=None, nargs=nargs, metavar=metavar, help=text)
 
 
 def given_flags(args: argparse.Namespace, cls, skip: tuple[str, ...] = ()) -> dict:
@@ -80,4 +86,9 @@ def given_flags(args: argparse.Namespace, cls, skip: tuple[str, ...] = ()) -> di
     return values
 
 
-__all__ = ["add_dataclass_flags", "given_flags", "number"]
+def default_of(function, parameter: str):
+    """The default of a function's parameter: a flag's default read from the function it feeds."""
+    return inspect.signature(function).parameters[parameter].default
+
+
+__all__ = ["add_dataclass_flags", "default_of", "given_flags", "number"]

@@ -7,6 +7,8 @@ from training.config import TrainConfig, list_presets, resolve
 
 from .flags import add_dataclass_flags, given_flags
 
+HELP = "train a model (AdvMoE and its baselines); see --preset"
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", help=f"start from a preset: {', '.join(list_presets())}")
