@@ -168,7 +168,7 @@ def test_masked_export_is_the_reference_way_of_running_and_says_so(tmp_path):
     assert json.loads((result.out / "export.json").read_text())["execution"] == "masked"
     ops = {node.op_type for node in onnx.load(result.out / "model.onnx").graph.node}
     assert "NonZero" not in ops and "ScatterND" not in ops  # no dispatch: every expert runs
-    with pytest.raises(ValueError, match="sparse .* or masked"):
+    with pytest.raises(ValueError, match="'dense'.*sparse.*masked"):
         export_checkpoint(checkpoint, tmp_path / "out2", ["onnx"], execution="dense", log=lambda *a: None)
     with pytest.raises(ValueError, match="torchscript writes sparse execution only"):
         export_checkpoint(checkpoint, tmp_path / "out2", ["torchscript"], execution="masked", log=lambda *a: None)
