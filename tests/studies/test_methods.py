@@ -9,6 +9,7 @@ from helpers import make_fashion_like
 from studies import methods
 from training.config import resolve
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny training steps: a second thread only waits
 TINY = dict(model="moe_resnet18", width=0.125, router_blocks=1, router_width=8, val_size=100,
             train_examples=64, val_examples=16, batch_size=32, epochs=1, eval_steps=1, eval_step=0.05)
 
