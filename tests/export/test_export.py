@@ -264,7 +264,7 @@ def test_cli_bad_input_exits_2_with_a_clear_error(tmp_path, capsys):
     assert "pass --force" in capsys.readouterr().err
     assert cli(["export", str(checkpoint), "--out", str(tmp_path / "o"), "--format", "tflite"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("advmoe export: error: argument --format: invalid choice: 'tflite'") and err.count("\n") == 1
+    assert err.startswith("advmoe export: error:") and "'tflite'" in err and err.count("\n") == 1
     assert not (tmp_path / "o").exists()
 
 
