@@ -8,10 +8,10 @@ import math
 
 import advmoe
 
-from .cost import ATTACKED, PASSES, ROUTE_ATTACKS, SANITY_SWEEP, gradient_passes, pass_seconds, step_seconds
+from .cost import ATTACKED, ROUTE_ATTACKS, SANITY_SWEEP, gradient_passes, pass_seconds, step_seconds
 from .design import Plan, Row, macs_per_image, run_name
 from .record import RunResult
-from .run import AUTOATTACK_REST, finished
+from .run import finished
 
 BUDGET_HOURS = 12  # what the study at its defaults was sized for on a 2-core CPU
 STAGES = ("train", "eval", "autoattack")

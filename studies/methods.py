@@ -21,11 +21,11 @@ from pathlib import Path
 import advmoe
 from advmoe.checkpoint import read_metrics
 from advmoe.stats import mean_std
-from training.config import TrainConfig, resolve, with_defaults
+from training.config import TrainConfig, resolve
 from training.methods import METHODS
-from training.trainer import train
 
 from .evaluations import write
+from .run import train_unless_finished
 
 
 @dataclass(frozen=True)
@@ -50,17 +50,6 @@ CONTENDERS = (
     Contender("advmoe", "advmoe", extra={"router_loss": "reference"}),
     Contender("advmoe", "advmoe-model", extra={"router_loss": "model"}, variant="router loss model"),
 )
-
-
-def train_unless_finished(cfg: TrainConfig, out: Path, what: str, log=print) -> None:
-    """Train cfg into `out` unless a finished run is there; a run cut off resumes. A run of another
-    config in `out` is refused, never overwritten."""
-    config = out / "config.json"
-    if config.is_file() and with_defaults(json.loads(config.read_text())) != cfg.to_dict():
-        raise ValueError(f"{out} holds a run of another config; remove it or choose another --runs")
-    if not (out / "best" / "metrics.json").is_file() or "test_pgd_accuracy" not in read_metrics(out / "best"):
-        log(f"training {what} -> {out}")
-        train(cfg, out, resume=config.is_file(), log=lambda *a: None)
 
 
 def run_result(out: Path, seed: int) -> dict:

@@ -1,4 +1,5 @@
-"""Running the frontier study: each (row, seed) is one independent job that trains (resumed if cut
+"""Running a study's runs (train_unless_finished: the one train-or-resume of every study), and the
+frontier study's jobs: each (row, seed) is one independent job that trains (resumed if cut
 off), evaluates its best checkpoint, and writes its result file last; headline runs then get
 AutoAttack. One machine runs the jobs in turn (run_study); a cluster gets one command per missing
 run (commands) and the report merges the result files."""
@@ -46,6 +47,21 @@ def finished(results: Path, row: Row, seed: int, cfg: TrainConfig, repeat: int =
         raise ValueError(f"{path} is a result of other settings (they differ in {', '.join(diff)}): to measure "
                          f"these settings beside it, name them with --variant NAME")
     return result
+
+
+def train_unless_finished(cfg: TrainConfig, out: Path, what: str, log=print) -> None:
+    """Train cfg into `out` unless a finished run is there (its best checkpoint tested); a run cut
+    off resumes from its last epoch. A run of other settings in `out` is refused, never overwritten
+    (where its data was read from does not count)."""
+    config = out / "config.json"
+    if config.is_file():
+        have, want = ({k: v for k, v in c.items() if k not in WHERE}
+                      for c in (with_defaults(json.loads(config.read_text())), cfg.to_dict()))
+        if have != want:
+            raise ValueError(f"{out} holds a run of other settings; remove it or choose another --runs")
+    if not (out / "best" / "metrics.json").is_file() or "test_pgd_accuracy" not in read_metrics(out / "best"):
+        log(f"training {what} -> {out}")
+        train(cfg, out, resume=config.is_file(), log=lambda *a, **k: None)
 
 
 def attack_settings(plan: Plan, cfg: TrainConfig) -> dict:
@@ -98,9 +114,7 @@ def run_one(plan: Plan, row: Row, seed: int, results: Path, log=print) -> RunRes
     cfg, name = plan.config(row, seed), run_name(row.key, seed, plan.repeat)
     out = Path(plan.runs) / name
     best = out / "best"
-    if not (best / "metrics.json").is_file() or "test_pgd_accuracy" not in read_metrics(best):
-        log(f"training {name} -> {out}")
-        train(cfg, out, resume=(out / "config.json").is_file(), log=lambda *a, **k: None)
+    train_unless_finished(cfg, out, name, log)
     attacks = main_attacks(cfg)
     log(f"evaluating {name} on {plan.eval_examples} test images: {', '.join(attacks)}")
     main = evaluate(plan, best, out / "eval-main", cfg, plan.eval_examples, attacks)

@@ -52,6 +52,6 @@ def test_a_run_of_another_config_is_refused(tmp_path):
     first = tmp_path / "runs" / "pgd-at-seed0"  # the first contender's run, left by another config
     first.mkdir(parents=True)
     (first / "config.json").write_text(json.dumps({**resolve("fmnist-tiny", **settings).to_dict(), "lr": 0.01}))
-    with pytest.raises(ValueError, match="holds a run of another config"):
+    with pytest.raises(ValueError, match="holds a run of other settings"):
         methods.run_all("fmnist-tiny", [0], tmp_path / "runs", settings,
                         log=lambda *a: pytest.fail("trained over another config's run"))
