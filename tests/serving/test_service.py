@@ -35,6 +35,34 @@ def reference(exported_model, x: np.ndarray):
     return z / z.sum(1, keepdims=True), routing
 
 
+@pytest.fixture(scope="module")
+def answers_correctly(server, exported_model, served_images):
+    """check(): a good /predict is answered with the exported model's probabilities and routing;
+    check(probe=True): a good /attack_probe is run and scored on the served model. For after a
+    refusal: the server still answers, and answers right."""
+    x = served_images[:2]
+    expected, routing = reference(exported_model, x)
+
+    def check(probe: bool = False):
+        if probe:
+            response = post(server, "attack_probe", headers=AUTH,
+                            json={"inputs": x.tolist(), "labels": [0, 1], "attack": "fgsm", "eps": 0.05,
+                                  "steps": 1})
+            assert response.status_code == 200, response.text
+            results = response.json()["results"]
+            assert [r["clean_index"] for r in results] == expected.argmax(1).tolist()
+            assert [r["experts_clean"] for r in results] == routing.tolist()
+            assert all(0 < r["linf"] <= 0.05 + 1e-6 for r in results)
+            return
+        response = post(server, "predict", json={"inputs": x.tolist(), "top_k": 10, "return_experts": True})
+        assert response.status_code == 200, response.text
+        predictions = response.json()["predictions"]
+        np.testing.assert_allclose([probabilities(p) for p in predictions], expected, atol=1e-5)
+        np.testing.assert_array_equal([p["experts"] for p in predictions], routing)
+
+    return check
+
+
 def probabilities(prediction: dict) -> np.ndarray:
     probs = np.zeros(len(CLASSES))
     for entry in prediction["top_k"]:
@@ -194,7 +222,7 @@ def rejected(server) -> float:
 
 
 @pytest.mark.parametrize("case", BAD_REQUESTS, ids=list(BAD_REQUESTS))
-def test_bad_input_gets_a_4xx_that_says_what_to_fix_and_the_server_keeps_serving(server, served_images, case):
+def test_bad_input_gets_a_4xx_that_says_what_to_fix_and_the_server_keeps_serving(server, answers_correctly, case):
     kwargs, status, message = BAD_REQUESTS[case]
     before = rejected(server)
     response = post(server, "predict", **kwargs)
@@ -202,7 +230,7 @@ def test_bad_input_gets_a_4xx_that_says_what_to_fix_and_the_server_keeps_serving
     if message:
         assert message in response.json()["error"]
     assert rejected(server) == before + 1  # counted in advmoe_rejected_requests_total, once
-    assert post(server, "predict", json={"inputs": served_images[:2].tolist()}).status_code == 200
+    answers_correctly()
 
 
 def test_client_mistakes_are_one_log_line_not_a_server_error(server):
@@ -218,20 +246,22 @@ def test_client_mistakes_are_one_log_line_not_a_server_error(server):
     assert len(lines) == len(cases), log[start:]
 
 
-def test_an_empty_npy_batch_is_refused(server):
+def test_an_empty_npy_batch_is_refused(server, answers_correctly):
     buffer = io.BytesIO()
     np.save(buffer, np.zeros((0, 1, 28, 28), np.float32))
     response = post(server, "predict", files={"tensor": ("x.npy", buffer.getvalue(), "application/octet-stream")})
     assert response.status_code == 400 and "empty" in response.json()["error"]
+    answers_correctly()
 
 
-def test_a_chunked_body_over_the_limit_gets_413(server):
+def test_a_chunked_body_over_the_limit_gets_413(server, answers_correctly):
     def body():
         for _ in range(50):
             yield b" " * 10_000  # 500 kB, over the test server's 200 kB, with no Content-Length
 
     response = post(server, "predict", content=body(), headers={"content-type": "application/json"})
     assert response.status_code == 413
+    answers_correctly()
 
 
 def test_500_concurrent_predicts_all_succeed_and_get_batched(server, served_images):
@@ -277,11 +307,13 @@ def test_model_info_reports_the_model_metadata(server, exported_model):
 PROBE = {"labels": [0, 1], "eps": 0.05, "steps": 3}
 
 
-def test_probe_requires_its_token(server, served_images):
+@pytest.mark.parametrize("headers, status", [({}, 401), ({"Authorization": "Bearer wrong"}, 403),
+                                             ({"Authorization": f"Basic {TOKEN}"}, 403)])
+def test_probe_requires_its_token(server, served_images, answers_correctly, headers, status):
     body = {**PROBE, "inputs": served_images[:2].tolist()}
-    assert post(server, "attack_probe", json=body).status_code == 401
-    assert post(server, "attack_probe", json=body, headers={"Authorization": "Bearer wrong"}).status_code == 403
-    assert post(server, "attack_probe", json=body, headers={"Authorization": f"Basic {TOKEN}"}).status_code == 403
+    assert post(server, "attack_probe", json=body, headers=headers).status_code == status
+    answers_correctly(probe=True)
+    answers_correctly()
 
 
 @pytest.mark.parametrize("change, status, message", [
@@ -294,20 +326,23 @@ def test_probe_requires_its_token(server, served_images):
     ({"labels": [0, 10]}, 400, "class indices"),
     ({"n": 5, "labels": [0] * 5}, 413, "limit is 4"),
 ])
-def test_probe_respects_its_caps(server, served_images, change, status, message):
+def test_probe_respects_its_caps(server, served_images, answers_correctly, change, status, message):
     change = dict(change)
     n = change.pop("n", 2)
     response = post(server, "attack_probe", json={**PROBE, "inputs": served_images[:n].tolist(), **change}, headers=AUTH)
     assert response.status_code == status, response.text
     assert message in response.json()["error"]
+    answers_correctly(probe=True)
+    answers_correctly()
 
 
-def test_a_probe_form_with_one_label_not_in_a_list_is_told_the_list_to_send(server, served_images):
+def test_a_probe_form_with_one_label_not_in_a_list_is_told_the_list_to_send(server, served_images, answers_correctly):
     response = post(server, "attack_probe", headers=AUTH, files={"images": ("a.png", png(served_images[0, 0]), "image/png")},
                     data={"labels": "9", "eps": "0.1"})
     assert response.status_code == 400, response.text
     assert response.json()["error"] == ("labels: Input should be a valid list; send a list, even of one: labels=[9] "
                                         "(a form field holds JSON)")
+    answers_correctly(probe=True)
 
 
 @pytest.mark.parametrize("attack", ["fgsm", "pgd"])
