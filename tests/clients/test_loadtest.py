@@ -22,12 +22,12 @@ def test_a_short_load_test_completes_without_errors_and_writes_its_report(server
     for level in result.levels:
         assert level.spawned_users == level.concurrency
         assert level.requests > level.concurrency and level.errors == 0 and level.error_rate == 0
-        # the level stops by itself: after its 2 s and the requests then in flight, or at its budget
-        # (a fast machine can send 20000 requests in under 2 s)
+        # the level stops by itself: after its 2 s and the requests then in flight (none is left
+        # without an answer: errors == 0), or at its budget (a fast machine sends 20000 in under 2 s)
         if level.stopped_by == "clock":
-            assert 2 <= level.seconds < 2 + 5 and level.requests < 20000
+            assert level.seconds >= 2 and level.requests < 20000
         else:
-            assert level.stopped_by == "request budget" and level.requests == 20000 and level.seconds < 2 + 5
+            assert level.stopped_by == "request budget" and level.requests == 20000
         assert level.throughput_rps == pytest.approx(level.requests / level.seconds)
         assert level.images == level.requests and level.images_per_s == level.throughput_rps  # one image a request
         assert 0 < level.p50_ms <= level.p95_ms <= level.p99_ms <= level.max_ms
@@ -55,7 +55,7 @@ def test_the_request_budget_stops_a_level_and_the_cli_writes_its_report(server, 
     assert code == 0, capsys.readouterr().err
     assert "loadtest.md" in capsys.readouterr().out
     level = json.loads((tmp_path / "loadtest.json").read_text())["levels"][0]
-    assert level["requests"] == 12 and level["errors"] == 0 and level["seconds"] < 15
+    assert level["requests"] == 12 and level["errors"] == 0
     assert level["stopped_by"] == "request budget" and "| request budget |" in (tmp_path / "loadtest.md").read_text()
     assert level["images_per_s"] == pytest.approx(2 * level["throughput_rps"])
     # 12 requests of 2 inputs: the 8 given inputs three times over, routed as the client sees them
@@ -73,7 +73,8 @@ def test_run_level_sends_the_given_image_files_and_returns_a_dict(server, served
         Image.fromarray((image[0] * 255).round().astype(np.uint8), "L").save(paths[-1])
     level = run_level(server.url, 2, duration_s=20, images=[p.read_bytes() for p in paths], max_requests=9,
                       warmup_requests=0)
-    assert level["requests"] == 9 and level["errors"] == 0 and level["images"] == 9 and level["seconds"] < 10
+    assert level["requests"] == 9 and level["errors"] == 0 and level["images"] == 9
+    assert level["stopped_by"] == "request budget"  # not its 20 s clock
     assert level["p99_ms"] > 0 and level["mean_batch_size"] >= 1 and level["concurrency"] == 2
     with Client(server.url) as client:  # each file three times over, routed as the client sees it
         routing = np.array([p.experts for p in client.predict(paths)])

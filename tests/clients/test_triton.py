@@ -8,6 +8,7 @@ import threading
 import time
 import tomllib
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 from tritonclient.utils import InferenceServerException
 
-from clients import triton_server
+from clients import triton_client, triton_server
 from clients.triton_client import TritonClient, TritonInputError, TritonUnavailable, parse_url
 from export.graph import onnx_session
 
@@ -102,13 +103,24 @@ def test_bad_urls_say_what_to_write(url, protocol):
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
-def test_unreachable_url_fails_by_its_deadline_and_says_what_to_check(protocol):
+def test_unreachable_url_fails_by_its_deadline_and_says_what_to_check(protocol, monkeypatch):
+    """On a clock that only the client's sleeps move: it polls every 0.25 s until its 0.5 s are
+    up, then gives up."""
+    now, probes = [0.0], []
+    monkeypatch.setattr(triton_client, "time", SimpleNamespace(monotonic=lambda: now[0],
+                                                               sleep=lambda s: now.__setitem__(0, now[0] + s)))
+    probe = TritonClient._probe
+
+    def counted_probe(self):
+        probes.append(now[0])
+        return probe(self)
+
+    monkeypatch.setattr(TritonClient, "_probe", counted_probe)
     port = triton_server.free_port()  # nothing listens there
-    start = time.monotonic()
     with pytest.raises(TritonUnavailable, match=rf"cannot reach a Triton server at {protocol}://127.0.0.1:{port} "
                                                 r"after waiting 0.5s: .*Is the server running"):
         TritonClient(f"{protocol}://127.0.0.1:{port}", wait=0.5)
-    assert time.monotonic() - start < 10
+    assert probes == [0.0, 0.25, 0.5] and now[0] == 0.5
 
 
 # -- against the local Triton server ------------------------------------------------------------
