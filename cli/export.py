@@ -3,7 +3,6 @@ ExportSettings field."""
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict
 
 from export.api import ExportSettings
 
@@ -22,8 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from export.api import export_checkpoint
 
-    settings = ExportSettings(**given_flags(args, ExportSettings))
-    result = export_checkpoint(args.checkpoint, args.out, force=args.force, **asdict(settings))
+    result = export_checkpoint(args.checkpoint, args.out, force=args.force, **given_flags(args, ExportSettings))
     print(f"exported to {result.out}: {', '.join(str(f) for f in result.files)}")
     if result.bento_tag:
         print(f"BentoML model: {result.bento_tag}")

@@ -19,7 +19,7 @@ from advmoe.card import CARD
 from advmoe.checkpoint import CONFIG, METRICS, WEIGHTS, read_card
 from advmoe.io import atomic_directory
 from advmoe.runtimes import EXECUTIONS
-from advmoe.settings import check_choice, setting, validate_choices
+from advmoe.settings import setting, validate_choices
 
 from . import bento, triton
 from .aoti import aoti_runner, export_aoti
@@ -59,11 +59,8 @@ class ExportResult:
 
 
 def resolve_formats(formats: list[str] | tuple[str, ...]) -> tuple[str, ...]:
-    chosen = []
-    for f in formats:
-        if f not in CHOICES:
-            raise ValueError(f"unknown export format {f!r}; choose from {', '.join(CHOICES)}")
-        chosen += ALIASES.get(f, (f,))
+    """The formats to write, aliases expanded, in FORMATS' order (the names already checked)."""
+    chosen = [name for f in formats for name in ALIASES.get(f, (f,))]
     return tuple(f for f in FORMATS if f in chosen)
 
 
@@ -80,11 +77,11 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats=ExportSet
     the reference code's way of running (every expert, then select): a baseline for benchmarks,
     in every format but TorchScript.
     """
+    ExportSettings(tuple(formats), name, opset, max_batch_size, execution)  # a wrong choice: one line, before any work
     formats = resolve_formats(formats)
     out = Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists; pass --force to replace it")
-    check_choice("execution", execution, EXECUTIONS)
     if execution == "masked" and "torchscript" in formats:
         raise ValueError("--format torchscript writes sparse execution only; --execution masked (a baseline) "
                          "exports to onnx, pt2, aoti, triton (its ONNX model) and bento")

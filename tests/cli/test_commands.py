@@ -7,8 +7,10 @@ import types
 import pytest
 
 import cli.study
+from cli.flags import default_of
 from cli.main import COMMANDS, build_parser, main
 from export.api import ExportSettings
+from export.api import export_checkpoint as export_checkpoint_of_the_api
 from serving.config import ServingConfig
 
 
@@ -53,24 +55,22 @@ def test_a_bad_serving_setting_is_one_line_naming_the_choices(capsys):
     assert err.count("\n") == 1 and "tensorrt" in err and all(r in err for r in ("onnxruntime", "torch", "pt2"))
 
 
-def test_export_passes_its_settings_with_the_dataclass_defaults(monkeypatch, tmp_path):
+def test_export_passes_the_flags_given_and_its_defaults_are_the_settings(monkeypatch, tmp_path):
     calls = []
 
     def export_checkpoint(checkpoint, out, force, **settings):
         calls.append((checkpoint, out, force, settings))
         return types.SimpleNamespace(out=out, files=[], bento_tag=None)
 
+    assert {k: default_of(export_checkpoint_of_the_api, k) for k in ExportSettings.__dataclass_fields__} == \
+        dataclasses.asdict(ExportSettings())
     monkeypatch.setattr("export.api.export_checkpoint", export_checkpoint)
     assert main(["export", "ckpt", "--out", str(tmp_path / "x"), "--format", "onnx", "triton", "--opset", "19"]) == 0
-    checkpoint, out, force, settings = calls[0]
-    assert (checkpoint, force) == ("ckpt", False)
-    assert settings == dataclasses.asdict(ExportSettings(formats=("onnx", "triton"), opset=19))
-    assert settings["name"] == ExportSettings().name and settings["execution"] == ExportSettings().execution
+    assert calls == [("ckpt", str(tmp_path / "x"), False, {"formats": ("onnx", "triton"), "opset": 19})]
 
 
-def test_an_unknown_export_format_is_refused_before_any_work(capsys, monkeypatch):
-    monkeypatch.setattr("export.api.export_checkpoint", lambda *a, **k: pytest.fail("export started"))
-    assert main(["export", "ckpt", "--out", "x", "--format", "onnx", "gguf"]) == 2
+def test_an_unknown_export_format_is_refused_before_any_work(capsys, tmp_path):
+    assert main(["export", str(tmp_path / "missing"), "--out", str(tmp_path / "x"), "--format", "onnx", "gguf"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "gguf" in err and "onnx" in err
 
