@@ -112,7 +112,7 @@ def report(result: dict, checkpoint: Path, command: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m studies.gate_grad", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="advmoe study gate-grad", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", type=Path, help="an MoE checkpoint directory")
     parser.add_argument("--examples", type=int, default=500, help="first test images (default: 500)")
     parser.add_argument("--reuse", action="append", default=[], metavar="GRAD=EVAL_JSON",
@@ -126,9 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     reuse = evaluations.reuse_paths(parser, args.reuse, args.grads, "GRAD")
     try:
         if read_config(args.checkpoint)["model_args"].get("num_experts", 0) < 1:
-            parser.exit(2, f"python -m studies.gate_grad: error: {args.checkpoint} is a dense model: it has no gate\n")
+            parser.exit(2, f"{parser.prog}: error: {args.checkpoint} is a dense model: it has no gate\n")
     except CheckpointError as e:
-        parser.exit(2, f"python -m studies.gate_grad: error: {e}\n")
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
     if args.examples < 1:
         parser.error(f"--examples must be at least 1, got {args.examples}")
     settings = evaluations.settings(args, ATTACKS)
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                 for g in dict.fromkeys(args.grads)}
         result = compare(docs, args.examples)
     except (ValueError, ConfigError) as e:
-        parser.exit(2, f"python -m studies.gate_grad: error: {e}\n")
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
     command = "python -m studies.gate_grad " + " ".join(argv if argv is not None else sys.argv[1:])
     text = report(result, args.checkpoint, command)
     evaluations.write(args.report, result, text)

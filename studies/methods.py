@@ -128,7 +128,7 @@ Per run (seed: test clean / test PGD):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m studies.methods", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="advmoe study methods", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="fmnist-tiny")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, help="override the preset's epochs (same for every method)")

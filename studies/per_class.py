@@ -124,7 +124,7 @@ def report(result: dict, checkpoints: dict[str, Path], command: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m studies.per_class", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="advmoe study per-class", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoints", type=Path, nargs=2, metavar="CHECKPOINT",
                         help="two checkpoint directories of the same dataset; the report gives the first minus the second")
     parser.add_argument("--names", nargs=2, help="what the report calls them (default: their folder names)")
@@ -143,10 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         configs = {name: read_config(path) for name, path in checkpoints.items()}
     except CheckpointError as e:
-        parser.exit(2, f"python -m studies.per_class: error: {e}\n")
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
     datasets = {c.get("dataset") for c in configs.values()}
     if len(datasets) != 1 or None in datasets:
-        parser.exit(2, "python -m studies.per_class: error: the checkpoints must name the same dataset in their "
+        parser.exit(2, f"{parser.prog}: error: the checkpoints must name the same dataset in their "
                        f"config.json (got {', '.join(map(str, (c.get('dataset') for c in configs.values())))})\n")
     settings = evaluations.settings(args, ATTACKS)
     n = args.examples
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         classes = list(advmoe.get_dataset_info(datasets.pop()).classes)
         result = compare(docs, shares, args.examples, classes)
     except (ValueError, ConfigError) as e:
-        parser.exit(2, f"python -m studies.per_class: error: {e}\n")
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
     command = "python -m studies.per_class " + " ".join(argv if argv is not None else sys.argv[1:])
     text = report(result, checkpoints, command)
     evaluations.write(args.report, result, text)

@@ -175,7 +175,7 @@ def read_document(path: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m studies.robustness", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="advmoe study robustness", description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", default="runs/report")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--n-examples", type=int, default=20)

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from advmoe.calibrate import routers
+from advmoe.routers import ROUTERS
 from helpers import small_model
 from training.config import resolve
 from training.methods import ALTERNATING, METHODS, Step, advmoe_attack, reference_router_step, route_aware_attack
@@ -47,7 +48,7 @@ def test_steps_on_one_batch_lower_the_methods_own_loss(method):
 
 @pytest.mark.parametrize("method,router_loss,router", [
     *[(m, loss, r) for m, loss in (("advmoe", "model"), ("advmoe", "reference"), ("router-only", "model"))
-      for r in ("shared", "per_layer")],
+      for r in tuple(ROUTERS)],
     ("route-aware", "reference", "per_layer"),  # its shared router step is AdvMoE's
 ])
 def test_router_step_moves_only_router_parameters_and_expert_step_only_experts(method, router_loss, router):
@@ -75,7 +76,7 @@ def backbone_statistics(model):
             for b_name, b in m.named_buffers(recurse=False) if "running" in b_name}
 
 
-@pytest.mark.parametrize("router", ["shared", "per_layer"])
+@pytest.mark.parametrize("router", list(ROUTERS))
 def test_the_reference_router_step_leaves_the_backbone_statistics_and_runs_only_the_shared_router(router):
     step, (x, y) = make_step("advmoe", router, "reference"), batch()
     model = step.model
