@@ -2,9 +2,11 @@
 sizes the project supports, and exposes its router and expert parameters as two groups."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 import advmoe
 from advmoe.calibrate import balance_routing
+from advmoe.gate import Route
 from helpers import ALL_MODELS, MOE_MODELS, model_variants, small_model, variant_id
 
 SIZES = [(1, 28), (3, 32), (3, 64)]  # (channels, image size): Fashion-MNIST, CIFAR, TinyImageNet
@@ -124,7 +126,22 @@ def test_registry_errors():
 
 
 def test_top_k_two_runs_and_mixes_two_experts():
+    """Top-2 of 2 experts: every sample goes through both, both learn, and an MoE layer's output
+    is the gate-weighted mix of what each expert alone gives."""
     model = small_model("moe_resnet18", top_k=2)
     x = torch.rand(3, 3, 32, 32)
     model(x).sum().backward()
-    assert model.moe_layers[0].last_route.experts.shape == (3, 2)
+    layer = model.moe_layers[0]
+    route = layer.last_route
+    assert route.experts.sort(1).values.tolist() == [[0, 1]] * 3
+    assert (route.weights > 0).all() and torch.allclose(route.weights.sum(1), torch.ones(3))
+    assert all(grad.abs().sum() > 0 for grad in layer.weight.grad.split(layer.out_channels))
+    # In eval mode BatchNorm is affine, so with weights summing to one the mix commutes with it.
+    layer.eval()
+    h = torch.rand(3, layer.in_channels, 16, 16)
+    with torch.no_grad():
+        alone = [layer(h, Route(experts=torch.full((3, 1), e), weights=F.one_hot(torch.full((3,), e), 2).float(),
+                                scores=route.scores)) for e in (0, 1)]
+        mixed = layer(h, route)
+    weights = route.weights.detach()[:, :, None, None]
+    torch.testing.assert_close(mixed, weights[:, :1] * alone[0] + weights[:, 1:] * alone[1])
