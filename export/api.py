@@ -18,13 +18,15 @@ import advmoe
 from advmoe.card import CARD
 from advmoe.checkpoint import CONFIG, METRICS, WEIGHTS, read_card
 from advmoe.io import atomic_directory
+from advmoe.runtime_choice import KEY, MAX_BATCH_SIZE, RECORD
 from advmoe.runtimes import EXECUTIONS
-from advmoe.settings import setting, validate_choices
+from advmoe.settings import ConfigError, setting, validate_choices
 
 from . import bento, triton
 from .aoti import aoti_runner, export_aoti
 from .graph import OPSET, eager_runner, export_onnx, export_program, onnx_runner, program_runner
 from .parity import ATOL, check_parity, parity_batches
+from .timing import time_runtimes as time_runtimes_of
 from .torchscript import DEPRECATION, export_torchscript, torchscript_runner
 
 FORMATS = ("onnx", "pt2", "torchscript", "aoti", "triton", "bento")
@@ -42,12 +44,19 @@ class ExportSettings:
     formats: tuple[str, ...] = setting(("all",), FORMAT_HELP, choices=CHOICES)
     name: str = setting("advmoe", "Triton and BentoML model name")
     opset: int = setting(OPSET, "ONNX opset (the dynamo exporter needs 18 or newer)")
-    max_batch_size: int = setting(64, "Triton's max_batch_size")
+    max_batch_size: int = setting(MAX_BATCH_SIZE, "Triton's max_batch_size, and the largest batch the runtimes are "
+                                                  "timed at (the service's batcher cap)")
     execution: str = setting("sparse", "the execution exported (masked: a baseline for `advmoe bench serve`)",
                              choices=EXECUTIONS)
+    time_runtimes: bool = setting(True, "time each runtime the service can run on the exported model and record "
+                                        "the fastest, which the service then runs by default (docs/export.md)")
+    timing_rounds: int = setting(7, "interleaved rounds of that timing (medians taken)")
 
     def __post_init__(self):
         validate_choices(self)
+        if self.timing_rounds < 1:
+            raise ConfigError(f"--timing-rounds {self.timing_rounds}: must be at least 1 (--no-time-runtimes skips "
+                              f"the timing)")
 
 
 @dataclass
@@ -67,17 +76,21 @@ def resolve_formats(formats: list[str] | tuple[str, ...]) -> tuple[str, ...]:
 def export_checkpoint(checkpoint: str | Path, out: str | Path, formats=ExportSettings.formats, force: bool = False,
                       name: str = ExportSettings.name, opset: int = ExportSettings.opset,
                       max_batch_size: int = ExportSettings.max_batch_size, atol: float = ATOL,
-                      execution: str = ExportSettings.execution, log=print) -> ExportResult:
+                      execution: str = ExportSettings.execution, time_runtimes: bool = ExportSettings.time_runtimes,
+                      timing_rounds: int = ExportSettings.timing_rounds, log=print) -> ExportResult:
     """Export `checkpoint` into the directory `out` (refused if it exists, unless force).
 
     out/model.onnx, out/model.pt2, out/model.pt (TorchScript), out/model.aoti.pt2 (AOTInductor),
     out/triton/<name>/... and out/triton/<name>_libtorch/..., out/config.json, out/metrics.json,
-    out/card.json and out/export.json (parity report); `bento` adds `<name>:<version>` to the BentoML store.
+    out/card.json and out/export.json (parity report and, with time_runtimes, each servable runtime's
+    timing and the fastest); `bento` adds `<name>:<version>` to the BentoML store.
     The directory appears only once every parity check has passed. `execution="masked"` exports
     the reference code's way of running (every expert, then select): a baseline for benchmarks,
     in every format but TorchScript.
     """
-    ExportSettings(tuple(formats), name, opset, max_batch_size, execution)  # a wrong choice: one line, before any work
+    # a wrong choice: one line, before any work
+    ExportSettings(formats=tuple(formats), name=name, opset=opset, max_batch_size=max_batch_size, execution=execution,
+                   time_runtimes=time_runtimes, timing_rounds=timing_rounds)
     formats = resolve_formats(formats)
     out = Path(out)
     if out.exists() and not force:
@@ -129,10 +142,18 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats=ExportSet
             if (Path(checkpoint) / source).is_file():
                 shutil.copyfile(Path(checkpoint) / source, tmp / source)
         card.write(tmp)  # also for a checkpoint older than cards
-        (tmp / "export.json").write_text(json.dumps(report, indent=2) + "\n")
+        if time_runtimes:
+            start = time.perf_counter()
+            timing = time_runtimes_of(tmp, card, execution, max_batch_size, timing_rounds)
+            report[KEY] = timing.to_dict()
+            log(f"runtimes timed in {time.perf_counter() - start:.1f}s (ms per batch of {timing.batches}, "
+                f"{timing.threads} thread): " + "; ".join(f"{r} {', '.join(f'{t:.2f}' for t in ms)}"
+                                                          for r, ms in timing.ms.items()) + f"; fastest: {timing.fastest}")
+        (tmp / RECORD).write_text(json.dumps(report, indent=2) + "\n")
         if "bento" in formats:
             # Last, inside the block: if the store refuses, the output directory is not created.
-            stored = [tmp / f for f in ("model.onnx", "model.pt2", WEIGHTS, CONFIG, METRICS, CARD) if (tmp / f).is_file()]
-            bento_tag = bento.save_model(name, stored, card, execution)
+            stored = [tmp / f for f in ("model.onnx", "model.pt2", WEIGHTS, CONFIG, METRICS, CARD, RECORD)
+                      if (tmp / f).is_file()]
+            bento_tag = bento.save_model(name, stored, card, execution, report.get(KEY, {}).get("fastest"))
             log(f"BentoML model {bento_tag}")
     return ExportResult(out=out, files=files, parity=report["parity"], bento_tag=bento_tag)

@@ -14,9 +14,10 @@ from tritonclient.grpc import model_config_pb2
 import advmoe
 from advmoe.calibrate import balance_routing, calibrate_batchnorm
 from advmoe.card import read_card
+from advmoe.runtime_choice import RuntimeTiming, fastest_runtime, read_timing
 from cli.main import main as cli
 from helpers import calibrated_model
-from export import ParityError, api, export_checkpoint
+from export import ParityError, api, export_checkpoint, timing
 from export.parity import check_parity
 from export.torchscript import torchscript_runner
 
@@ -46,7 +47,8 @@ def shipped_architecture_checkpoint(path):
 def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     checkpoint = shipped_architecture_checkpoint(root / "ck")
-    result = export_checkpoint(checkpoint, root / "out", ["all"], log=lambda *a: None)
+    # The runtimes timed as `advmoe export` does by default, in one round: what is recorded is checked, not speed.
+    result = export_checkpoint(checkpoint, root / "out", ["all"], timing_rounds=1, log=lambda *a: None)
     return checkpoint, result
 
 
@@ -154,10 +156,13 @@ def test_bentoml_model_loads_back_by_tag_with_its_metadata(exported):
     assert meta["num_experts"] == 2 and meta["expert_ratio"] == 0.5 and meta["dataset"] == "fashion_mnist"
     assert meta["clean_accuracy"] == 0.25 and meta["macs_per_image"] > 0
     card = read_card(exported[0])
+    timing = read_timing(exported[1].out)
+    assert meta.pop("served_runtime") == timing.fastest  # the runtime the export measured fastest
     assert meta == {k: v for k, v in card.to_dict().items() if v is not None}  # the model card, less what is unknown
     assert read_card(model.path) == card == read_card(exported[1].out)
-    assert {"model.onnx", "model.pt2", "model.safetensors", "config.json", "card.json"} <= {
+    assert {"model.onnx", "model.pt2", "model.safetensors", "config.json", "card.json", "export.json"} <= {
         p.name for p in Path(model.path).iterdir()}
+    assert read_timing(model.path) == timing  # what the service reads its runtime from
 
 
 def test_masked_export_is_the_reference_way_of_running_and_says_so(tmp_path):
@@ -277,3 +282,62 @@ def test_force_replaces_an_earlier_export(tmp_path):
     assert read_card(result.out) == card
     assert {p.name for p in result.out.iterdir()} == {"model.pt2", "model.safetensors", "config.json", "metrics.json", "card.json",
                                                   "export.json"}
+
+
+# -- the runtimes timed on the exported model, and the fastest recorded ----------------------------
+def test_every_servable_runtime_written_is_timed_and_the_fastest_recorded(exported):
+    recorded = json.loads((exported[1].out / "export.json").read_text())["runtime_timing"]
+    assert recorded["batches"] == [1, 8, 64] and recorded["rounds"] == 1 and recorded["threads"] == 1
+    assert set(recorded["ms"]) == {"onnxruntime", "torch", "pt2"}  # written; torchscript is not served
+    assert all(len(ms) == 3 and min(ms) > 0 for ms in recorded["ms"].values())
+    assert recorded["fastest"] == fastest_runtime(recorded["ms"])
+    assert RuntimeTiming.from_dict(recorded) == read_timing(exported[1].out)
+
+
+class PlantedClock:
+    """time.perf_counter for export/timing.py that only the planted runtimes move: each call of a
+    runtime advances it by that runtime's planted ms at the batch it was given."""
+
+    def __init__(self, planted: dict[str, dict[int, float]]):
+        self.now, self.planted = 0.0, planted
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def runners(self, folder, execution, threads):
+        return {name: (lambda x, name=name: self.advance(self.planted[name][len(x)])) for name in self.planted}
+
+    def advance(self, ms: float) -> None:
+        self.now += ms / 1e3
+
+
+def test_a_planted_timing_makes_the_recorded_choice_follow_it(tmp_path, monkeypatch):
+    """onnxruntime is fastest at batch 1, torch at 8 and 64 by more: the rule (geometric mean over
+    the batches) picks torch, and export.json records the planted medians and that choice."""
+    planted = {"onnxruntime": {1: 1.0, 8: 6.0, 64: 48.0}, "torch": {1: 1.5, 8: 3.0, 64: 24.0}}
+    clock = PlantedClock(planted)
+    monkeypatch.setattr(timing, "time", clock)
+    monkeypatch.setattr(timing, "runners", clock.runners)
+    checkpoint = make_checkpoint(tmp_path / "ck")
+    result = export_checkpoint(checkpoint, tmp_path / "out", ["onnx"], timing_rounds=3, log=lambda *a: None)
+    recorded = read_timing(result.out)
+    assert recorded.ms == {name: [ms[b] for b in (1, 8, 64)] for name, ms in planted.items()}
+    assert recorded.fastest == "torch" and recorded.rounds == 3
+    planted["onnxruntime"][64] = 12.0  # now onnxruntime's product is the smaller
+    result = export_checkpoint(checkpoint, tmp_path / "out", ["onnx"], force=True, timing_rounds=3, log=lambda *a: None)
+    assert read_timing(result.out).fastest == "onnxruntime"
+
+
+def test_the_timed_batches_follow_the_batchers_cap():
+    assert timing.timed_batches(64) == [1, 8, 64] and timing.timed_batches(4) == [1, 4]
+    assert timing.timed_batches(1) == [1]
+
+
+def test_no_time_runtimes_records_no_timing_and_rounds_must_be_positive(tmp_path, capsys):
+    checkpoint = make_checkpoint(tmp_path / "ck")
+    result = export_checkpoint(checkpoint, tmp_path / "out", ["onnx"], time_runtimes=False, log=lambda *a: None)
+    assert read_timing(result.out) is None and "runtime_timing" not in json.loads((result.out / "export.json").read_text())
+    assert cli(["export", str(checkpoint), "--out", str(tmp_path / "o"), "--timing-rounds", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--timing-rounds 0" in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
