@@ -6,6 +6,12 @@ router-aware attacks. Here it only ranks the epochs of one run. For a MoE model 
 attack runs too, at the same steps: PGD on each forced route, judged on the real model. It needs
 no gradient through the gate, so it sees what a surrogate gradient can hide; the worst case of the
 two, per image, is what `select_on = "worst"` ranks the epochs by.
+
+With train_attack=True (the trainer's per-epoch call) the images are also attacked by the run's
+own training attack (its steps, step and start, on the cross-entropy): accuracy far above the PGD
+accuracy is the mark of catastrophic overfitting, a model that defeats its short training attack
+and no other. It costs one more attack of `attack_steps` steps on the same images, beside the
+`eval_steps` of PGD (and, for a MoE model, `eval_steps` per expert of the route-fixed attack).
 """
 from __future__ import annotations
 
@@ -21,14 +27,15 @@ from .config import TrainConfig
 
 
 def validate(model: nn.Module, dataset: Dataset, cfg: TrainConfig, device: torch.device, batch_size: int = 256,
-             seed: int = 0) -> dict:
+             seed: int = 0, train_attack: bool = False) -> dict:
     """Clean accuracy, PGD-k accuracy (k = cfg.eval_steps), route-fixed accuracy and the worst case
     of the two (a dense model has no route: its worst case is its PGD accuracy), and the share of
-    samples each expert takes (over all MoE layers) on clean and on adversarial inputs."""
+    samples each expert takes (over all MoE layers) on clean and on adversarial inputs; with
+    train_attack, the accuracy under the training attack too (`train_attack_accuracy`)."""
     model.eval()
     generator_state = torch.get_rng_state()
     torch.manual_seed(seed)  # the same random starts every epoch: comparable numbers
-    correct = adv_correct = fixed_correct = worst_correct = total = 0
+    correct = adv_correct = fixed_correct = worst_correct = train_attack_correct = total = 0
     routes, adv_routes = [], []
     for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
         x, y = x.to(device), y.to(device)
@@ -39,6 +46,8 @@ def validate(model: nn.Module, dataset: Dataset, cfg: TrainConfig, device: torch
         with torch.no_grad():
             survives = model(x_adv).argmax(1) == y
         adv_correct += survives.sum().item()
+        if train_attack:
+            train_attack_correct += _training_attack_survivors(model, x, y, cfg).sum().item()
         if routing is not None and routing.numel():
             routes.append(routing.cpu())
             adv_routes.append(model.last_routing.cpu())
@@ -51,6 +60,8 @@ def validate(model: nn.Module, dataset: Dataset, cfg: TrainConfig, device: torch
     metrics = {"clean_accuracy": correct / total, "pgd_accuracy": adv_correct / total,
                "worst_accuracy": worst_correct / total, "examples": total,
                "pgd": f"PGD-{cfg.eval_steps} linf eps={cfg.eps:.4g} step={cfg.eval_step:.4g} through the straight-through router"}
+    if train_attack:
+        metrics["train_attack_accuracy"] = train_attack_correct / total
     if routes:
         metrics["route_fixed_accuracy"] = fixed_correct / total
         n = model.cfg.num_experts
@@ -72,3 +83,13 @@ def _route_fixed_survivors(model: nn.Module, x: torch.Tensor, y: torch.Tensor, c
             survives &= model(x_adv).argmax(1) == y
     torch.set_rng_state(generator_state)
     return survives
+
+
+def _training_attack_survivors(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    """Per image: whether the model still gets it right after the training attack's PGD (its
+    steps, step and start) on the cross-entropy, through the straight-through router."""
+    # Its own random state: the PGD and route-fixed numbers stay those of a validation without it.
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        x_adv = pgd(model, x, cross_entropy(y), cfg.eps, cfg.attack_step, cfg.attack_steps, start=cfg.attack_start)
+    with torch.no_grad():
+        return model(x_adv).argmax(1) == y
