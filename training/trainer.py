@@ -5,6 +5,11 @@ training_state.pt for --resume), metrics.jsonl and metrics.csv (one row per epoc
 The best checkpoint is selected on validation PGD accuracy (or, with select_on = "worst", on
 the worst case of PGD and the route-fixed attack), never on the test set; the test
 set is evaluated once, for the best checkpoint, at the end.
+
+The collapse guard (collapse_guard = "rollback"): when that validation accuracy falls more than
+OVERFIT_DROP under its best, the run goes back to the end of the best epoch (weights, optimiser and
+scheduler state, which best/ then also holds) and trains on from there with a stronger training
+attack (`strengthened`), at most MAX_ROLLBACKS times; metrics.jsonl records each event.
 """
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -33,25 +38,39 @@ from advmoe.distributed import setup as join_group
 from advmoe.io import atomic_write_text
 
 from . import plots
-from .config import ConfigError, TrainConfig, with_defaults
+from .config import MAX_ROLLBACKS, OVERFIT_DROP, ConfigError, TrainConfig, with_defaults
 from .methods import METHODS, Diverged, Step
 from .validate import validate
 
 STATE = "training_state.pt"
 COLLAPSE_SHARE = 0.9
-# Validation PGD accuracy this far under its best while training goes on: the training attack has
-# stopped finding adversarial examples (catastrophic overfitting; MoE-AT's 2-step TRADES attack
-# on Fashion-MNIST fell from 62.9 to 32.0 %, reports/frontier_notebook.md).
-OVERFIT_DROP = 0.10
 SELECTED_ON = {"pgd": "PGD", "worst": "worst-case (PGD and route-fixed)"}  # what select_on ranks, in the log
 
 
+def collapsed(best: float, now: float) -> bool:
+    """Validation robustness fell more than OVERFIT_DROP under its best: a dip of a few points is noise."""
+    return best - now > OVERFIT_DROP
+
+
 def overfitting_warning(best: float, now: float, accuracy: str = "PGD") -> str | None:
-    if best - now <= OVERFIT_DROP:
+    if not collapsed(best, now):
         return None
     return (f"warning: validation {accuracy} accuracy fell from its best {best:.1%} to {now:.1%}: the training attack "
             "may have overfit catastrophically (the best checkpoint is kept; try more --attack-steps or "
             "--attack-start uniform)")
+
+
+def strengthened(cfg: TrainConfig, rollbacks: int) -> TrainConfig:
+    """The config whose training attack follows `rollbacks` rollbacks of the collapse guard: one
+    more step per rollback, over the configured attack's path (attack_steps * attack_step, at least
+    eps), so the steps get shorter and still reach the edge of the ball. A few steps, each a large
+    share of eps, are what overfits catastrophically (Wong et al. 2020, "Fast is better than free");
+    more and shorter steps are the known remedy. Each costs one more forward and backward per
+    crafted batch for the rest of the run."""
+    if rollbacks == 0:
+        return cfg
+    steps = cfg.attack_steps + rollbacks
+    return replace(cfg, attack_steps=steps, attack_step=max(cfg.attack_steps * cfg.attack_step, cfg.eps) / steps)
 
 
 class TrainingDiverged(RuntimeError):
@@ -104,19 +123,21 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, log=functools
                   for g, o in optimizers.items()}
     step = Step(model, cfg, optimizers, forward, _autocast(cfg, device), _scaler(cfg), distributed=distributed)
 
-    start_epoch, best_score, history = 0, -1.0, []
+    start_epoch, best_score, history, rollbacks = 0, -1.0, [], 0
     if resume and (out / "last" / STATE).is_file():
-        start_epoch, best_score, history = _restore(out, model, optimizers, schedulers)
+        start_epoch, best_score, history, rollbacks = _restore(out, model, optimizers, schedulers)
         log(f"resuming {out} after epoch {start_epoch}")
     elif rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+    step.cfg = strengthened(cfg, rollbacks)  # the training attack; validation's PGD stays cfg's
     if distributed:
         dist.barrier()  # the other ranks start once rank 0 has checked and made the run directory
 
     checkpoint_config = {"dataset": cfg.dataset, "classes": list(info.classes), "training": cfg.to_dict()}
     quiet = rank != 0 or bool(os.environ.get("CI")) or not sys.stderr.isatty()
-    for epoch in range(start_epoch, cfg.epochs):
+    epoch = start_epoch
+    while epoch < cfg.epochs:
         # Each epoch seeds its own data order and attack noise: a resumed run repeats exactly
         # what the uninterrupted run would have done.
         torch.manual_seed(cfg.seed * 10_007 + epoch)
@@ -148,38 +169,54 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, log=functools
             bar.update()
         bar.close()
         seconds = time.perf_counter() - started
-        val = validate(model, val_set, cfg, device)
+        val = validate(model, val_set, step.cfg, device, train_attack=True)
         row = {"epoch": epoch + 1, "lr": schedulers[METHODS[cfg.method].groups[0]].get_last_lr()[0],
                **{f"train_{k}": v / max(seen, 1) for k, v in sums.items()},
                **{f"val_{k}": v for k, v in val.items() if k not in ("pgd", "examples")},
                "epoch_seconds": seconds, "samples_per_second": seen / seconds,
-               "attack_steps_per_batch": METHODS[cfg.method].attack_steps(cfg)}
+               "attack_steps_per_batch": METHODS[cfg.method].attack_steps(step.cfg),
+               "training_attack_steps": step.cfg.attack_steps, "training_attack_step": step.cfg.attack_step}
         history.append(row)
         shares = val.get("expert_share")
         if shares and max(shares) > COLLAPSE_SHARE:
             log(f"warning: expert collapse: expert {shares.index(max(shares))} takes {max(shares):.0%} of the "
                 f"validation routes (try --balance-weight 0.01)")
         score = val[f"{cfg.select_on}_accuracy"]
+        if distributed:  # each rank validates with its own BatchNorm statistics: all decide on rank 0's
+            score = _rank0_value(score, device)
         warning = overfitting_warning(best_score, score, SELECTED_ON[cfg.select_on])
         if warning:
             log(warning)
         improved = score > best_score
         best_score = max(best_score, score)
         fixed = f", route-fixed {val['route_fixed_accuracy']:.4f}" if "route_fixed_accuracy" in val else ""
+        if "train_attack_accuracy" in val:
+            fixed += f", training attack PGD-{step.cfg.attack_steps} {val['train_attack_accuracy']:.4f}"
         log(f"epoch {epoch + 1}/{cfg.epochs}: loss {row.get('train_loss', float('nan')):.4f}, "
             f"val clean {val['clean_accuracy']:.4f}, val PGD-{cfg.eval_steps} {val['pgd_accuracy']:.4f}{fixed}"
             f"{', experts ' + '/'.join(f'{s:.2f}' for s in shares) if shares else ''}, "
             f"{seconds:.0f}s ({seen / seconds:.0f} samples/s){' *best*' if improved else ''}")
+        next_epoch = epoch + 1
+        if cfg.collapse_guard == "rollback" and collapsed(best_score, score):
+            row["collapse_guard"], back_to = _roll_back(cfg, out, score, best_score, rollbacks, model, optimizers,
+                                                        schedulers, log)
+            if back_to is not None:
+                next_epoch, rollbacks = back_to, rollbacks + 1
+                step.cfg = strengthened(cfg, rollbacks)
         if rank == 0:
-            metrics = {**{f"val_{k}": v for k, v in val.items()}, "epoch": epoch + 1}
-            if improved:
-                advmoe.save_checkpoint(model, out / "best", metrics=metrics, config=checkpoint_config)
-            state = {"epoch": epoch + 1, "best_score": best_score, "history": json.dumps(history),
-                     "optimizers": {g: o.state_dict() for g, o in optimizers.items()},
+            # last/ is what training goes on from: after a rollback, the best epoch's weights and metrics
+            metrics = ({**{f"val_{k}": v for k, v in val.items()}, "epoch": epoch + 1} if next_epoch == epoch + 1
+                       else read_metrics(out / "best"))
+            state = {"epoch": next_epoch, "best_score": best_score, "history": json.dumps(history),
+                     "rollbacks": rollbacks, "optimizers": {g: o.state_dict() for g, o in optimizers.items()},
                      "schedulers": {g: s.state_dict() for g, s in schedulers.items()}}
-            advmoe.save_checkpoint(model, out / "last", metrics=metrics, config=checkpoint_config,
-                                   files={STATE: lambda path: torch.save(state, path)})
+            files = {STATE: lambda path: torch.save(state, path)}
+            if improved:  # with the guard, best/ keeps what a rollback restores
+                advmoe.save_checkpoint(model, out / "best", metrics=metrics, config=checkpoint_config,
+                                       files=files if cfg.collapse_guard == "rollback" else None)
+            advmoe.save_checkpoint(model, out / "last", metrics=metrics, config=checkpoint_config, files=files)
             _write_logs(out, history)
+        epoch = next_epoch
     test = {}
     if rank == 0:
         test = _final_test(cfg, out, device, test_examples, checkpoint_config, log)
@@ -216,14 +253,45 @@ def _check_run_dir(cfg: TrainConfig, out: Path, resume: bool) -> None:
         raise FileExistsError(f"{out} exists and is not empty; pass --resume to continue it or choose another --out")
 
 
-def _restore(out: Path, model, optimizers, schedulers) -> tuple[int, float, list]:
-    saved = advmoe.load_checkpoint(out / "last")
-    model.load_state_dict(saved.state_dict())
-    state = torch.load(out / "last" / STATE, weights_only=True)
+def _roll_back(cfg: TrainConfig, out: Path, score: float, best_score: float, rollbacks: int, model, optimizers,
+               schedulers, log) -> tuple[dict, int | None]:
+    """The collapse guard after a collapsed epoch: the best epoch's weights, optimiser and scheduler
+    state put back from best/ (every rank reads the same files), unless the run has used its
+    rollbacks. Returns the event for the epoch's log row and the number of epochs done that
+    training goes on after (None: it goes on from this epoch)."""
+    event = {"metric": f"val_{cfg.select_on}_accuracy", "best": best_score, "now": score}
+    if rollbacks >= MAX_ROLLBACKS:
+        event["action"] = f"none: the run has used its {MAX_ROLLBACKS} rollbacks; training goes on"
+    elif not (out / "best" / STATE).is_file():
+        event["action"] = "none: best/ holds no training state (it was written before the collapse guard)"
+    else:
+        event["best_epoch"] = _load_state(out / "best", model, optimizers, schedulers)["epoch"]
+        attack = strengthened(cfg, rollbacks + 1)
+        event["action"] = (f"rolled back to epoch {event['best_epoch']}; training attack now {attack.attack_steps} "
+                           f"steps of {attack.attack_step:.4g}")
+    log(f"collapse guard: {event['action']}")
+    return event, event.get("best_epoch")
+
+
+def _restore(out: Path, model, optimizers, schedulers) -> tuple[int, float, list, int]:
+    state = _load_state(out / "last", model, optimizers, schedulers)
+    return state["epoch"], state["best_score"], json.loads(state["history"]), state.get("rollbacks", 0)
+
+
+def _load_state(folder: Path, model, optimizers, schedulers) -> dict:
+    """Weights, optimiser and scheduler state from a checkpoint with its training state; the state."""
+    model.load_state_dict(advmoe.load_checkpoint(folder).state_dict())
+    state = torch.load(folder / STATE, weights_only=True, map_location="cpu")  # each optimiser moves its own
     for g, o in optimizers.items():
         o.load_state_dict(state["optimizers"][g])
         schedulers[g].load_state_dict(state["schedulers"][g])
-    return state["epoch"], state["best_score"], json.loads(state["history"])
+    return state
+
+
+def _rank0_value(value: float, device: torch.device) -> float:
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.broadcast(tensor, src=0)
+    return tensor.item()
 
 
 def make_optimizers(cfg: TrainConfig, model) -> dict[str, torch.optim.Optimizer]:
@@ -273,6 +341,6 @@ def _write_logs(out: Path, history: list[dict]) -> None:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns)
     writer.writeheader()
-    writer.writerows({k: json.dumps(v) if isinstance(v, list) else v for k, v in row.items()} for row in history)
+    writer.writerows({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in row.items()} for row in history)
     atomic_write_text(out / "metrics.csv", buffer.getvalue())
     plots.write(out / "plots", history)

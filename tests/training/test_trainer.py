@@ -44,7 +44,9 @@ def test_run_directory_holds_checkpoints_logs_and_plots(finished):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
     assert {"train_loss", "train_router_loss", "val_clean_accuracy", "val_pgd_accuracy", "val_route_fixed_accuracy",
-            "val_worst_accuracy", "val_expert_share", "epoch_seconds", "attack_steps_per_batch"} <= set(rows[0])
+            "val_worst_accuracy", "val_expert_share", "epoch_seconds", "attack_steps_per_batch",
+            "val_train_attack_accuracy", "training_attack_steps", "training_attack_step"} <= set(rows[0])
+    assert all(0 <= r["val_train_attack_accuracy"] <= 1 and r["training_attack_steps"] == 2 for r in rows)
     assert (out / "metrics.csv").read_text().splitlines()[0].startswith("epoch,")
     metrics = json.loads((out / "best" / "metrics.json").read_text())
     assert {"clean_accuracy", "pgd_accuracy", "macs_per_image", "test_expert_share"} <= set(metrics)
@@ -87,17 +89,20 @@ def learned(data, tmp_path_factory):
 
 @pytest.mark.parametrize("model", ["moe_resnet18", "resnet18"])
 def test_validation_adds_the_route_fixed_attack_and_leaves_pgd_as_it_was(data, learned, model, monkeypatch):
-    """A MoE model's validation also runs the route-fixed attack; an image counts in the worst case
-    only if it survives both. The PGD numbers are those a validation without it gives, random
-    starts included: old and new curves compare."""
+    """A MoE model's validation also runs the route-fixed attack, and the trainer's the training
+    attack; an image counts in the worst case only if it survives PGD and the route-fixed attack.
+    The PGD numbers are those a validation without them gives, random starts included: old and
+    new curves compare."""
     # one short step from a random start: where the attack ends depends on the start
     cfg = config(data, model=model, method="pgd-at", eps=0.1, eval_step=0.03, eval_steps=1)
     val_set = advmoe.load_dataset("fashion_mnist", "val", str(data), cfg.val_size, cfg.seed)
-    got = validate.validate(learned[model], val_set, cfg, torch.device("cpu"), batch_size=16)  # several batches
+    got = validate.validate(learned[model], val_set, cfg, torch.device("cpu"), batch_size=16,  # several batches
+                            train_attack=True)
     monkeypatch.setattr(validate, "_route_fixed_survivors", lambda model, x, y, cfg: torch.ones_like(y, dtype=torch.bool))
     without = validate.validate(learned[model], val_set, cfg, torch.device("cpu"), batch_size=16)
     assert got["pgd_accuracy"] == without["pgd_accuracy"] and got["clean_accuracy"] == without["clean_accuracy"]
     assert 0 < got["pgd_accuracy"] < got["clean_accuracy"]  # the attack attacks, and leaves something
+    assert 0 <= got["train_attack_accuracy"] < got["clean_accuracy"] and "train_attack_accuracy" not in without
     if model.startswith("moe"):
         assert got["worst_accuracy"] <= min(got["pgd_accuracy"], got["route_fixed_accuracy"])
         assert got["route_fixed_accuracy"] < got["clean_accuracy"]
@@ -119,8 +124,8 @@ def test_the_best_checkpoint_is_chosen_on_the_accuracy_select_on_names(data, tmp
 
     monkeypatch.setattr(trainer, "validate", scripted)
     lines = []
-    trainer.train(config(data, method="standard", epochs=2, select_on=select_on), tmp_path / "run", log=lines.append,
-                  test_examples=8)
+    trainer.train(config(data, method="standard", epochs=2, select_on=select_on, collapse_guard="off"), tmp_path / "run",
+                  log=lines.append, test_examples=8)
     assert json.loads((tmp_path / "run/best/metrics.json").read_text())["epoch"] == best_epoch
     assert "route-fixed 0.3000" in lines[-2]  # the epoch's log line shows it
     overfit = [line for line in lines if "overfit catastrophically" in line]
@@ -213,7 +218,8 @@ def test_the_fashion_mnist_preset_starts_its_attack_uniform_and_the_cifar_preset
 
 def test_a_collapse_of_validation_robustness_is_warned_and_the_best_checkpoint_kept(data, tmp_path, monkeypatch):
     """Catastrophic overfitting: validation PGD accuracy falls far under its best while training
-    goes on. The log says so, with what to try, and `best/` stays the better epoch."""
+    goes on. The log says so, with what to try, and `best/` stays the better epoch (the collapse
+    guard, off here, is tested in test_collapse_guard.py)."""
     scores = iter([0.6, 0.3, 0.3])  # two epochs, then the final test
 
     def falling(model, dataset, cfg, device, **kwargs):
@@ -221,7 +227,8 @@ def test_a_collapse_of_validation_robustness_is_warned_and_the_best_checkpoint_k
 
     monkeypatch.setattr(trainer, "validate", falling)
     lines = []
-    trainer.train(config(data, method="standard", epochs=2), tmp_path / "run", log=lines.append, test_examples=8)
+    trainer.train(config(data, method="standard", epochs=2, collapse_guard="off"), tmp_path / "run", log=lines.append,
+                  test_examples=8)
     warnings = [line for line in lines if "overfit catastrophically" in line]
     assert len(warnings) == 1 and "from its best 60.0% to 30.0%" in warnings[0] and "--attack-steps" in warnings[0]
     assert json.loads((tmp_path / "run/best/metrics.json").read_text())["epoch"] == 1
