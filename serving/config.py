@@ -6,10 +6,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields
 
+from advmoe.runtime_choice import AUTO, FALLBACK, MAX_BATCH_SIZE, SERVED
 from advmoe.runtimes import EXECUTIONS, runtime_choices
 from advmoe.settings import ConfigError, setting, validate_choices
 
-RUNTIMES = runtime_choices(("onnxruntime", "torch", "pt2"))  # the runtimes the service runs
+RUNTIMES = runtime_choices(SERVED)  # the runtimes the service runs
+RUNTIME_CHOICES = {AUTO: f"the runtime `advmoe export` measured fastest on the model ({FALLBACK} for an export "
+                         f"without timings)", **RUNTIMES}
 ATTACKS = ("fgsm", "pgd")
 PROBE_NICENESS = 10  # the probe worker's: under /predict load it gets about a tenth of a core
 
@@ -17,14 +20,14 @@ PROBE_NICENESS = 10  # the probe worker's: under /predict load it gets about a t
 @dataclass(frozen=True)
 class ServingConfig:
     model_tag: str = setting("advmoe:latest", "the BentoML model `advmoe export` wrote")
-    runtime: str = setting("onnxruntime", "what runs the model", choices=RUNTIMES)
+    runtime: str = setting(AUTO, "what runs the model", choices=RUNTIME_CHOICES)
     execution: str = setting("sparse", "the torch runtime's execution (an exported graph runs the way it was "
                                        "exported)", choices=EXECUTIONS)
     # On 2 cores, 2 workers of 1 thread served more images per second and per CPU second than 1 of 2
     # threads (`advmoe bench serve --workers N --threads M`, docs/clients.md).
     workers: int = setting(0, "API worker processes, each with the model and its batcher; 0: one per core")
     threads: int = setting(0, "compute threads of each worker's model; 0: the cores shared out over the workers")
-    max_batch_size: int = setting(64, "inputs per request, and the adaptive batcher's cap")
+    max_batch_size: int = setting(MAX_BATCH_SIZE, "inputs per request, and the adaptive batcher's cap")
     max_body_bytes: int = setting(8 * 2**20, "largest request body; a larger one gets 413")
     max_image_pixels: int = setting(4096 * 4096, "largest image, checked before decoding (no decompression bombs)")
     probe_enabled: bool = setting(False, "serve /attack_probe (expensive, so off unless enabled)")

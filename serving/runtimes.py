@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from advmoe.runtime_choice import RuntimeChoice, choose_runtime
 from advmoe.runtimes import RUNTIMES, onnx_session
 
 from .config import ServingConfig
@@ -67,13 +68,16 @@ class TorchRuntime(Runtime):
         return logits.float().numpy(), routing
 
 
-def load_runtime(folder: str | Path, config: ServingConfig) -> Runtime:
+def load_runtime(folder: str | Path, config: ServingConfig) -> tuple[Runtime, RuntimeChoice]:
+    """The runtime that serves the export in `folder` (the user's, else the one the export measured
+    fastest, else onnxruntime) and why it was chosen."""
     folder = Path(folder)
-    needed = folder / RUNTIMES[config.runtime].file
+    choice = choose_runtime(config.runtime, folder)
+    needed = folder / RUNTIMES[choice.runtime].file
     if not needed.is_file():
-        raise FileNotFoundError(f"{folder} has no {needed.name}, which ADVMOE_RUNTIME={config.runtime} needs; "
+        raise FileNotFoundError(f"{folder} has no {needed.name}, which the {choice.runtime} runtime needs; "
                                 f"re-export the checkpoint with `advmoe export CKPT --out DIR --format all`")
     threads = config.model_threads()
-    if config.runtime == "onnxruntime":
-        return OnnxRuntime(needed, threads)
-    return TorchRuntime(folder, config.execution, threads, program=config.runtime == "pt2")
+    if choice.runtime == "onnxruntime":
+        return OnnxRuntime(needed, threads), choice
+    return TorchRuntime(folder, config.execution, threads, program=choice.runtime == "pt2"), choice

@@ -121,14 +121,15 @@ class AdvMoE:
         stored = stored_model(CONFIG.model_tag)
         card = read_card(stored.path)
         channels, size, _ = card.input_shape
-        self.model = ServedModel(load_runtime(stored.path, CONFIG), card.num_experts, CONFIG.max_batch_size)
+        runtime, choice = load_runtime(stored.path, CONFIG)
+        self.model = ServedModel(runtime, card.num_experts, CONFIG.max_batch_size)
         self.spec = InputSpec(channels, size, CONFIG.max_batch_size, CONFIG.max_image_pixels)
         self.probe_spec = InputSpec(channels, size, CONFIG.probe_max_batch_size, CONFIG.max_image_pixels)
         self.classes = list(card.classes)
         self.probes_running = 0
         self.info = {  # GET /model_info: the model card plus how this server serves it
-            "tag": str(stored.tag), **card.to_dict(), "runtime": CONFIG.runtime,
-            "execution": "sparse" if CONFIG.runtime != "torch" else CONFIG.execution,
+            "tag": str(stored.tag), **card.to_dict(), "runtime": runtime.name, "runtime_choice": choice.to_dict(),
+            "execution": "sparse" if runtime.name != "torch" else CONFIG.execution,
             "max_batch_size": CONFIG.max_batch_size, "workers": CONFIG.worker_count(), "threads": CONFIG.model_threads(),
             "attack_probe": {"enabled": CONFIG.probe_enabled, "token_required": bool(CONFIG.probe_token),
                              "attacks": list(ATTACKS), "max_eps": CONFIG.probe_max_eps,

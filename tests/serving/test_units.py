@@ -18,7 +18,7 @@ from PIL import Image
 
 from advmoe.settings import ConfigError
 from helpers import calibrated_model
-from serving.config import RUNTIMES, ServingConfig, environment
+from serving.config import RUNTIME_CHOICES, ServingConfig, environment
 from serving.batching import Batcher
 from serving.inputs import InputSpec, RequestError, decode_image, from_npy, from_tensor
 from serving.probe import bounded_attack
@@ -35,7 +35,7 @@ def test_settings_come_from_the_environment_and_bad_ones_name_their_variable():
     assert (defaults.worker_count(cpus=2), defaults.model_threads(cpus=2)) == (2, 1)  # one worker per core
     two = ServingConfig.from_env({"ADVMOE_WORKERS": "2"})
     assert (two.model_threads(cpus=8), ServingConfig(workers=1).model_threads(cpus=8)) == (4, 8)
-    for env, message in [({"ADVMOE_RUNTIME": "tensorrt"}, "ADVMOE_RUNTIME 'tensorrt'; choose one of: " + ", ".join(RUNTIMES)),
+    for env, message in [({"ADVMOE_RUNTIME": "tensorrt"}, "ADVMOE_RUNTIME 'tensorrt'; choose one of: " + ", ".join(RUNTIME_CHOICES)),
                          ({"ADVMOE_EXECUTION": "dense"}, "ADVMOE_EXECUTION 'dense'"),
                          ({"ADVMOE_EXECUTION": "masked"}, "needs ADVMOE_RUNTIME=torch"),
                          ({"ADVMOE_MAX_BATCH_SIZE": "0"}, "ADVMOE_MAX_BATCH_SIZE=0"),
