@@ -5,7 +5,8 @@ import argparse
 import importlib
 
 BENCHMARKS = {"sparse": "benchmarks.bench_sparse", "export": "benchmarks.bench_export",
-              "methods": "benchmarks.bench_methods", "serve": "benchmarks.bench_serve", "eval": "benchmarks.bench_eval"}
+              "methods": "benchmarks.bench_methods", "serve": "benchmarks.bench_serve", "eval": "benchmarks.bench_eval",
+              "profile": "benchmarks.profile_sparse"}
 HELP = "speed benchmarks: `advmoe bench sparse --help`"
 
 
