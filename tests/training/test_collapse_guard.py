@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import make_fashion_like
-from training import methods, trainer
+import advmoe
+from training import methods, trainer, validate as validation
 from training.config import MAX_ROLLBACKS, ConfigError, resolve
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny training steps: a second thread only waits
@@ -68,6 +69,25 @@ def rows(out):
 
 def same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_validation_measures_the_training_attack_beside_pgd(data, monkeypatch):
+    """The diagnostic attacks the validation images with the training attack's steps, step and
+    start; its accuracy is that of the images its attack leaves classified."""
+    cfg = resolve(data_dir=str(data), **{**TINY, "attack_start": "normal"})
+    calls, pgd = [], validation.pgd
+
+    def training_attack_leaves_x(model, x, objective, eps, step, steps, start="uniform", **kwargs):
+        calls.append((step, steps, start))
+        return x if (step, steps) == (cfg.attack_step, cfg.attack_steps) else pgd(model, x, objective, eps, step, steps)
+
+    monkeypatch.setattr(validation, "pgd", training_attack_leaves_x)
+    model = advmoe.create_model(cfg.model, **cfg.model_kwargs(advmoe.get_dataset_info(cfg.dataset)))
+    val_set = advmoe.load_dataset("fashion_mnist", "val", str(data), cfg.val_size, cfg.seed)
+    got = validation.validate(model, val_set, cfg, torch.device("cpu"), batch_size=8, train_attack=True)
+    assert sorted(set(calls)) == [(0.05, 1, "uniform"), (0.0625, 2, "normal")]  # validation's PGD, the training attack
+    assert got["train_attack_accuracy"] == got["clean_accuracy"]
+    assert "train_attack_accuracy" not in validation.validate(model, val_set, cfg, torch.device("cpu"))
 
 
 def test_a_collapse_rolls_back_to_the_best_epoch_and_trains_on_with_a_stronger_attack(data, tmp_path, monkeypatch,
