@@ -38,6 +38,7 @@ def test_the_router_passes_gradients_to_the_attack():
     assert grad.abs().sum() > 0
 
 
+@pytest.mark.usefixtures("one_thread")  # the toy's numbers depend on the thread count (2 threads: 0.90 clean)
 def test_more_pgd_steps_never_do_worse_on_a_trained_toy_model():
     torch.manual_seed(0)
     model = small_model("moe_resnet18", in_channels=1, image_size=28, width=0.125, router_blocks=1)
@@ -52,7 +53,7 @@ def test_more_pgd_steps_never_do_worse_on_a_trained_toy_model():
         opt.step()
     model.eval()
     accuracies = []
-    eps = 0.007  # small enough that 1, 5 and 20 steps each leave a different accuracy (0.78, 0.23, 0.12)
+    eps = 0.007  # small enough that 1, 5 and 20 steps each leave a different accuracy (0.87, 0.25, 0.18)
     for steps in (1, 5, 20):
         torch.manual_seed(1)
         x_adv = pgd(model, x, cross_entropy(y), eps, eps / 4, steps, random_start=False)
