@@ -91,7 +91,8 @@ class TrainConfig:
     eval_step: float = setting(2 / 255, "step of the validation PGD")
     eval_steps: int = setting(10, "PGD steps of the validation attack (checkpoint selection)")
     select_on: str = setting("pgd", "validation accuracy the best checkpoint is chosen on", choices=SELECT_ON)
-    collapse_guard: str = setting("rollback", "what a collapse of validation robustness (catastrophic overfitting of "
+    # off until the frontier study has measured rollback against the runs that collapsed without it
+    collapse_guard: str = setting("off", "what a collapse of validation robustness (catastrophic overfitting of "
                                               "the training attack) triggers", choices=COLLAPSE_GUARDS)
     # optimisation
     epochs: int = setting(100, "epochs (cosine schedule over all of them)")

@@ -18,7 +18,7 @@ out, data = sys.argv[1], sys.argv[2]
 collapse = sys.argv[3:] == ["collapse"]
 settings = dict(model="moe_resnet18", method="advmoe", epochs=1)
 if collapse:
-    settings = dict(model="resnet18", method="pgd-at", epochs=2)
+    settings = dict(model="resnet18", method="pgd-at", epochs=2, collapse_guard="rollback")
     # Each rank validates with its own BatchNorm statistics; here they disagree on purpose.
     scores = itertools.chain([0.6, 0.3] if os.environ["RANK"] == "0" else [0.6, 0.9], itertools.repeat(0.6))
     trainer.validate = lambda *args, **kwargs: {"clean_accuracy": 0.8, "pgd_accuracy": next(scores), "examples": 1}

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny training steps: a sec
 # two training steps per epoch; validation is scripted, so only training runs for real
 TINY = dict(dataset="fashion_mnist", model="resnet18", width=0.125, method="pgd-at", eps=0.1, attack_step=0.0625,
             attack_steps=2, eval_step=0.05, eval_steps=1, val_size=100, train_examples=64, val_examples=16,
-            batch_size=32, lr=0.05)
+            batch_size=32, lr=0.05, collapse_guard="rollback")
 # epoch 1 is the best, epoch 2 collapses, then the retrained epoch 2 and epoch 3 hold
 COLLAPSE_IN_EPOCH_2 = [0.6, 0.3, 0.6, 0.6]
 
@@ -163,6 +163,6 @@ def test_the_stronger_attack_takes_one_more_step_over_the_same_path_and_reaches_
 
 
 def test_the_guard_is_a_setting_with_its_choices():
-    assert resolve().collapse_guard == "rollback" and resolve(collapse_guard="off").collapse_guard == "off"
+    assert resolve().collapse_guard == "off" and resolve(collapse_guard="rollback").collapse_guard == "rollback"
     with pytest.raises(ConfigError, match="unknown collapse-guard 'undo'"):
         resolve(collapse_guard="undo")
