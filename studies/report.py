@@ -65,14 +65,15 @@ def comparisons_table(found: Findings) -> str:
 
 
 def curves_table(found: Findings) -> str:
-    lines = ["| row | validation PGD by epoch (%) | route-fixed by epoch (%) | curve | one-epoch falls of a run |",
-             "|---|---|---|---|---|"]
+    lines = ["| row | validation PGD by epoch (%) | route-fixed by epoch (%) | curve | one-epoch falls of a run "
+             "| rolled back (collapse guard) |", "|---|---|---|---|---|---|"]
     for c in found.curves:
         fixed = ", ".join(_pct(v) for v in c.route_fixed) if c.route_fixed else "-"
         fell = "; ".join(f"seed {run}: {_pct(a)} → {_pct(b)} at epoch {e}" + (f", {_pct(n)} the next" if n is not None else "")
                          for run, e, a, b, n in c.falls) or "-"
         state = f"{c.state} ({100 * (c.pgd[-1] - c.pgd[-2]):+.1f} last epoch)" if c.state == "still rising" else c.state
-        lines.append(f"| {c.row} | {', '.join(_pct(v) for v in c.pgd)} | {fixed} | {state} | {fell} |")
+        rolled = "; ".join(f"seed {run}: epoch {e}" for run, e in c.rollbacks) or "-"
+        lines.append(f"| {c.row} | {', '.join(_pct(v) for v in c.pgd)} | {fixed} | {state} | {fell} | {rolled} |")
     return "\n".join(lines)
 
 

@@ -89,6 +89,16 @@ def evaluate(plan: Plan, best: Path, out: Path, cfg: TrainConfig, n: int, attack
                                    split=split, device=cfg.device)
 
 
+def curve_of(history: list[dict]) -> list[dict]:
+    """One row per epoch from a run's metrics.jsonl: the last time it was trained. An epoch trained
+    again after the collapse guard rolled back keeps the guard's event, so the curve says why."""
+    rows: dict[int, dict] = {}
+    for r in history:
+        event = r.get("collapse_guard") or rows.get(r["epoch"], {}).get("collapse_guard")
+        rows[r["epoch"]] = {**{k: r.get(k) for k in CURVE_KEYS}, "collapse_guard": event}
+    return [rows[e] for e in sorted(rows)]
+
+
 def summarise(row: Row, seed: int, cfg: TrainConfig, main: dict, history: list[dict], repeat: int = 0) -> RunResult:
     """The run's result from its main evaluation (eval.json) and its training history."""
     acc = main["accuracy"]
@@ -99,7 +109,7 @@ def summarise(row: Row, seed: int, cfg: TrainConfig, main: dict, history: list[d
         checkpoint_sha256=main["checkpoint_sha256"], examples=main["examples"], accuracy=acc,
         worst_case=main["robust_accuracy"], pgd=pgd, pgd_minus_worst=acc[pgd] - main["robust_accuracy"],
         sanity_passed=main["sanity"]["passed"], sanity_failed=main["sanity"]["failed"],
-        curve=[{k: r.get(k) for k in CURVE_KEYS} for r in history],
+        curve=curve_of(history),
         # what the work took (the training epochs and the evaluation), however often it was resumed
         seconds={"train": round(sum(r["epoch_seconds"] for r in history), 1), "eval": main["seconds"]},
         apgd_components=({c["name"]: c["accuracy_after"] for c in main["attacks"]["apgd"]["components"]}

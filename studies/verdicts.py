@@ -53,6 +53,7 @@ class Curve:
     route_fixed: list[float] | None
     state: str  # "levelled off" | "still rising" | "peaked at epoch N, fell after"
     falls: list[tuple[str, int, float, float, float | None]]  # (run, epoch, before, after, the epoch after)
+    rollbacks: list[tuple[str, int]] = field(default_factory=list)  # (run, epoch): trained again by the collapse guard
 
 
 @dataclass
@@ -142,7 +143,8 @@ def curve(runs: list[RunResult]) -> Curve:
         state = "still rising"
     else:
         state = "levelled off"
-    return Curve(runs[0].row.label, pgd, fixed, state, falls(runs) if len(runs) > 1 else [])
+    rollbacks = [(r.run_label, e["epoch"]) for r in runs for e in r.curve if e.get("collapse_guard")]
+    return Curve(runs[0].row.label, pgd, fixed, state, falls(runs) if len(runs) > 1 else [], rollbacks)
 
 
 def mean_curve(runs: list[RunResult], key: str = "val_pgd_accuracy") -> list[float]:

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from studies.run import compose_autoattack
+from studies.run import compose_autoattack, curve_of
 
 STANDARD = {"apgd_iterations": 100, "square_queries": 5000}
 
@@ -115,3 +115,16 @@ def test_parts_of_other_weights_or_images_are_refused(change):
                        square="11")
     with pytest.raises(ValueError, match="AutoAttack's parts come from different weights or images"):
         compose_autoattack(main, rest)
+
+
+def test_the_curve_keeps_the_last_training_of_each_epoch_and_the_guards_event():
+    """The collapse guard trains epochs again: the result's curve has one row per epoch, the one
+    that stands, and the epoch trained again keeps the event that says why."""
+    event = {"metric": "val_pgd_accuracy", "best": 0.6, "now": 0.3, "best_epoch": 1}
+    history = [{"epoch": 1, "val_pgd_accuracy": 0.6, "epoch_seconds": 1.0},
+               {"epoch": 2, "val_pgd_accuracy": 0.3, "epoch_seconds": 1.0, "collapse_guard": event},
+               {"epoch": 2, "val_pgd_accuracy": 0.62, "epoch_seconds": 1.0},
+               {"epoch": 3, "val_pgd_accuracy": 0.65, "epoch_seconds": 1.0}]
+    curve = curve_of(history)
+    assert [(r["epoch"], r["val_pgd_accuracy"], r["collapse_guard"]) for r in curve] == [
+        (1, 0.6, None), (2, 0.62, event), (3, 0.65, None)]
