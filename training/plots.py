@@ -12,6 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 def write(folder: Path, history: list[dict]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
+    # an epoch trained again after the collapse guard rolled back: the training of it that stands
+    history = list({row["epoch"]: row for row in history}.values())
     epochs = [row["epoch"] for row in history]
     losses = sorted({k for row in history for k in row if k.startswith("train_") and k.endswith("loss")})
     _plot(folder / "loss.png", "training loss", epochs, {k.removeprefix("train_"): [r.get(k) for r in history] for k in losses})
