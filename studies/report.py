@@ -37,44 +37,47 @@ def _autoattack_cell(runs: list[RunResult]) -> str:
     return cell
 
 
+def markdown(headers: list[str], rows: list[list[str]]) -> str:
+    """A markdown table: every table of the report is built here."""
+    lines = ["| " + " | ".join(headers) + " |", "|---" * len(headers) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
 def table(grouped: dict[str, list[RunResult]]) -> str:
-    lines = ["| row | MACs per image | seeds | " + " | ".join(header(k) for k in COLUMNS)
-             + " | **worst case** | PGD - worst | route flips | busiest expert | AutoAttack (worst with the rest) |",
-             "|---" * (len(COLUMNS) + 8) + "|"]
+    headers = (["row", "MACs per image", "seeds", *(header(k) for k in COLUMNS), "**worst case**", "PGD - worst",
+                "route flips", "busiest expert", "AutoAttack (worst with the rest)"])
+    rows = []
     for runs in grouped.values():
         cells = [percent([r.accuracy.get(k) for r in runs]) if any(k in r.accuracy for r in runs) else "-" for k in COLUMNS]
         moe = runs[0].route_flip_rate is not None
-        flips = percent([r.route_flip_rate for r in runs]) if moe else "-"
-        # its share of the clean test routes: 100 % is a collapsed router, a dense model in effect
-        busiest = percent([max(r.expert_share) for r in runs]) if runs[0].expert_share else "-"
-        lines.append(f"| {runs[0].row.label} | {runs[0].macs_per_image / 1e6:.2f} M | "
-                     f"{', '.join(r.run_label for r in runs)} | " + " | ".join(cells)
-                     + f" | **{percent([r.worst_case for r in runs])}** | {percent([r.pgd_minus_worst for r in runs])} "
-                     f"| {flips} | {busiest} | {_autoattack_cell(runs)} |")
-    return "\n".join(lines)
+        # the busiest expert's share of the clean test routes: 100 % is a collapsed router, a dense model in effect
+        rows.append([runs[0].row.label, f"{runs[0].macs_per_image / 1e6:.2f} M", ", ".join(r.run_label for r in runs),
+                     *cells, f"**{percent([r.worst_case for r in runs])}**", percent([r.pgd_minus_worst for r in runs]),
+                     percent([r.route_flip_rate for r in runs]) if moe else "-",
+                     percent([max(r.expert_share) for r in runs]) if runs[0].expert_share else "-", _autoattack_cell(runs)])
+    return markdown(headers, rows)
 
 
 def comparisons_table(found: Findings) -> str:
-    lines = ["| row | against | other row | worst case | other's | difference | spread | verdict | by attack, where it "
-             "does not beat |", "|---|---|---|---|---|---|---|---|---|"]
-    for c in found.comparisons:
-        by_attack = ", ".join(f"{header(k)} {100 * v:+.1f}" for k, v in c.by_attack.items())
-        lines.append(f"| {c.row} | {c.against} | {c.other} | {_pct(c.mean)} | {_pct(c.other_mean)} "
-                     f"| {100 * c.difference:+.1f} | {'-' if c.one_run else _pct(c.spread)} | {c.verdict} | {by_attack} |")
-    return "\n".join(lines)
+    headers = ["row", "against", "other row", "worst case", "other's", "difference", "spread", "verdict",
+               "by attack, where it does not beat"]
+    return markdown(headers, [[c.row, c.against, c.other, _pct(c.mean), _pct(c.other_mean), f"{100 * c.difference:+.1f}",
+                               "-" if c.one_run else _pct(c.spread), c.verdict,
+                               ", ".join(f"{header(k)} {100 * v:+.1f}" for k, v in c.by_attack.items())]
+                              for c in found.comparisons])
 
 
 def curves_table(found: Findings) -> str:
-    lines = ["| row | validation PGD by epoch (%) | route-fixed by epoch (%) | curve | one-epoch falls of a run "
-             "| rolled back (collapse guard) |", "|---|---|---|---|---|---|"]
+    headers = ["row", "validation PGD by epoch (%)", "route-fixed by epoch (%)", "curve", "one-epoch falls of a run",
+               "rolled back (collapse guard)"]
+    rows = []
     for c in found.curves:
-        fixed = ", ".join(_pct(v) for v in c.route_fixed) if c.route_fixed else "-"
         fell = "; ".join(f"seed {run}: {_pct(a)} → {_pct(b)} at epoch {e}" + (f", {_pct(n)} the next" if n is not None else "")
-                         for run, e, a, b, n in c.falls) or "-"
+                         for run, e, a, b, n in c.falls)
         state = f"{c.state} ({100 * (c.pgd[-1] - c.pgd[-2]):+.1f} last epoch)" if c.state == "still rising" else c.state
-        rolled = "; ".join(f"seed {run}: epoch {e}" for run, e in c.rollbacks) or "-"
-        lines.append(f"| {c.row} | {', '.join(_pct(v) for v in c.pgd)} | {fixed} | {state} | {fell} | {rolled} |")
-    return "\n".join(lines)
+        rows.append([c.row, ", ".join(_pct(v) for v in c.pgd), ", ".join(_pct(v) for v in c.route_fixed) if c.route_fixed
+                     else "-", state, fell or "-", "; ".join(f"seed {run}: epoch {e}" for run, e in c.rollbacks) or "-"])
+    return markdown(headers, rows)
 
 
 def finding_lines(found: Findings) -> list[str]:
