@@ -6,7 +6,7 @@ import argparse
 import importlib
 
 STUDIES = {"frontier": "studies.frontier", "gate-grad": "studies.gate_grad", "per-class": "studies.per_class",
-           "methods": "studies.methods", "robustness": "studies.robustness"}
+           "methods": "studies.methods", "robustness": "studies.robustness", "collapse": "studies.collapse"}
 HELP = "run a study (train, evaluate, report): `advmoe study frontier --help`"
 DESCRIPTION = "Run a study; each takes its own arguments (`advmoe study NAME --help`). Studies: " + ", ".join(
     f"{name} ({module})" for name, module in STUDIES.items()) + "."
