@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from . import evaluations
-from .report import markdown
+from .report import markdown, percent_cell
 
 KEYS = ("val_clean_accuracy", "val_pgd_accuracy", "val_train_attack_accuracy")
 
@@ -31,12 +31,8 @@ def read_run(run: Path) -> dict:
                       "collapse_guard": r.get("collapse_guard")} for r in history]}
 
 
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.1f}"
-
-
 def table(runs: list[dict]) -> str:
-    rows = [[run["run"], run["collapse_guard"], str(r["epoch"]), *(_pct(r[k]) for k in KEYS),
+    rows = [[run["run"], run["collapse_guard"], str(r["epoch"]), *(percent_cell(r[k]) for k in KEYS),
              str(r["training_attack_steps"] or "-"), (r["collapse_guard"] or {}).get("action", "")]
             for run in runs for r in run["rows"]]
     return markdown(["run", "guard", "epoch", "val clean (%)", "val PGD (%)", "val training attack (%)",

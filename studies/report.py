@@ -23,7 +23,7 @@ from .verdicts import Findings, verdicts
 COLUMNS = ("clean", "pgd-10", "pgd-50", "apgd", "route-fixed", "router")
 
 
-def _pct(value: float | None) -> str:
+def percent_cell(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}"
 
 
@@ -61,8 +61,8 @@ def table(grouped: dict[str, list[RunResult]]) -> str:
 def comparisons_table(found: Findings) -> str:
     headers = ["row", "against", "other row", "worst case", "other's", "difference", "spread", "verdict",
                "by attack, where it does not beat"]
-    return markdown(headers, [[c.row, c.against, c.other, _pct(c.mean), _pct(c.other_mean), f"{100 * c.difference:+.1f}",
-                               "-" if c.one_run else _pct(c.spread), c.verdict,
+    return markdown(headers, [[c.row, c.against, c.other, percent_cell(c.mean), percent_cell(c.other_mean), f"{100 * c.difference:+.1f}",
+                               "-" if c.one_run else percent_cell(c.spread), c.verdict,
                                ", ".join(f"{header(k)} {100 * v:+.1f}" for k, v in c.by_attack.items())]
                               for c in found.comparisons])
 
@@ -72,10 +72,10 @@ def curves_table(found: Findings) -> str:
                "rolled back (collapse guard)"]
     rows = []
     for c in found.curves:
-        fell = "; ".join(f"seed {run}: {_pct(a)} → {_pct(b)} at epoch {e}" + (f", {_pct(n)} the next" if n is not None else "")
+        fell = "; ".join(f"seed {run}: {percent_cell(a)} → {percent_cell(b)} at epoch {e}" + (f", {percent_cell(n)} the next" if n is not None else "")
                          for run, e, a, b, n in c.falls)
         state = f"{c.state} ({100 * (c.pgd[-1] - c.pgd[-2]):+.1f} last epoch)" if c.state == "still rising" else c.state
-        rows.append([c.row, ", ".join(_pct(v) for v in c.pgd), ", ".join(_pct(v) for v in c.route_fixed) if c.route_fixed
+        rows.append([c.row, ", ".join(percent_cell(v) for v in c.pgd), ", ".join(percent_cell(v) for v in c.route_fixed) if c.route_fixed
                      else "-", state, fell or "-", "; ".join(f"seed {run}: epoch {e}" for run, e in c.rollbacks) or "-"])
     return markdown(headers, rows)
 
@@ -87,19 +87,19 @@ def finding_lines(found: Findings) -> list[str]:
     lines += [f"Above the best MoE row on one run: {row}; a second seed would tell." for row in found.ahead_on_one_run]
     if found.width:
         w = found.width
-        by_cost = ", ".join(f"{macs / 1e6:.1f} M: {_pct(v)} %" for macs, v in w["rows"])
+        by_cost = ", ".join(f"{macs / 1e6:.1f} M: {percent_cell(v)} %" for macs, v in w["rows"])
         lines.append(f"Dense PGD-AT by cost: {by_cost}. {w['macs_ratio']:.1f}x the MACs: {100 * w['rise']:+.1f} points "
-                     f"(spread {_pct(w['spread'])}); capacity limits robustness here: {'yes' if w['capacity_limits'] else 'no'}.")
+                     f"(spread {percent_cell(w['spread'])}); capacity limits robustness here: {'yes' if w['capacity_limits'] else 'no'}.")
     if found.twin:
         t = found.twin
         kept = f"{100 * t['kept']:.0f} %" if t["kept"] is not None else "-"
         lines.append(f"{t['row']} against its twin ({t['twin']}): {t['macs_ratio']:.2f}x the MACs, keeps {kept} of its "
-                     f"worst case ({_pct(t['worst'])} vs {_pct(t['twin_worst'])} %).")
+                     f"worst case ({percent_cell(t['worst'])} vs {percent_cell(t['twin_worst'])} %).")
     lines += [f"Masking check failed: {row}, seed {seed} ({detail})." for row, seed, detail in found.masking]
     for t in found.targets:
         met = t.met
         lines.append(f"Targets, {t.row}: {t.pgd.upper()} minus worst {100 * t.pgd_minus_worst:.1f} points (≤ 5: "
-                     f"{'met' if met['pgd_gap'] else 'missed'}); route flips {_pct(t.route_flips)} % (≤ 10: "
+                     f"{'met' if met['pgd_gap'] else 'missed'}); route flips {percent_cell(t.route_flips)} % (≤ 10: "
                      f"{'met' if met['route_flips'] else 'missed'}).")
     return lines
 
