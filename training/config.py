@@ -27,7 +27,7 @@ EXPERT_LOSSES = {
 }
 AMP = {"none": "fp32", "bf16": "bfloat16 autocast", "fp16": "float16 autocast with a gradient scaler (CUDA)"}
 SELECT_ON = {"pgd": "PGD through the straight-through router",
-             "worst": "the worst case of PGD and the route-fixed attack, per image (a dense model: PGD)"}
+             "worst": "the worst case of PGD, the route-fixed attack and APGD (when run), per image"}
 # Validation accuracy (what select_on ranks) this far under its best while training goes on: the
 # training attack has stopped finding adversarial examples (catastrophic overfitting; MoE-AT's
 # 2-step TRADES attack on Fashion-MNIST fell from 62.9 to 32.0 %, reports/frontier_notebook.md).
@@ -90,6 +90,8 @@ class TrainConfig:
                                 choices=STARTS)
     eval_step: float = setting(2 / 255, "step of the validation PGD")
     eval_steps: int = setting(10, "PGD steps of the validation attack (checkpoint selection)")
+    val_apgd_iterations: int = setting(0, "iterations of the validation's APGD-CE and APGD-DLR, which join the worst "
+                                          "case (0: not run); they see gradient masking that PGD misses")
     select_on: str = setting("pgd", "validation accuracy the best checkpoint is chosen on", choices=SELECT_ON)
     # off until the frontier study has measured rollback against the runs that collapsed without it
     collapse_guard: str = setting("off", "what a collapse of validation robustness (catastrophic overfitting of "
@@ -149,6 +151,8 @@ class TrainConfig:
                 bad(f"{name}={getattr(self, name)} must be >= 1")
         if self.attack_steps < 1 or self.eval_steps < 1:
             bad("attack_steps and eval_steps must be >= 1")
+        if self.val_apgd_iterations < 0:
+            bad(f"val_apgd_iterations={self.val_apgd_iterations} must be >= 0 (0: no validation APGD)")
         if self.lr <= 0:
             bad(f"lr={self.lr} must be positive")
         return self

@@ -44,7 +44,7 @@ from .validate import validate
 
 STATE = "training_state.pt"
 COLLAPSE_SHARE = 0.9
-SELECTED_ON = {"pgd": "PGD", "worst": "worst-case (PGD and route-fixed)"}  # what select_on ranks, in the log
+SELECTED_ON = {"pgd": "PGD", "worst": "worst-case (PGD, route-fixed and APGD)"}  # what select_on ranks, in the log
 
 
 def collapsed(best: float, now: float) -> bool:
@@ -190,6 +190,8 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, log=functools
         improved = score > best_score
         best_score = max(best_score, score)
         fixed = f", route-fixed {val['route_fixed_accuracy']:.4f}" if "route_fixed_accuracy" in val else ""
+        if "apgd_accuracy" in val:
+            fixed += f", APGD-CE+DLR {val['apgd_accuracy']:.4f}"
         if "train_attack_accuracy" in val:
             fixed += f", training attack PGD-{step.cfg.attack_steps} {val['train_attack_accuracy']:.4f}"
         log(f"epoch {epoch + 1}/{cfg.epochs}: loss {row.get('train_loss', float('nan')):.4f}, "

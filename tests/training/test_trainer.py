@@ -1,11 +1,13 @@
 """The run directory a user can trust: logs, plots, checkpoints, resume, and clear refusals."""
 import dataclasses
+from dataclasses import replace
 import json
 import re
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.utils.data import Subset
 
 import advmoe
 from cli.main import main as cli
@@ -109,6 +111,37 @@ def test_validation_adds_the_route_fixed_attack_and_leaves_pgd_as_it_was(data, l
         assert without["route_fixed_accuracy"] == 1.0 and without["worst_accuracy"] == without["pgd_accuracy"]
     else:  # no route to fix
         assert "route_fixed_accuracy" not in got and got["worst_accuracy"] == got["pgd_accuracy"]
+
+
+class ScaledLogits(torch.nn.Module):
+    """A model whose logits are multiplied by a large factor: its softmax saturates, the
+    cross-entropy's gradient is zero in float32, and PGD on it stands still (masked gradients)."""
+
+    def __init__(self, model: torch.nn.Module, scale: float = 1e4):
+        super().__init__()
+        self.model, self.scale = model, scale
+
+    def forward(self, x):
+        return self.model(x) * self.scale
+
+
+def test_validation_apgd_sees_what_masked_gradients_hide_from_pgd(data, learned):
+    """With val_apgd_iterations, APGD-CE and APGD-DLR join the worst case. On a model whose
+    cross-entropy gradient vanishes, PGD finds almost nothing while the scale-free DLR loss does;
+    the PGD numbers stay those of a validation without APGD."""
+    cfg = config(data, model="resnet18", method="pgd-at", eps=0.1, eval_step=0.025, eval_steps=5)
+    val_set = Subset(advmoe.load_dataset("fashion_mnist", "val", str(data), cfg.val_size, cfg.seed), range(64))
+    masked = ScaledLogits(learned["resnet18"]).eval()
+    without = validate.validate(masked, val_set, cfg, torch.device("cpu"))
+    got = validate.validate(masked, val_set, replace(cfg, val_apgd_iterations=10), torch.device("cpu"))
+    assert "apgd_accuracy" not in without and got["pgd_accuracy"] == without["pgd_accuracy"]
+    assert got["apgd_accuracy"] < got["pgd_accuracy"] - 0.2
+    assert got["worst_accuracy"] <= min(got["pgd_accuracy"], got["apgd_accuracy"])
+
+
+def test_validation_apgd_iterations_cannot_be_negative(data):
+    with pytest.raises(ConfigError, match="val_apgd_iterations"):
+        config(data, val_apgd_iterations=-1)
 
 
 @pytest.mark.parametrize("select_on, best_epoch", [("pgd", 2), ("worst", 1)])
