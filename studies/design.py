@@ -30,6 +30,7 @@ class Row:
     seeds: tuple[int, ...]
     headline: bool = False
     variant: str | None = None  # the --variant name of a row run with other settings beside the study's
+    settings: dict = field(default_factory=dict)  # the row's own model settings (experts, router), over the plan's
 
     @property
     def is_moe(self) -> bool:
@@ -67,10 +68,22 @@ class Plan:
     # CPU two one-thread processes run APGD 1.18x faster than one two-thread process
     # (docs/evaluation.md), with the same per-image results. Training stays in one process.
     eval_processes: int = 1
+    # The curves (--curves): dense PGD-AT at every dense width, and the MoE method at every MoE width
+    # with each number of experts; at the narrowest MoE width, where the router is the largest share
+    # of the MACs (58 % at 1/8), each router too. The widths go from one where the dense worst case
+    # clearly falls with width (1/32: 0.46 M MACs) to the twin of the widest MoE row.
+    curves: bool = False
+    dense_widths: tuple[float, ...] = (1 / 32, 3 / 64, 1 / 16, 3 / 32, 1 / 8, 5 / 32, 13 / 64, 1 / 4)
+    moe_widths: tuple[float, ...] = (1 / 8, 3 / 16, 1 / 4)
+    experts: tuple[int, ...] = (2, 4)  # 4: the same MACs per image, twice the expert parameters
+    routers: tuple[tuple[int, int], ...] = ((1, 8), (2, 8))  # (blocks per stage, first-stage channels)
+    # the MoE rows' training: the best MoE row of the 5-epoch study, whose runs are reused
+    curve_method: str = "advmoe"
+    curve_recipe: tuple[str, tuple[tuple[str, object], ...]] = ("ce_steps3", (("expert_loss", "ce"), ("attack_steps", 3)))
 
     def config(self, row: Row, seed: int) -> TrainConfig:
-        cfg = resolve(self.preset, **{**self.overrides, "method": row.method, "model": row.model, "width": row.width,
-                                      "seed": seed, "epochs": self.epochs})
+        cfg = resolve(self.preset, **{**self.overrides, **row.settings, "method": row.method, "model": row.model,
+                                      "width": row.width, "seed": seed, "epochs": self.epochs})
         return replace(cfg, train_examples=self.train_examples).validate()  # None: every training image
 
 
@@ -141,7 +154,8 @@ def width_for_macs(target: int, model: str, cfg: TrainConfig, widest: float = 2.
 def default_rows(plan: Plan) -> list[Row]:
     """Dense PGD-AT at the MoE model's MACs, in between and at the MoE model's own width (its
     full-width twin; where no whole-channel width lies in between, at twice the twin's width, so
-    there are still three); MoE-AT, AdvMoE and route-aware training at the MoE width."""
+    there are still three); MoE-AT, AdvMoE and route-aware training at the MoE width. With
+    plan.curves, the curves' rows after them (curve_rows)."""
     base = resolve(plan.preset, **plan.overrides)
     moe, dense = base.model, advmoe.dense_twin(base.model)
     equal = width_for_macs(macs_per_image(moe, plan.moe_width, base), dense, base)
@@ -155,6 +169,36 @@ def default_rows(plan: Plan) -> list[Row]:
                 "pgd-at", dense, plan.moe_width, plan.seeds)]
     rows += [Row(f"{method}-w{plan.moe_width:g}", f"{METHODS[method].label}, width {plan.moe_width:g}", method, moe,
                  plan.moe_width, plan.headline_seeds, headline=True) for method in MOE_METHODS if method in METHODS]
+    if plan.curves:
+        rows += [row for row in curve_rows(plan) if row.key not in {r.key for r in rows}]
+    return rows
+
+
+MOE_SETTINGS = ("num_experts", "router_blocks", "router_width")  # what a curve row sets on its own
+
+
+def curve_rows(plan: Plan) -> list[Row]:
+    """The curves' rows: dense PGD-AT at plan.dense_widths (the keys of the study's own dense rows,
+    so theirs are reused), and plan.curve_method with plan.curve_recipe at plan.moe_widths, with each
+    of plan.experts and the preset's router; at the narrowest MoE width, each of plan.routers too."""
+    base = resolve(plan.preset, **plan.overrides)
+    dense, moe = advmoe.dense_twin(base.model), base.model
+    rows = [Row(f"pgd-at-w{w:g}", f"dense PGD-AT, width {w:g}", "pgd-at", dense, w, plan.seeds) for w in plan.dense_widths]
+    name, recipe = plan.curve_recipe[0], dict(plan.curve_recipe[1])
+    changed = ", ".join(f"{k}={v}" for k, v in recipe.items())
+    label = METHODS[plan.curve_method].label
+    points = [(w, n, (base.router_blocks, base.router_width)) for w in plan.moe_widths for n in plan.experts]
+    points += [(min(plan.moe_widths), plan.experts[0], r) for r in plan.routers]
+    for width, experts, (blocks, channels) in dict.fromkeys(points):  # in order, once each
+        own = {"num_experts": experts} if experts != base.num_experts else {}
+        if (blocks, channels) != (base.router_blocks, base.router_width):
+            own |= {"router_blocks": blocks, "router_width": channels}
+        key = f"{plan.curve_method}-w{width:g}" + (f"-x{experts}" if "num_experts" in own else "")
+        key += f"-router{blocks}x{channels}" if "router_blocks" in own else ""
+        words = [f"width {width:g}"] + ([f"{experts} experts"] if "num_experts" in own else [])
+        words += [f"router {blocks} block(s) of {channels}"] if "router_blocks" in own else []
+        rows.append(Row(f"{key}-{name}", f"{label}, {', '.join(words)} ({name}: {changed})", plan.curve_method, moe,
+                        width, plan.seeds, variant=name, settings={**recipe, **own}))
     return rows
 
 

@@ -7,6 +7,7 @@ any data set of a preset, read from --data-dir. `advmoe study frontier` runs it 
     advmoe study frontier --commands        # one command per missing run, for a scheduler
     nice advmoe study frontier              # run every missing run in turn (resumes)
     advmoe study frontier --report-only     # the report from the result files there are
+    advmoe study frontier --curves --plan   # the curves: dense and MoE rows over a range of widths
     advmoe study frontier --ship checkpoints/fmnist-moe   # the best MoE run, as the model to serve
 
 The design is studies/design.py, the runs studies/run.py, the report studies/report.py.
@@ -25,7 +26,7 @@ import advmoe
 from advmoe.settings import ConfigError
 from training.config import resolve
 
-from .design import Plan, default_paths, default_rows, parse_settings, variant_rows
+from .design import MOE_SETTINGS, Plan, default_paths, default_rows, parse_settings, variant_rows
 from .estimate import estimate, estimate_table
 from .report import write_report
 from .run import commands, run_study
@@ -35,7 +36,7 @@ PROG = "advmoe study frontier"
 # flags a job of --commands repeats (the rest pick its run, or are this call's)
 JOB_FLAGS = ("--preset", "--moe-width", "--epochs", "--train-examples", "--eval-examples", "--autoattack-examples",
              "--data-dir", "--runs", "--results", "--report", "--threads", "--eval-processes", "--set", "--variant",
-             "--repeat")
+             "--repeat", "--curves", "--dense-widths", "--moe-widths", "--experts")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                    help="training settings for every run of this call (TOML values: attack_steps=3); give them a "
                    "--variant name to measure them beside the study's runs")
+    p.add_argument("--curves", action="store_true", help="add the curves' rows: dense PGD-AT at --dense-widths, "
+                   "the MoE method at --moe-widths with each of --experts, and a larger router at the narrowest")
+    p.add_argument("--dense-widths", type=float, nargs="+", default=list(Plan.dense_widths), metavar="W")
+    p.add_argument("--moe-widths", type=float, nargs="+", default=list(Plan.moe_widths), metavar="W")
+    p.add_argument("--experts", type=int, nargs="+", default=list(Plan.experts), metavar="N")
     p.add_argument("--variant", metavar="NAME", help="run the rows as rows of their own, ROW-NAME, trained with "
                    "the --set settings and --epochs")
     return p
@@ -87,11 +93,18 @@ def plan_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tupl
         parser.error(f"--repeat {args.repeat}: give 1, 2, ... to train the runs again (0 is the first runs)")
     if "method" in settings and not args.variant:  # the rows' own methods would win without a word
         parser.error("--set method: another method makes rows of their own; name them with --variant NAME")
+    if args.curves and set(settings) & set(MOE_SETTINGS):  # each curve row sets its own
+        parser.error(f"--set {', '.join(sorted(set(settings) & set(MOE_SETTINGS)))}: the curves' rows set it; "
+                     "choose them with --experts")
+    if min(args.dense_widths + args.moe_widths) <= 0 or min(args.experts) < 2:
+        parser.error("--dense-widths and --moe-widths must be positive, --experts 2 or more")
     where = {"data_dir": args.data_dir} if args.data_dir else {}  # where the data is: no setting of the runs
     plan = Plan(preset=args.preset, moe_width=args.moe_width, epochs=args.epochs, train_examples=args.train_examples,
                 eval_examples=args.eval_examples, autoattack_examples=args.autoattack_examples,
                 select_examples=args.select_examples, seeds=tuple(args.seeds), headline_seeds=tuple(args.headline_seeds),
-                overrides={**settings, **where}, repeat=args.repeat, eval_processes=args.eval_processes)
+                overrides={**settings, **where}, repeat=args.repeat, eval_processes=args.eval_processes,
+                curves=args.curves, dense_widths=tuple(args.dense_widths), moe_widths=tuple(args.moe_widths),
+                experts=tuple(args.experts))
     try:
         rows = default_rows(plan)
         base = resolve(plan.preset, **plan.overrides)

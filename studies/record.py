@@ -63,7 +63,10 @@ class RunResult:
         return cls(**{**doc, "row": Row(**{**row, "seeds": tuple(row["seeds"])})})
 
     def to_json(self) -> dict:
-        return asdict(self)
+        doc = asdict(self)
+        if not doc["row"]["settings"]:  # a row of the plan's settings: files as they were before rows had their own
+            del doc["row"]["settings"]
+        return doc
 
 
 def read(path: Path) -> RunResult:

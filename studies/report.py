@@ -14,6 +14,7 @@ from advmoe.settings import number_text
 from advmoe.stats import mean_std, percent
 
 from .columns import header
+from .curves import regime
 from .design import Plan, default_rows
 from .estimate import study_cost
 from .plot import plot
@@ -67,6 +68,22 @@ def comparisons_table(found: Findings) -> str:
                               for c in found.comparisons])
 
 
+def gaps_table(found: Findings) -> str:
+    headers = ["MoE row", "experts", "router", "MACs per image", "worst case", "dense curve at its MACs", "difference",
+               "spread", "verdict"]
+    return markdown(headers, [[g.row, str(g.experts), g.router, f"{g.macs / 1e6:.2f} M", percent_cell(g.mean),
+                               percent_cell(g.dense), "-" if g.difference is None else f"{100 * g.difference:+.1f}",
+                               "-" if g.dense is None else percent_cell(max(g.spread, g.dense_spread)), g.verdict]
+                              for g in found.gaps])
+
+
+def dense_curves_table(found: Findings) -> str:
+    headers = ["epochs", *(f"{p.macs / 1e6:.2f} M" for p in max(found.dense_curves, key=lambda c: len(c.points)).points)]
+    width = len(headers) - 1
+    return markdown(headers, [[str(c.trained["epochs"]), *(f"{percent_cell(p.mean)} ± {percent_cell(p.spread)}" for p in c.points),
+                               *["-"] * (width - len(c.points))] for c in found.dense_curves])
+
+
 def curves_table(found: Findings) -> str:
     headers = ["row", "validation PGD by epoch (%)", "route-fixed by epoch (%)", "curve", "one-epoch falls of a run",
                "rolled back (collapse guard)"]
@@ -104,6 +121,24 @@ def finding_lines(found: Findings) -> list[str]:
     return lines
 
 
+def against_curve(found: Findings) -> str:
+    """The MoE rows against the dense curve (worst case by MACs, interpolated), where there is one."""
+    if not found.dense_curves:
+        return ""
+    above = regime(found.gaps)
+    return f"""
+## Against the dense curve
+
+Dense PGD-AT's worst case by MACs per image (mean ± std over runs):
+
+{dense_curves_table(found)}
+
+{gaps_table(found)}
+
+Above the dense curve beyond the spread: {'; '.join(above) if above else 'none'}.
+"""
+
+
 def cost_line(cost: dict | None) -> str:
     if not cost:
         return ""
@@ -127,6 +162,8 @@ def summary(grouped: dict[str, list[RunResult]], found: Findings, cost: dict | N
         c.update(difference=found_c.difference, verdict=found_c.verdict)
     for t, found_t in zip(findings["targets"], found.targets):
         t["met"] = found_t.met
+    for g, found_g in zip(findings["gaps"], found.gaps):
+        g.update(difference=found_g.difference, verdict=found_g.verdict)
     return {"rows": rows, "findings": findings, "cost": cost}
 
 
@@ -163,7 +200,7 @@ How to read it: [docs/frontier.md](../docs/frontier.md).
 {comparisons_table(found)}
 
 {chr(10).join('- ' + line for line in finding_lines(found))}
-
+{against_curve(found)}
 ## Validation curves
 
 {curves_table(found)}

@@ -221,7 +221,8 @@ def commands(plan: Plan, rows: list[Row], results: Path, flags: list[str]) -> li
     for row, seed in jobs(rows):
         result = finished(results, row, seed, plan.config(row, seed), plan.repeat)
         if result is None or (row.headline and result.autoattack is None):
-            base = row.key.removesuffix(f"-{row.variant}") if row.variant else row.key
+            # --rows takes a variant row by the key it extends; a curve row's own key names it
+            base = row.key.removesuffix(f"-{row.variant}") if row.variant and not row.settings else row.key
             one = ["--rows", base, "--seeds", str(seed), "--headline-seeds", str(seed)]
             out.append(shlex.join(["advmoe", "study", "frontier", *flags, *one]))
     return out

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from advmoe.stats import mean_std
 from training.methods import METHODS
 
+from .curves import DenseCurve, Gap, dense_curves, gaps
 from .record import RunResult, best_row, router_collapsed, worst
 
 LEVEL_OFF = 0.01  # a last epoch that adds less validation PGD accuracy than this: levelled off
@@ -79,6 +80,8 @@ class Findings:
     masking: list[tuple[str, int, str]] = field(default_factory=list)  # (row, seed, detail): Square beat white-box
     curves: list[Curve] = field(default_factory=list)
     targets: list[Target] = field(default_factory=list)
+    dense_curves: list[DenseCurve] = field(default_factory=list)
+    gaps: list[Gap] = field(default_factory=list)  # every MoE row against the dense curve at its MACs
 
 
 def _mean(runs: list[RunResult], key: str) -> float:
@@ -167,7 +170,8 @@ def falls(runs: list[RunResult]) -> list[tuple[str, int, float, float, float | N
 def verdicts(grouped: dict[str, list[RunResult]]) -> Findings:
     dense = {k: runs for k, runs in grouped.items() if not runs[0].row.is_moe}
     moe = {k: runs for k, runs in grouped.items() if runs[0].row.is_moe}
-    found = Findings(curves=[curve(runs) for runs in grouped.values()])
+    found = Findings(curves=[curve(runs) for runs in grouped.values()], dense_curves=dense_curves(grouped))
+    found.gaps = gaps(grouped, found.dense_curves)
     if not dense or not moe:
         return found
     found.collapsed = {runs[0].row.label: share for runs in moe.values() if (share := router_collapsed(runs))}

@@ -19,16 +19,17 @@ def curve_of(pgd: tuple[float, ...], route_fixed: tuple[float | None, ...] | Non
 
 def planted(key: str, method: str, macs: int, worst: list[float], apgd: list[float], busiest: float = 0.55,
             curve: tuple[float, ...] = (0.6, 0.7, 0.705), width: float = 0.25, variant: str | None = None,
-            epochs: int = 5, model: str | None = None) -> list[RunResult]:
+            epochs: int = 5, model: str | None = None, settings: dict | None = None) -> list[RunResult]:
     """A row's runs, one per worst case in `worst` (seeds 0, 1, ...): clean 83 %, PGD-10 73 %,
     APGD-CE+T from `apgd`; MoE rows (the model moe_resnet18 unless `model` says otherwise) route
     `busiest` of their clean images to one expert and flip 4 % of routes under the router attack."""
     model = model or ("resnet18" if method in ("pgd-at", "trades") else "moe_resnet18")
-    row = Row(key, key, method, model, width, tuple(range(len(worst))), variant=variant)
+    row = Row(key, key, method, model, width, tuple(range(len(worst))), variant=variant, settings=settings or {})
     moe = row.is_moe
     return [RunResult(
         row=row, seed=seed, repeat=0,
-        config=resolve("fmnist-tiny", method=method, model=model, width=width, seed=seed, epochs=epochs).to_dict(),
+        config=resolve("fmnist-tiny", **(settings or {}), method=method, model=model, width=width, seed=seed,
+                       epochs=epochs).to_dict(),
         macs_per_image=macs, checkpoint_sha256=f"{key}-{seed}", examples=1000,
         accuracy={"clean": 0.83, "pgd-10": 0.73, "apgd": a}, worst_case=w, pgd="pgd-10", pgd_minus_worst=0.73 - w,
         sanity_passed=True, sanity_failed=[],

@@ -1,7 +1,8 @@
 """The frontier study's design: the dense widths of its rows, and the settings a call may change."""
 import pytest
 
-from studies.design import WIDTH_STEP, Plan, default_rows, macs_per_image, parse_settings, width_for_macs
+from studies.design import RESULTS, WIDTH_STEP, Plan, default_rows, macs_per_image, parse_settings, width_for_macs
+from studies.run import commands, finished
 from training.config import resolve
 
 
@@ -36,3 +37,35 @@ def test_the_moe_rows_are_labelled_by_their_methods_entry():
 def test_settings_are_read_as_toml_values():
     assert parse_settings(["attack_steps=3", "eps=0.1", "balance=true", 'router="shared"']) == {
         "attack_steps": 3, "eps": 0.1, "balance": True, "router": "shared"}
+
+
+def test_the_curves_add_dense_widths_and_each_moe_width_with_each_number_of_experts_and_router():
+    plan = Plan(curves=True)
+    rows = default_rows(plan)
+    assert len({r.key for r in rows}) == len(rows)
+    dense = sorted(r.width for r in rows if r.method == "pgd-at" and not r.is_moe)
+    assert dense == sorted(plan.dense_widths) and len(dense) >= 6
+    curve = [r for r in rows if r.settings]
+    configs = {r.key: plan.config(r, 0) for r in curve}
+    points = {(r.width, configs[r.key].num_experts, configs[r.key].router_blocks) for r in curve}
+    assert {(w, n, 1) for w in plan.moe_widths for n in plan.experts} | {(min(plan.moe_widths), 2, 2)} == points
+    assert all(c.expert_loss == "ce" and c.attack_steps == 3 and c.method == "advmoe" for c in configs.values())
+    # four experts: the same MACs per image as two (but for the router's output layer); the larger router costs more
+    macs = {(r.width, configs[r.key].num_experts, configs[r.key].router_blocks):
+            macs_per_image(r.model, r.width, configs[r.key]) for r in curve}
+    assert all(macs[w, 4, 1] == pytest.approx(macs[w, 2, 1], rel=1e-3) for w in plan.moe_widths)  # the router's last layer
+    assert macs[0.125, 2, 2] > macs[0.125, 2, 1]
+
+
+def test_the_curves_reuse_the_committed_runs_of_their_settings():
+    """The two-expert row at the study's MoE width is the committed `ce_steps3` row, run for run."""
+    plan = Plan(curves=True)
+    [row] = [r for r in default_rows(plan) if r.key == "advmoe-w0.25-ce_steps3"]
+    assert all(finished(RESULTS, row, seed, plan.config(row, seed)) for seed in plan.seeds)
+
+
+def test_each_job_of_the_curves_selects_its_own_row(tmp_path):
+    plan = Plan(curves=True)
+    rows = default_rows(plan)
+    jobs = commands(plan, [r for r in rows if r.settings], tmp_path, ["--curves"])
+    assert {job.split("--rows ")[1].split()[0] for job in jobs} == {r.key for r in rows if r.settings}

@@ -222,6 +222,8 @@ def test_a_result_file_without_a_later_setting_still_counts_as_finished(study, t
     (["--eval-processes", "0"], "--eval-processes 0: give 1 or more"),
     (["--eval-processes", "2", "--set", 'device="cuda"', "--variant", "gpu"], "--eval-processes shards evaluations over CPU"),
     (["--rows", "nope"], "unknown rows ['nope']"),
+    (["--curves", "--set", "num_experts=4"], "--set num_experts: the curves' rows set it; choose them with --experts"),
+    (["--curves", "--experts", "1"], "--experts 2 or more"),
 ])
 def test_bad_flags_get_one_line_and_exit_code_2(argv, message, capsys):
     with pytest.raises(SystemExit) as e:

@@ -40,3 +40,11 @@ def test_a_file_of_another_shape_is_refused_with_its_name(tmp_path, change, mess
     with pytest.raises(ValueError, match=message):
         read(tmp_path / "bad.json")
     assert isinstance(read(COMMITTED[0]), RunResult)
+
+
+def test_a_row_of_its_own_settings_keeps_them_and_a_plain_row_writes_none(tmp_path):
+    from planted import planted
+    [own] = planted("x4", "advmoe", 10, [0.7], [0.7], settings={"num_experts": 4})
+    write(tmp_path / "x4.json", own)
+    assert read(tmp_path / "x4.json") == own and own.config["num_experts"] == 4
+    assert "settings" not in read(COMMITTED[0]).to_json()["row"]

@@ -1,0 +1,69 @@
+"""The dense curve and each MoE point's distance to it, on planted results: interpolation in log
+MACs, the spread a verdict is weighed against, and which curve a point meets."""
+import math
+
+import pytest
+
+from planted import planted
+from studies.curves import dense_curves, gaps, regime
+from studies.report import against_curve
+from studies.verdicts import verdicts
+
+M = 1_000_000
+
+
+def _dense(epochs: int = 5) -> dict:
+    """A dense curve of three widths: 60 % at 1 M MACs, 70 % at 4 M, 72 % at 16 M (two runs each, 1 point apart)."""
+    widths = {"w1": (0.0625, 1 * M, 0.60), "w2": (0.125, 4 * M, 0.70), "w3": (0.25, 16 * M, 0.72)}
+    return {f"{k}-e{epochs}": planted(f"{k}-e{epochs}", "pgd-at", macs, [mean - 0.005, mean + 0.005], [mean] * 2,
+                                      width=width, epochs=epochs)
+            for k, (width, macs, mean) in widths.items()}
+
+
+def test_the_curve_is_interpolated_in_log_macs_and_is_none_outside_its_range():
+    [curve] = dense_curves(_dense())
+    assert [p.macs for p in curve.points] == [M, 4 * M, 16 * M]
+    mean, spread = curve.at(2 * M)  # half-way from 1 M to 4 M in log MACs
+    assert mean == pytest.approx(0.65) and spread == pytest.approx(0.01 / math.sqrt(2))
+    assert curve.at(8 * M)[0] == pytest.approx(0.71) and curve.at(4 * M)[0] == pytest.approx(0.70)
+    assert curve.at(M // 2) is None and curve.at(17 * M) is None
+
+
+@pytest.mark.parametrize("moe_worst, verdict", [
+    ([0.69, 0.70], "above the dense curve"),  # +4.5 points over 65 %
+    ([0.645, 0.66], "within the spread"),  # +0.25, spread 1.06
+    ([0.60, 0.61], "under the dense curve"),
+    ([0.70], "one run: no spread yet"),
+])
+def test_a_moe_point_is_weighed_against_the_curve_at_its_macs_with_the_larger_spread(moe_worst, verdict):
+    grouped = _dense() | {"moe": planted("moe", "advmoe", 2 * M, moe_worst, moe_worst, settings={"num_experts": 4})}
+    [gap] = gaps(grouped, dense_curves(grouped))
+    assert gap.dense == pytest.approx(0.65) and gap.difference == pytest.approx(sum(moe_worst) / len(moe_worst) - 0.65)
+    assert gap.verdict == verdict and gap.experts == 4 and gap.router == "1x8"
+    assert regime([gap]) == (["moe"] if verdict == "above the dense curve" else [])
+
+
+def test_a_point_meets_the_curve_of_its_own_epochs_and_none_outside_every_curve():
+    grouped = _dense(5) | _dense(10) | {
+        "moe-e10": planted("moe-e10", "advmoe", 2 * M, [0.60, 0.61], [0.6] * 2, epochs=10),
+        "moe-cheap": planted("moe-cheap", "advmoe", M // 2, [0.60, 0.61], [0.6] * 2)}
+    grouped["w2-e10"] = planted("w2-e10", "pgd-at", 4 * M, [0.795, 0.805], [0.8] * 2, width=0.125, epochs=10)
+    found = {g.row: g for g in gaps(grouped, dense_curves(grouped))}
+    assert found["moe-e10"].dense == pytest.approx(0.70)  # the 10-epoch curve: 60 % at 1 M, 80 % at 4 M
+    assert found["moe-cheap"].dense is None and found["moe-cheap"].verdict == "outside the dense curve"
+
+
+def test_dense_rows_of_other_training_or_a_single_width_make_no_curve():
+    grouped = {"a": planted("a", "pgd-at", M, [0.6, 0.61], [0.6] * 2, width=0.0625),
+               "b": planted("b", "pgd-at", 4 * M, [0.7, 0.71], [0.7] * 2, width=0.125, settings={"attack_steps": 5}),
+               "trades": planted("trades", "trades", 4 * M, [0.7, 0.71], [0.7] * 2, width=0.125)}
+    assert dense_curves(grouped) == []
+
+
+def test_the_report_tables_the_curve_and_every_moe_point():
+    grouped = _dense() | {"moe": planted("moe", "advmoe", 2 * M, [0.69, 0.70], [0.7] * 2)}
+    found = verdicts(grouped)
+    text = against_curve(found)
+    assert "| 5 | 60.0 ± 0.7 | 70.0 ± 0.7 | 72.0 ± 0.7 |" in text
+    assert "| moe | 2 | 1x8 | 2.00 M | 69.5 | 65.0 | +4.5 | 0.7 | above the dense curve |" in text
+    assert against_curve(verdicts({"moe": grouped["moe"]})) == ""
