@@ -19,6 +19,7 @@ MATCH = ("dataset", "eps", "epochs", "train_examples")  # a MoE point and its cu
 
 @dataclass
 class Point:
+    key: str
     row: str  # label
     macs: int
     mean: float
@@ -43,6 +44,7 @@ class DenseCurve:
 
 @dataclass
 class Gap:
+    key: str
     row: str
     experts: int
     router: str  # "1x8": blocks per stage x first-stage channels
@@ -71,7 +73,7 @@ class Gap:
 
 def _point(runs: list[RunResult]) -> Point:
     mean, spread = worst(runs)
-    return Point(runs[0].row.label, runs[0].macs_per_image, mean, spread, len(runs))
+    return Point(runs[0].row.key, runs[0].row.label, runs[0].macs_per_image, mean, spread, len(runs))
 
 
 def dense_curves(grouped: dict[str, list[RunResult]]) -> list[DenseCurve]:
@@ -103,7 +105,7 @@ def gaps(grouped: dict[str, list[RunResult]], curves: list[DenseCurve]) -> list[
         config, curve = runs[0].config, _matching(curves, runs)
         at = curve.at(runs[0].macs_per_image) if curve else None
         mean, spread = worst(runs)
-        found.append(Gap(runs[0].row.label, config["num_experts"], f"{config['router_blocks']}x{config['router_width']}",
+        found.append(Gap(runs[0].row.key, runs[0].row.label, config["num_experts"], f"{config['router_blocks']}x{config['router_width']}",
                          runs[0].macs_per_image, mean, spread, len(runs), *(at or (None, None))))
     return sorted(found, key=lambda g: g.macs)
 

@@ -8,6 +8,7 @@ any data set of a preset, read from --data-dir. `advmoe study frontier` runs it 
     nice advmoe study frontier              # run every missing run in turn (resumes)
     advmoe study frontier --report-only     # the report from the result files there are
     advmoe study frontier --curves --plan   # the curves: dense and MoE rows over a range of widths
+    advmoe study frontier --time-rows       # each row's ms per image on its fastest runtime, for the report
     advmoe study frontier --ship checkpoints/fmnist-moe   # the best MoE run, as the model to serve
 
 The design is studies/design.py, the runs studies/run.py, the report studies/report.py.
@@ -28,9 +29,11 @@ from training.config import resolve
 
 from .design import MOE_SETTINGS, Plan, default_paths, default_rows, parse_settings, variant_rows
 from .estimate import estimate, estimate_table
-from .report import write_report
+from .record import load_results
+from .report import speed_path, write_report
 from .run import commands, run_study
 from .ship import ship
+from .speed import time_rows
 
 PROG = "advmoe study frontier"
 # flags a job of --commands repeats (the rest pick its run, or are this call's)
@@ -45,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--plan", action="store_true", help="print the rows and the estimated cost, start nothing")
     what.add_argument("--commands", action="store_true", help="print one command per missing run, start nothing")
     what.add_argument("--report-only", action="store_true", help="write the report from the results there are")
+    what.add_argument("--time-rows", action="store_true", help="time every row that has results: ms per image at "
+                      "batch 1 and 64 on its fastest runtime (on a quiet machine), for the report; trains nothing")
     what.add_argument("--ship", metavar="DEST", help="copy the best MoE run to DEST (e.g. checkpoints/fmnist-moe) with "
                       "its study numbers in metrics.json; trains nothing")
     p.add_argument("--preset", default=Plan.preset)
@@ -152,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.ship:
             ship(results, Path(plan.runs), Path(args.ship), plan=plan)
+        elif args.time_rows:
+            time_rows(load_results(results), plan, speed_path(report))
+            print(write_report(results, report, plan, command) or f"no results in {results}")
         elif args.report_only:
             print(write_report(results, report, plan, command) or f"no results in {results}")
         elif args.commands:

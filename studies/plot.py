@@ -1,30 +1,31 @@
-"""The frontier plot: worst-case robust accuracy against MACs per image, the dense PGD-AT rows as a
-line, each other row its own colour and marker; beside it, validation robustness by epoch. Rows
-at the same MACs (every MoE row of one width) are spread a little sideways so none hides another;
-legends sit outside the axes."""
+"""The frontier plot: worst-case robust accuracy against MACs per image and, where the rows were
+timed (--time-rows), against milliseconds per image at batch 1 and 64; the dense PGD-AT rows as a
+line, each other row its own colour and marker; beside them, validation robustness by epoch. Rows
+at the same cost (every MoE row of one width) are spread a little sideways so none hides another;
+the legend sits below the axes."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from .record import RunResult, worst
+from .speed import Speed
 from .verdicts import mean_curve
 
 MARKERS = "sD^vP*Xh<>p"
-DODGE = 0.012  # sideways spread of rows at one MACs value, as a share of that value
+DODGE = 0.012  # sideways spread of rows at one cost, as a share of that cost
 LINE_STYLES = (("black", "o"), ("0.4", "H"), ("0.65", "8"), ("0.8", "d"))  # the dense line's rows, by MACs
 
 
-def _points(grouped: dict[str, list[RunResult]]) -> list[tuple[str, float, float, float]]:
-    """(label, x in M MACs, mean, std) of every row off the dense line, rows at one MACs value spread."""
-    others = [runs for runs in grouped.values() if not runs[0].row.is_dense_line]
-    by_macs: dict[int, list] = {}
-    for runs in others:
-        by_macs.setdefault(runs[0].macs_per_image, []).append(runs)
+def _points(rows: list[list[RunResult]], cost: Callable[[list[RunResult]], float]) -> list[tuple[str, float, float, float]]:
+    """(label, x, mean, std) of each row, rows at one cost spread sideways."""
+    by_cost: dict[float, list] = {}
+    for runs in rows:
+        by_cost.setdefault(cost(runs), []).append(runs)
     points = []
-    for macs, group in by_macs.items():
+    for x, group in by_cost.items():
         for i, runs in enumerate(group):
-            x = macs / 1e6 * (1 + DODGE * (i - (len(group) - 1) / 2))
-            points.append((runs[0].row.label, x, *worst(runs)))
+            points.append((runs[0].row.label, x * (1 + DODGE * (i - (len(group) - 1) / 2)), *worst(runs)))
     return points
 
 
@@ -37,25 +38,39 @@ def styles(grouped: dict[str, list[RunResult]], colours) -> dict[str, tuple]:
     return found
 
 
-def plot(grouped: dict[str, list[RunResult]], path: Path) -> None:
+def _frontier(axes, grouped: dict[str, list[RunResult]], style: dict, cost: Callable, xlabel: str, title: str) -> None:
+    """Worst case against one cost: the dense line, then every other row as its own point."""
+    dense = sorted((cost(runs), *worst(runs)) for runs in grouped.values() if runs[0].row.is_dense_line)
+    if dense:
+        x, mean, std = zip(*dense)
+        axes.errorbar(x, [100 * v for v in mean], yerr=[100 * s for s in std], fmt="o-", color="black", capsize=3,
+                      label="dense PGD-AT (the line)")
+    others = [runs for runs in grouped.values() if not runs[0].row.is_dense_line]
+    for label, x, mean, std in _points(others, cost):
+        axes.errorbar([x], [100 * mean], yerr=[100 * std], fmt=style[label][1], color=style[label][0], capsize=3,
+                      label=label)
+    axes.set(xlabel=xlabel, ylabel="worst-case robust accuracy (%)", title=title, xscale="log")
+    axes.grid(alpha=0.3, which="both")
+
+
+def plot(grouped: dict[str, list[RunResult]], path: Path, speeds: dict[str, Speed] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (frontier, curves) = plt.subplots(1, 2, figsize=(14, 5.5))
+    speeds = speeds or {}
+    timed = {k: runs for k, runs in grouped.items() if k in speeds}
+    fig, axes = plt.subplots(2, 2, figsize=(14, 10)) if timed else plt.subplots(1, 2, figsize=(14, 5.5))
+    axes = list(axes.flat)
     style = styles(grouped, plt.get_cmap("tab20" if len(grouped) > 10 else "tab10").colors)
-    dense = sorted((runs[0].macs_per_image, *worst(runs)) for runs in grouped.values() if runs[0].row.is_dense_line)
-    if dense:
-        macs, mean, std = zip(*dense)
-        frontier.errorbar([m / 1e6 for m in macs], [100 * v for v in mean], yerr=[100 * s for s in std], fmt="o-",
-                          color="black", capsize=3, label="dense PGD-AT (the line)")
-    for label, x, mean, std in _points(grouped):
-        frontier.errorbar([x], [100 * mean], yerr=[100 * std], fmt=style[label][1], color=style[label][0], capsize=3,
-                          label=label)
-    frontier.set(xlabel="MACs per image (M)", ylabel="worst-case robust accuracy (%)",
-                 title="Robustness against cost (mean ± std over runs)")
-    frontier.grid(alpha=0.3)
+    _frontier(axes[0], grouped, style, lambda runs: runs[0].macs_per_image / 1e6, "MACs per image (M)",
+              "Robustness against MACs (mean ± std over runs)")
+    if timed:
+        for ax, batch in zip(axes[1:3], (1, 64)):
+            _frontier(ax, timed, style, lambda runs, b=batch: speeds[runs[0].row.key].ms_per_image[b],
+                      f"ms per image at batch {batch}, fastest runtime", f"Robustness against time, batch {batch}")
+    curves = axes[-1]
     for runs in grouped.values():
         label = runs[0].row.label
         colour, marker = style[label]
@@ -66,7 +81,7 @@ def plot(grouped: dict[str, list[RunResult]], path: Path) -> None:
     curves.grid(alpha=0.3)
     handles, labels = curves.get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=7, frameon=False)
-    fig.tight_layout(rect=(0, 0.04 + 0.025 * ((len(labels) + 1) // 2), 1, 1))
+    fig.tight_layout(rect=(0, 0.02 + 0.013 * ((len(labels) + 1) // 2) * (2 if not timed else 1), 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110)

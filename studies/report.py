@@ -15,6 +15,7 @@ from advmoe.stats import mean_std, percent
 
 from .columns import header
 from .curves import regime
+from .speed import BATCHES, Speed, read_speeds
 from .design import Plan, default_rows
 from .estimate import study_cost
 from .plot import plot
@@ -68,20 +69,26 @@ def comparisons_table(found: Findings) -> str:
                               for c in found.comparisons])
 
 
-def gaps_table(found: Findings) -> str:
-    headers = ["MoE row", "experts", "router", "MACs per image", "worst case", "dense curve at its MACs", "difference",
-               "spread", "verdict"]
-    return markdown(headers, [[g.row, str(g.experts), g.router, f"{g.macs / 1e6:.2f} M", percent_cell(g.mean),
-                               percent_cell(g.dense), "-" if g.difference is None else f"{100 * g.difference:+.1f}",
+def _ms_cell(speed: Speed | None) -> str:
+    return "-" if speed is None else " / ".join(f"{speed.ms_per_image[b]:.3f}" for b in BATCHES)
+
+
+def gaps_table(found: Findings, speeds: dict[str, Speed]) -> str:
+    headers = ["MoE row", "experts", "router", "MACs per image", f"ms per image, batch {' / '.join(map(str, BATCHES))}",
+               "worst case", "dense curve at its MACs", "difference", "spread", "verdict"]
+    return markdown(headers, [[g.row, str(g.experts), g.router, f"{g.macs / 1e6:.2f} M", _ms_cell(speeds.get(g.key)),
+                               percent_cell(g.mean), percent_cell(g.dense),
+                               "-" if g.difference is None else f"{100 * g.difference:+.1f}",
                                "-" if g.dense is None else percent_cell(max(g.spread, g.dense_spread)), g.verdict]
                               for g in found.gaps])
 
 
-def dense_curves_table(found: Findings) -> str:
-    headers = ["epochs", *(f"{p.macs / 1e6:.2f} M" for p in max(found.dense_curves, key=lambda c: len(c.points)).points)]
-    width = len(headers) - 1
-    return markdown(headers, [[str(c.trained["epochs"]), *(f"{percent_cell(p.mean)} ± {percent_cell(p.spread)}" for p in c.points),
-                               *["-"] * (width - len(c.points))] for c in found.dense_curves])
+def dense_curves_table(found: Findings, speeds: dict[str, Speed]) -> str:
+    headers = ["epochs", "dense row", "MACs per image", f"ms per image, batch {' / '.join(map(str, BATCHES))}",
+               "worst case"]
+    return markdown(headers, [[str(c.trained["epochs"]), p.row, f"{p.macs / 1e6:.2f} M", _ms_cell(speeds.get(p.key)),
+                               f"{percent_cell(p.mean)} ± {percent_cell(p.spread)}"]
+                              for c in found.dense_curves for p in c.points])
 
 
 def curves_table(found: Findings) -> str:
@@ -121,8 +128,10 @@ def finding_lines(found: Findings) -> list[str]:
     return lines
 
 
-def against_curve(found: Findings) -> str:
-    """The MoE rows against the dense curve (worst case by MACs, interpolated), where there is one."""
+def against_curve(found: Findings, speeds: dict[str, Speed] | None = None) -> str:
+    """The MoE rows against the dense curve (worst case by MACs, interpolated), where there is one;
+    with each row's measured speed where `speeds` has it."""
+    speeds = speeds or {}
     if not found.dense_curves:
         return ""
     above = regime(found.gaps)
@@ -131,9 +140,9 @@ def against_curve(found: Findings) -> str:
 
 Dense PGD-AT's worst case by MACs per image (mean ± std over runs):
 
-{dense_curves_table(found)}
+{dense_curves_table(found, speeds)}
 
-{gaps_table(found)}
+{gaps_table(found, speeds)}
 
 Above the dense curve beyond the spread: {'; '.join(above) if above else 'none'}.
 """
@@ -151,7 +160,8 @@ def cost_line(cost: dict | None) -> str:
     return line + "\n"
 
 
-def summary(grouped: dict[str, list[RunResult]], found: Findings, cost: dict | None) -> dict:
+def summary(grouped: dict[str, list[RunResult]], found: Findings, cost: dict | None,
+            speeds: dict[str, Speed] | None = None) -> dict:
     """The report's numbers as JSON: each row's mean and spread, and every finding."""
     rows = {k: {"label": runs[0].row.label, "macs_per_image": runs[0].macs_per_image, "runs": [r.name for r in runs],
                 "worst_case": worst(runs),
@@ -164,7 +174,12 @@ def summary(grouped: dict[str, list[RunResult]], found: Findings, cost: dict | N
         t["met"] = found_t.met
     for g, found_g in zip(findings["gaps"], found.gaps):
         g.update(difference=found_g.difference, verdict=found_g.verdict)
-    return {"rows": rows, "findings": findings, "cost": cost}
+    return {"rows": rows, "findings": findings, "cost": cost, "speeds": {k: vars(v) for k, v in (speeds or {}).items()}}
+
+
+def speed_path(report: Path) -> Path:
+    """Where `--time-rows` records the rows' speeds for `report`."""
+    return report.with_name(f"{report.stem}_speed.json")
 
 
 def write_report(results: Path, report: Path, plan: Plan, command: str | None = None) -> str:
@@ -172,7 +187,8 @@ def write_report(results: Path, report: Path, plan: Plan, command: str | None = 
     if not grouped:
         return ""
     found, cost = verdicts(grouped), study_cost(grouped, default_rows(plan))
-    plot(grouped, report.with_suffix(".png"))
+    speeds = read_speeds(speed_path(report))
+    plot(grouped, report.with_suffix(".png"), speeds)
     first = next(iter(grouped.values()))[0].config
     runs = [r for rs in grouped.values() for r in rs]
     hours = sum(sum(r.seconds.values()) for r in runs) / 3600
@@ -200,11 +216,11 @@ How to read it: [docs/frontier.md](../docs/frontier.md).
 {comparisons_table(found)}
 
 {chr(10).join('- ' + line for line in finding_lines(found))}
-{against_curve(found)}
+{against_curve(found, speeds)}
 ## Validation curves
 
 {curves_table(found)}
 """
-    atomic_write_text(report.with_suffix(".json"), json.dumps(summary(grouped, found, cost), indent=1) + "\n")
+    atomic_write_text(report.with_suffix(".json"), json.dumps(summary(grouped, found, cost, speeds), indent=1) + "\n")
     atomic_write_text(report, text)
     return text

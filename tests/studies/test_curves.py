@@ -7,6 +7,7 @@ import pytest
 from planted import planted
 from studies.curves import dense_curves, gaps, regime
 from studies.report import against_curve
+from studies.speed import Speed
 from studies.verdicts import verdicts
 
 M = 1_000_000
@@ -60,10 +61,28 @@ def test_dense_rows_of_other_training_or_a_single_width_make_no_curve():
     assert dense_curves(grouped) == []
 
 
-def test_the_report_tables_the_curve_and_every_moe_point():
+def test_the_report_tables_the_curve_and_every_moe_point_with_their_speed_where_timed():
     grouped = _dense() | {"moe": planted("moe", "advmoe", 2 * M, [0.69, 0.70], [0.7] * 2)}
-    found = verdicts(grouped)
-    text = against_curve(found)
-    assert "| 5 | 60.0 ± 0.7 | 70.0 ± 0.7 | 72.0 ± 0.7 |" in text
-    assert "| moe | 2 | 1x8 | 2.00 M | 69.5 | 65.0 | +4.5 | 0.7 | above the dense curve |" in text
+    speeds = {"moe": Speed("onnxruntime", {1: 0.25, 64: 0.125}, "trained"),
+              "w1-e5": Speed("torch", {1: 0.2, 64: 0.1}, "fresh")}
+    text = against_curve(verdicts(grouped), speeds)
+    assert "| 5 | w1-e5 | 1.00 M | 0.200 / 0.100 | 60.0 ± 0.7 |" in text
+    assert "| 5 | w2-e5 | 4.00 M | - | 70.0 ± 0.7 |" in text  # not timed
+    assert "| moe | 2 | 1x8 | 2.00 M | 0.250 / 0.125 | 69.5 | 65.0 | +4.5 | 0.7 | above the dense curve |" in text
     assert against_curve(verdicts({"moe": grouped["moe"]})) == ""
+
+
+def test_the_plot_draws_time_panels_only_for_timed_rows(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from studies import plot
+    grouped = _dense() | {"moe": planted("moe", "advmoe", 2 * M, [0.69, 0.70], [0.7] * 2)}
+    panels = []
+    monkeypatch.setattr(plt, "close", lambda fig: panels.append(fig.axes))
+    plot.plot(grouped, tmp_path / "a.png")
+    plot.plot(grouped, tmp_path / "b.png", {"moe": Speed("onnxruntime", {1: 0.25, 64: 0.125}, "trained"),
+                                            "w1-e5": Speed("torch", {1: 0.2, 64: 0.1}, "fresh")})
+    assert [len(p) for p in panels] == [2, 4]
+    time_panel = panels[1][1]
+    drawn = sorted(x for bars in time_panel.containers for x in bars.lines[0].get_xdata())
+    assert drawn == pytest.approx([0.2, 0.25])  # the timed dense row and the MoE row

@@ -1,0 +1,19 @@
+"""Each row's speed, as `advmoe export` times it: the row's trained checkpoint when its run folder is
+there, its architecture with fresh weights otherwise; the report reads what was recorded."""
+from dataclasses import replace
+
+from studies.record import load_results
+from studies.speed import BATCHES, read_speeds, time_rows
+
+
+def test_rows_are_timed_on_their_checkpoint_or_their_architecture_and_recorded(study, tmp_path):
+    grouped = load_results(study.root / "results")
+    elsewhere = replace(study.plan, runs=str(tmp_path / "gone"))  # run folders gone: fresh weights
+    trained = time_rows({"advmoe-tiny": grouped["advmoe-tiny"]}, study.plan, tmp_path / "a.json", rounds=1,
+                        log=lambda *a: None)
+    fresh = time_rows(grouped, elsewhere, tmp_path / "b.json", rounds=1, log=lambda *a: None)
+    assert trained["advmoe-tiny"].weights == "trained" and {s.weights for s in fresh.values()} == {"fresh"}
+    for speed in [*trained.values(), *fresh.values()]:
+        assert speed.runtime in ("onnxruntime", "torch", "pt2")
+        assert set(speed.ms_per_image) == set(BATCHES) and all(ms > 0 for ms in speed.ms_per_image.values())
+    assert read_speeds(tmp_path / "b.json") == fresh and read_speeds(tmp_path / "none.json") == {}
