@@ -77,7 +77,12 @@ class ModelCard:
     pgd_accuracy: float | None = _entry(_number, None)  # under the attack `pgd` describes
     pgd: str | None = _entry(_text, None)  # e.g. "PGD-10 linf eps=0.1 step=0.025 through the straight-through router"
     robust_accuracy: float | None = _entry(_number, None)  # worst case per example over `advmoe eval`'s attacks
+    robust_examples: int | None = _entry(_integer, None)  # test images the worst case is over
     autoattack_accuracy: float | None = _entry(_number, None)
+    autoattack_examples: int | None = _entry(_integer, None)
+    # The study's dense PGD-AT curve at this model's MACs per image (interpolated): the worst case a
+    # dense model of the same cost reached, i.e. what choosing this model gains or gives up.
+    dense_robust_accuracy: float | None = _entry(_number, None)
     # Share of inputs whose route an attack changes: the PGD above, or metrics.json's route_flip_attack.
     route_flip_rate: float | None = _entry(_number, None)
     macs_per_image: int | None = _entry(_integer, None)  # multiply-accumulates per input, sparse path
@@ -115,7 +120,10 @@ class ModelCard:
             "pgd_accuracy": metrics.get("pgd_accuracy"),
             "pgd": metrics.get("test_pgd") or metrics.get("pgd"),
             "robust_accuracy": metrics.get("robust_accuracy"),
+            "robust_examples": metrics.get("robust_examples"),
             "autoattack_accuracy": metrics.get("autoattack_accuracy"),
+            "autoattack_examples": metrics.get("autoattack_examples"),
+            "dense_robust_accuracy": metrics.get("dense_robust_accuracy"),
             "route_flip_rate": metrics.get("route_flip_rate", metrics.get("test_route_flip_rate")),
             "macs_per_image": metrics.get("macs_per_image"),
             "advmoe_version": config.get("advmoe_version"),

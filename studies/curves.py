@@ -110,6 +110,21 @@ def gaps(grouped: dict[str, list[RunResult]], curves: list[DenseCurve]) -> list[
     return sorted(found, key=lambda g: g.macs)
 
 
+NEAR = 0.15  # a dense row within this share of a MoE row's MACs stands for the curve where there is none
+
+
+def dense_at(grouped: dict[str, list[RunResult]], key: str) -> float | None:
+    """The dense worst case at MoE row `key`'s MACs: its dense curve there, or, where no curve spans
+    its MACs, the mean of the dense PGD-AT row trained alike nearest in MACs within NEAR of them."""
+    gap = next((g for g in gaps(grouped, dense_curves(grouped)) if g.key == key), None)
+    if gap and gap.dense is not None:
+        return gap.dense
+    macs = grouped[key][0].macs_per_image
+    near = [runs for runs in grouped.values() if not runs[0].row.is_moe and runs[0].row.method == "pgd-at"
+            and _trained(runs) == _trained(grouped[key]) and abs(runs[0].macs_per_image / macs - 1) <= NEAR]
+    return worst(min(near, key=lambda runs: abs(runs[0].macs_per_image - macs)))[0] if near else None
+
+
 def regime(found: list[Gap]) -> list[str]:
     """The MoE points above the dense curve beyond the spread: where a mixture of experts pays."""
     return [g.row for g in found if g.verdict == "above the dense curve"]

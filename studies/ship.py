@@ -13,6 +13,7 @@ from evaluation.cache import file_sha256
 from training.config import resolve
 from training.trainer import COLLAPSE_SHARE
 
+from .curves import dense_at
 from .design import Plan, macs_per_image
 from .record import RunResult, best_row, load_results, router_collapsed
 from .run import evaluate, main_attacks
@@ -55,8 +56,8 @@ def evaluated_weights(result: RunResult, best: Path, key: str) -> str:
     return measured
 
 
-def card_values(result: RunResult, digest: str, validation: dict[str, dict]) -> dict:
-    """What the shipped model's metrics.json gets from the study."""
+def card_values(result: RunResult, digest: str, validation: dict[str, dict], dense: float | None = None) -> dict:
+    """What the shipped model's metrics.json gets from the study; `dense`: the dense worst case at its MACs."""
     chosen = validation[result.name]
     values = {"clean_accuracy": result.accuracy["clean"], "robust_accuracy": result.worst_case,
               "robust_examples": result.examples,  # "robust" is the worst case over the others, not an attack
@@ -65,7 +66,8 @@ def card_values(result: RunResult, digest: str, validation: dict[str, dict]) -> 
               "study_run": result.name, "study_checkpoint_sha256": digest,
               "selected_on": "validation worst case", "validation_robust_accuracy": chosen["robust_accuracy"],
               "validation_examples": chosen["examples"],
-              "validation_robust_accuracy_by_run": {run: v["robust_accuracy"] for run, v in validation.items()}}
+              "validation_robust_accuracy_by_run": {run: v["robust_accuracy"] for run, v in validation.items()},
+              "dense_robust_accuracy": dense}
     if result.autoattack:
         values |= {"autoattack_accuracy": result.autoattack["accuracy"], "autoattack_examples": result.autoattack["examples"]}
     return values
@@ -108,7 +110,7 @@ def ship(results: Path, runs: Path, dest: Path, log=print, plan: Plan | None = N
         log(f"{key} seed {r.run_label}: validation worst case {100 * validation[r.name]['robust_accuracy']:.1f} % "
             f"on {validation[r.name]['examples']} held-out images")
     result = max(at_hand, key=lambda r: validation[r.name]["robust_accuracy"])
-    values = card_values(result, digests[result.name], validation)
+    values = card_values(result, digests[result.name], validation, dense_at(grouped, key))
     with atomic_directory(dest, may_replace=is_checkpoint) as tmp:  # dest appears whole, numbers included
         # copies dated now, not the run's: `make run` exports again only when the weights are newer
         # than its last export, which may be of the model shipped before

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from planted import planted
-from studies.curves import dense_curves, gaps, regime
+from studies.curves import dense_at, dense_curves, gaps, regime
 from studies.report import against_curve
 from studies.speed import Speed
 from studies.verdicts import verdicts
@@ -86,3 +86,14 @@ def test_the_plot_draws_time_panels_only_for_timed_rows(tmp_path, monkeypatch):
     time_panel = panels[1][1]
     drawn = sorted(x for bars in time_panel.containers for x in bars.lines[0].get_xdata())
     assert drawn == pytest.approx([0.2, 0.25])  # the timed dense row and the MoE row
+
+
+def test_the_dense_worst_case_at_a_moe_rows_macs_is_the_curve_or_the_nearest_dense_row_alike():
+    grouped = _dense() | {"moe": planted("moe", "advmoe", 2 * M, [0.69, 0.70], [0.7] * 2),
+                          "moe-e10": planted("moe-e10", "advmoe", 11 * M, [0.69, 0.70], [0.7] * 2, epochs=10),
+                          "far-e10": planted("far-e10", "advmoe", 30 * M, [0.69, 0.70], [0.7] * 2, epochs=10),
+                          "dense-e10": planted("dense-e10", "pgd-at", 12 * M, [0.72, 0.73], [0.7] * 2, epochs=10,
+                                               variant="e10")}
+    assert dense_at(grouped, "moe") == pytest.approx(0.65)  # the 5-epoch curve
+    assert dense_at(grouped, "moe-e10") == pytest.approx(0.725)  # no 10-epoch curve: the dense row 9 % dearer
+    assert dense_at(grouped, "far-e10") is None

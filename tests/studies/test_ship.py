@@ -14,6 +14,7 @@ import advmoe.checkpoint
 from advmoe.checkpoint import read_metrics
 from evaluation.cache import file_sha256
 from studies import record, ship
+from studies.curves import dense_at
 from studies.design import RESULTS, macs_per_image, run_name
 from studies.record import read
 from studies.run import MAIN_ATTACKS
@@ -56,6 +57,8 @@ def test_ship_copies_the_best_moe_run_with_its_study_numbers(study, tmp_path, sh
     assert (chosen["split"], chosen["examples"], chosen["attacks_run"]) == ("val", 6, list(MAIN_ATTACKS))
     assert metrics["selected_on"] == "validation worst case"
     assert metrics["validation_robust_accuracy"] == chosen["robust_accuracy"] and metrics["validation_examples"] == 6
+    # what a dense model of its cost reached, from the same results
+    assert card.dense_robust_accuracy == dense_at(record.load_results(study.root / "results"), "advmoe-tiny")
 
 
 @pytest.mark.parametrize("other", [dict(seed=1), dict(seed=0, repeat=1)], ids=["seed", "repeat"])
