@@ -29,12 +29,13 @@ class RouterBlock(nn.Module):
 
 class ResNetRouter(nn.Module):
     """CIFAR ResNet with stage widths (w, 2w, 4w) and `blocks` blocks per stage, ending in a
-    linear map to one logit per expert. blocks=3, width=16 is ResNet-20, the reference router."""
+    linear map to one logit per expert. blocks=3, width=16 is ResNet-20, the reference router;
+    stride=2 makes its first conv strided, so the router sees the image at half resolution."""
 
-    def __init__(self, in_channels: int, num_experts: int, width: int = 16, blocks: int = 3):
+    def __init__(self, in_channels: int, num_experts: int, width: int = 16, blocks: int = 3, stride: int = 1):
         super().__init__()
         widths = (width, 2 * width, 4 * width)
-        self.stem = ConvNorm2d(in_channels, width, 3, 1)
+        self.stem = ConvNorm2d(in_channels, width, 3, stride)
         layers, channels = [], width
         for stage, out_channels in enumerate(widths):
             for i in range(blocks):

@@ -1,14 +1,19 @@
-"""Where a sparse forward spends its time: torch's profiler, operator by operator, for a
-checkpoint's MoE model in sparse execution next to its dense twin.
+"""Where a sparse forward spends its time: torch's profiler (or onnxruntime's), operator by
+operator, for a checkpoint's MoE model in sparse execution next to its dense twin.
 
     python -m benchmarks.profile_sparse                   # or: advmoe bench profile
     python -m benchmarks.profile_sparse --checkpoint checkpoints/fmnist-moe --batch-sizes 1 64 --threads 2
+    python -m benchmarks.profile_sparse --runtime onnxruntime --threads 1   # as the service runs it
 
 The twin is the same architecture dense at the same width (`advmoe.create_model` of
 `advmoe.dense_twin`), untrained, with BatchNorm calibrated on the inputs and prepared for inference
 as the project prepares dense models (`set_execution(..., "sparse")`: BatchNorm folded,
 channels_last), as in benchmarks/bench_sparse.py. Inputs: the checkpoint's dataset's test images
 when they are on this machine (so the router splits them as in service), uniform noise otherwise.
+
+With `--runtime onnxruntime` both models are exported as `advmoe export` exports them and run in
+the project's onnxruntime session; its profiler gives each operator type's kernel time and calls
+per run (after onnxruntime's graph fusions: a Conv there may hold its ReLU and Add).
 
 Per batch size it prints the wall time per forward (no profiler; median of interleaved rounds),
 the self CPU time of all operators under the profiler, the operator calls per forward (every operator the profiler records, nested ones included), and a
@@ -18,8 +23,11 @@ forward, side by side.
 from __future__ import annotations
 
 import argparse
+import collections
+import json
 import platform
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +37,8 @@ from torch.profiler import ProfilerActivity, profile
 import advmoe
 from advmoe.calibrate import calibrate_batchnorm
 from advmoe.card import read_card
+from advmoe.runtimes import onnx_session
+from export.graph import export_onnx
 from export.timing import timing_inputs
 
 from .bench_sparse import time_interleaved
@@ -71,21 +81,69 @@ def profile_model(model: torch.nn.Module, x: torch.Tensor, calls: int) -> tuple[
     return sum(n for _, n in operators.values()), operators
 
 
-def run(checkpoint: str | Path = CHECKPOINT, batch_sizes=(1, 64), calls: int = 20, rounds: int = 7) -> dict:
+class OnnxModel:
+    """A model exported to ONNX in `folder` and run in the project's onnxruntime session (one per
+    call of `session`: profiling is a session option)."""
+
+    def __init__(self, model: torch.nn.Module, folder: Path, threads: int):
+        folder.mkdir(parents=True)
+        advmoe.set_execution(model, "sparse", channels_last=False)  # NCHW, as `advmoe export` exports
+        self.path, self.threads = export_onnx(model, folder / "model.onnx"), threads
+        self.plain = onnx_session(self.path, threads)
+
+    def __call__(self, x: torch.Tensor):
+        return self.plain.run(None, {self.plain.get_inputs()[0].name: x.numpy()})
+
+
+def profile_onnx(model: OnnxModel, x: torch.Tensor, calls: int) -> tuple[float, dict[str, tuple[float, float]]]:
+    """(kernel calls per run, {operator type: (kernel ms, calls) per run}) from onnxruntime's profiler."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = model.threads, 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as onnx_session sets it
+    options.enable_profiling = True
+    with tempfile.TemporaryDirectory() as folder:
+        options.profile_file_prefix = str(Path(folder) / "ort")
+        session = ort.InferenceSession(str(model.path), options, providers=["CPUExecutionProvider"])
+        feed = {session.get_inputs()[0].name: x.numpy()}
+        session.run(None, feed)  # warm-up, profiled too: subtracted below
+        for _ in range(calls):
+            session.run(None, feed)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    runs = [e for e in events if e.get("name") == "model_run"]
+    kernels = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    per_run = len(kernels) / len(runs)  # every run launches the same kernels
+    kernels = kernels[round(per_run):]  # the warm-up's
+    operators = collections.defaultdict(lambda: [0.0, 0])
+    for e in kernels:
+        operators[e["args"]["op_name"]][0] += e["dur"] / 1e3
+        operators[e["args"]["op_name"]][1] += 1
+    return per_run, {op: (ms / calls, n / calls) for op, (ms, n) in operators.items()}
+
+
+def run(checkpoint: str | Path = CHECKPOINT, batch_sizes=(1, 64), calls: int = 20, rounds: int = 7,
+        runtime: str = "torch") -> dict:
     """{batch: {model: Profile}}."""
     card = read_card(checkpoint)
     pool, inputs = timing_inputs(card, max(batch_sizes))
     pool = torch.from_numpy(pool)
     built = models(checkpoint, pool)
     print(f"# inputs: {inputs}", flush=True)
-    found = {}
-    for batch in batch_sizes:
-        x = pool[:batch]
-        wall = time_interleaved(built, x, rounds, max(1, calls // batch))
-        found[batch] = {}
-        for name, model in built.items():
-            per_forward, operators = profile_model(model, x, calls)
-            found[batch][name] = Profile(wall[name], per_forward, operators)
+    with tempfile.TemporaryDirectory() as scratch:
+        if runtime == "onnxruntime":
+            built = {name: OnnxModel(model, Path(scratch, str(i)), torch.get_num_threads())
+                     for i, (name, model) in enumerate(built.items())}
+        profiler = profile_onnx if runtime == "onnxruntime" else profile_model
+        found = {}
+        for batch in batch_sizes:
+            x = pool[:batch]
+            with torch.inference_mode():
+                wall = time_interleaved(built, x, rounds, max(1, calls // batch))
+            found[batch] = {}
+            for name, model in built.items():
+                per_forward, operators = profiler(model, x, calls)
+                found[batch][name] = Profile(wall[name], per_forward, operators)
     return found
 
 
@@ -123,7 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=20, help="forwards profiled per model and batch")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds of the wall time (median taken)")
     parser.add_argument("--top", type=int, default=15, help="operators listed per batch")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's); "
+                        "onnxruntime gets as many")
+    parser.add_argument("--runtime", choices=("torch", "onnxruntime"), default="torch",
+                        help="eager torch in sparse execution, or the ONNX export in onnxruntime (the service's)")
     args = parser.parse_args(argv)
     if min(args.batch_sizes + [args.calls, args.rounds, args.top]) < 1:
         parser.error("--batch-sizes, --calls, --rounds and --top must be positive")
@@ -132,9 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"# advmoe {advmoe.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{platform.processor() or platform.machine()}, {args.checkpoint}, {args.calls} profiled calls, "
+          f"{platform.processor() or platform.machine()}, {args.checkpoint}, {args.runtime}, {args.calls} profiled calls, "
           f"{args.rounds} rounds", flush=True)
-    found = run(args.checkpoint, tuple(args.batch_sizes), args.calls, args.rounds)
+    found = run(args.checkpoint, tuple(args.batch_sizes), args.calls, args.rounds, args.runtime)
     print("\n".join(report(found, args.top)))
     return 0
 

@@ -66,6 +66,8 @@ class TrainConfig:
     router: str = setting("shared", "who decides the route", choices=ROUTERS)
     router_blocks: int = setting(3, "basic blocks per stage of the shared router CNN (3: a ResNet-20)")
     router_width: int = setting(16, "channels of the shared router's first stage")
+    router_stride: int = setting(1, "stride of the shared router's first conv (2: the router runs at half "
+                                    "resolution, a quarter of its MACs)")
     top_k: int = setting(1, "experts each sample runs through")
     gate_grad: str = setting("softmax", "where the straight-through gate sends the gradient (top-1); this is also "
                                         "what attacks through the router see", choices=GATE_GRADS)
@@ -120,7 +122,8 @@ class TrainConfig:
                       mean=info.mean, std=info.std, width=self.width)
         if self.is_moe:
             kwargs.update(num_experts=self.num_experts, expert_ratio=self.expert_ratio, router=self.router,
-                          router_blocks=self.router_blocks, router_width=self.router_width, top_k=self.top_k,
+                          router_blocks=self.router_blocks, router_width=self.router_width,
+                          router_stride=self.router_stride, top_k=self.top_k,
                           gate_grad=self.gate_grad)
         return kwargs
 

@@ -28,6 +28,9 @@ class ModelConfig:
     top_k: int = 1
     router_width: int = 16
     router_blocks: int = 3  # blocks per stage of the shared router: 3 = ResNet-20 (reference)
+    # stride of the shared router's first conv: 2 runs the router on a quarter of the pixels. Its
+    # narrow convs at full resolution were a quarter of the shipped model's time (docs/sparse.md).
+    router_stride: int = 1
     gate_grad: str = "softmax"  # where the straight-through gradient goes (gate.GATE_GRADS); top-1 only
     mean: tuple[float, ...] = (0.5,)
     std: tuple[float, ...] = (0.5,)
@@ -66,8 +69,8 @@ class ModelConfig:
                 bad(f"router={self.router!r}; choose one of {tuple(ROUTERS)}")
             if not 1 <= self.top_k <= self.num_experts:
                 bad(f"top_k={self.top_k} must be between 1 and num_experts={self.num_experts}")
-            if self.router_width < 1 or self.router_blocks < 1:
-                bad("router_width and router_blocks must be >= 1")
+            if self.router_width < 1 or self.router_blocks < 1 or self.router_stride not in (1, 2):
+                bad("router_width and router_blocks must be >= 1, router_stride 1 or 2")
             if self.gate_grad not in GATE_GRADS:
                 bad(f"gate_grad={self.gate_grad!r}; choose one of {tuple(GATE_GRADS)}")
         elif self.expert_ratio != 1:
@@ -97,7 +100,7 @@ class MoENet(nn.Module):
         self.normalize = Normalize(_per_channel(cfg.mean, channels), _per_channel(cfg.std, channels))
         self.router = None
         if cfg.is_moe and cfg.router == "shared":
-            self.router = ResNetRouter(channels, cfg.num_experts, cfg.router_width, cfg.router_blocks)
+            self.router = ResNetRouter(channels, cfg.num_experts, cfg.router_width, cfg.router_blocks, cfg.router_stride)
         self.execution = "masked"
         # Masked execution computes only the chosen experts when gradients flow and need no
         # other (`needs_every_expert`); False computes every expert always (benchmarks, tests).

@@ -77,3 +77,26 @@ def test_masked_execution_computes_every_expert():
 def test_count_macs_checks_the_channels():
     with pytest.raises(ValueError, match="1 channels; the model takes 3"):
         advmoe.count_macs(small_model("resnet18"), (1, 32, 32))
+
+
+def test_a_strided_router_costs_a_quarter_and_is_counted_as_it_runs():
+    """router_stride=2 runs the shared router at half resolution: its MACs fall to about a quarter,
+    counted as they run, and sparse execution still equals masked execution."""
+    models = {}
+    for stride in (1, 2):
+        torch.manual_seed(0)
+        models[stride] = small_model("moe_resnet18", "shared", in_channels=1, image_size=28, router_blocks=1,
+                                     router_width=8, router_stride=stride).eval()
+    x = torch.rand(8, 1, 28, 28)
+    router = {s: m.router.macs(28, 28) for s, m in models.items()}
+    assert 0.2 < router[2] / router[1] < 0.3
+    total = {s: advmoe.count_macs(m, (1, 28, 28)) for s, m in models.items()}
+    assert total[1] - total[2] == router[1] - router[2]
+    with torch.no_grad():
+        masked = models[2](x)
+    advmoe.set_execution(models[2], "sparse")
+    assert measure_macs(models[2], x) == total[2] == hook_macs(models[2], x)
+    with torch.no_grad():
+        torch.testing.assert_close(models[2](x), masked, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="router_stride 1 or 2"):
+        small_model("moe_resnet18", "shared", router_stride=3)
