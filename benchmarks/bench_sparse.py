@@ -2,6 +2,7 @@
 
     python -m benchmarks.bench_sparse            # or: advmoe bench sparse
     python -m benchmarks.bench_sparse --archs resnet18 --batch-sizes 1 64 --json out.json
+    python -m benchmarks.bench_sparse --checkpoint checkpoints/fmnist-moe   # a trained model (shipped_speed.py)
 
 For each architecture and router, the three models are timed in interleaved rounds (so that
 a noisy machine slows them alike), and the table prints milliseconds per batch (median over
@@ -19,6 +20,7 @@ import platform
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -144,7 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--router-blocks", type=int, default=3, help="blocks per stage of the shared router")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    parser.add_argument("--checkpoint", help="instead: this trained MoE checkpoint against its dense twin and the dense "
+                        "model of its MACs, each exported and on its fastest runtime (--threads: 1 by default, as a "
+                        "service worker; --rounds, --batch-sizes and --json apply)")
     args = parse(parser, argv)
+    if args.checkpoint:
+        return _checkpoint(args, parser)
     if problem := unavailable(args.device):
         parser.error(problem)
     if args.threads:
@@ -158,6 +165,24 @@ def main(argv: list[str] | None = None) -> int:
                args.router_blocks, args.rounds, args.device)
     if args.json:
         atomic_write_text(args.json, json.dumps(rows, indent=2))
+    return 0
+
+
+def _checkpoint(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .shipped_speed import report, run as run_checkpoint
+
+    if not (Path(args.checkpoint) / "config.json").is_file():
+        parser.error(f"--checkpoint {args.checkpoint}: no checkpoint there (config.json missing)")
+    if not advmoe.load_checkpoint(args.checkpoint).cfg.is_moe:
+        parser.error(f"--checkpoint {args.checkpoint}: a dense model; give a MoE checkpoint")
+    threads = args.threads or 1
+    print(f"# advmoe {advmoe.__version__}, torch {torch.__version__}, {threads} thread(s), "
+          f"{platform.processor() or platform.machine()}, {args.checkpoint}, {args.rounds} rounds\n", flush=True)
+    result = run_checkpoint(args.checkpoint, tuple(args.batch_sizes), args.rounds, threads)
+    print(f"inputs: {result['inputs']}\n")
+    print("\n".join(report(result)))
+    if args.json:
+        atomic_write_text(args.json, json.dumps(result, indent=2))
     return 0
 
 

@@ -2,7 +2,9 @@
 printed ratios (docs/sparse.md), never asserted on time here."""
 import json
 
+import advmoe
 from benchmarks import bench_sparse
+from helpers import fmnist_moe_checkpoint
 
 
 def test_run_reports_every_model_and_batch():
@@ -24,3 +26,28 @@ def test_main_prints_a_table_and_writes_json(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| moe_vgg16 | per_layer | 2 |" in printed
     assert json.loads(out.read_text())[0]["arch"] == "vgg16"
+
+
+def test_a_checkpoint_is_timed_against_its_twin_and_the_dense_model_of_its_macs(tmp_path, capsys):
+    from benchmarks.shipped_speed import WIDTH_STEP, dense_args, run
+
+    checkpoint = fmnist_moe_checkpoint(tmp_path)
+    result = run(checkpoint, batch_sizes=(1, 4), rounds=1)
+    moe, twin, equal = result["models"].values()
+    names = list(result["models"])
+    assert names[:2] == ["sparse MoE", "dense twin (width 0.0625)"] and names[2].startswith("dense, its MACs (width ")
+    assert twin["macs"] > moe["macs"] and equal["macs"] >= moe["macs"]
+    arch, args = dense_args(checkpoint)
+    narrower = advmoe.create_model(arch, **{**args, "width": equal_width(result) - WIDTH_STEP})
+    assert advmoe.count_macs(narrower, (1, 28, 28)) < moe["macs"]  # the narrowest dense model of at least its MACs
+    for m in result["models"].values():
+        assert {"onnxruntime", "torch", "pt2"} == set(m["ms"]) and m["runtime"] in m["ms"]
+        assert all(len(ms) == 2 and min(ms) > 0 for ms in m["ms"].values())
+    assert bench_sparse.main(["--checkpoint", str(checkpoint), "--batch-sizes", "1", "--rounds", "1",
+                              "--json", str(tmp_path / "r.json")]) == 0
+    out = capsys.readouterr().out
+    assert "| dense twin (width 0.0625) |" in out and json.loads((tmp_path / "r.json").read_text())["batches"] == [1]
+
+
+def equal_width(result) -> float:
+    return float(list(result["models"])[2].split("width ")[1].rstrip(")"))
