@@ -16,6 +16,10 @@ HELP = ("robustness of a checkpoint: PGD, AutoAttack, route-fixed and router att
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="checkpoint directory (config.json + model.safetensors)")
     parser.add_argument("--n-examples", type=int, default=1000, help="the first N images of the split (default 1000)")
+    parser.add_argument("--draw-seed", type=int, help="take the split's images in an order drawn at random with this "
+                        "seed (the same every run) instead of the split's own")
+    parser.add_argument("--start", type=int, default=0, help="skip the first START images of that order: evaluate "
+                        "images [START, START + N) (a large evaluation in parts)")
     parser.add_argument("--split", choices=("test", "val"), default="test",
                         help="test (default), or val: the validation images the checkpoint's training held out, "
                              "to choose between checkpoints without looking at the test set")
@@ -42,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         del settings["attacks"]  # the default: every attack
     document = evaluate_checkpoint(args.checkpoint, dataset=args.dataset, data_dir=args.data_dir,
                                    n_examples=args.n_examples, out=args.out, eps=args.eps, device=args.device,
-                                   split=args.split, **settings)
+                                   split=args.split, draw_seed=args.draw_seed, start=args.start, **settings)
     if document is not None:  # rank 0 (or the only process)
         print(summary(document))
         print(f"wrote {args.out or args.checkpoint}/eval.json and eval.md")

@@ -82,9 +82,12 @@ class EvalSettings:
 def evaluate_checkpoint(checkpoint: str | os.PathLike, dataset: str | None = None, data_dir: str | None = None,
                         n_examples: int = 1000, out: str | os.PathLike | None = None, eps: float | None = None,
                         progress: bool | None = None, device: str = "cpu", split: str = "test",
-                        **settings) -> dict | None:
+                        draw_seed: int | None = None, start: int = 0, **settings) -> dict | None:
     """Evaluate a checkpoint directory on the first `n_examples` test images of its dataset and
     write eval.json and eval.md (atomically) to `out` (default: the checkpoint directory).
+    draw_seed: take the images in an order drawn at random with this seed instead of the split's
+    own (a slice from the start of a test set can mislead); start: skip that many images of the
+    order first, so that a large evaluation can run in parts (images [start, start + n_examples)).
     eps: linf budget in [0, 1] pixels (default: the checkpoint's training eps, else 8/255).
     split: "test", or "val" for the validation images its own training run held out (to choose
     between checkpoints without looking at the test set).
@@ -98,8 +101,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, dataset: str | None = Non
     eps, eps_source = _eps(config, eps)
     s = EvalSettings(eps=eps, **settings)
     s.validate()  # before any slow work
-    if n_examples < 1:
-        raise ConfigError(f"n-examples must be >= 1, got {n_examples}")
+    if n_examples < 1 or start < 0:
+        raise ConfigError(f"n-examples must be >= 1 and start >= 0, got {n_examples} and {start}")
     held_out = _held_out(checkpoint, config, split)  # before any slow work
     if problem := unavailable(device):
         raise ConfigError(problem)
@@ -109,7 +112,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, dataset: str | None = Non
         if started_group and device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         model = _load_model(checkpoint, dataset, info, device)
-        x, y = _first_examples(dataset, split, data_dir, held_out, n_examples)
+        x, y = _examples(dataset, split, data_dir, held_out, n_examples, draw_seed, start)
         result = evaluate_model(model, x, y, s, progress)
     finally:
         leave_group(started_group)
@@ -117,7 +120,11 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, dataset: str | None = Non
         return None
     document = {"checkpoint": str(checkpoint), "checkpoint_sha256": file_sha256(checkpoint / WEIGHTS),
                 "architecture": config["architecture"], "training_method": (config.get("training") or {}).get("method"),
-                "dataset": dataset, "split": split, "first_examples": len(y), "eps_source": eps_source, **result}
+                "dataset": dataset, "split": split, "eps_source": eps_source,
+                **({"first_examples": len(y)} if draw_seed is None and not start
+                   else {"images": {"order": "split" if draw_seed is None else "drawn", "draw_seed": draw_seed,
+                                    "start": start, "count": len(y)}}),
+                **result}
     out = Path(out) if out is not None else checkpoint
     atomic_write_text(out / "eval.json", json.dumps(document, indent=1) + "\n")
     atomic_write_text(out / "eval.md", summary(document))
@@ -157,10 +164,17 @@ def _load_model(checkpoint: Path, dataset: str, info, device: torch.device) -> n
     return model
 
 
-def _first_examples(dataset: str, split: str, data_dir: str | None, held_out: dict, n: int) -> tuple[Tensor, Tensor]:
-    """The first n images of the split (all of them if it has fewer) and their labels."""
+def _examples(dataset: str, split: str, data_dir: str | None, held_out: dict, n: int,
+              draw_seed: int | None = None, start: int = 0) -> tuple[Tensor, Tensor]:
+    """Images [start, start + n) of the split's order (as many as there are), or of an order drawn
+    at random with `draw_seed`, and their labels."""
     data = advmoe.load_dataset(dataset, split, data_dir, **held_out)
-    items = [data[i] for i in range(min(n, len(data)))]
+    order = (range(len(data)) if draw_seed is None
+             else torch.randperm(len(data), generator=torch.Generator().manual_seed(draw_seed)).tolist())
+    indices = order[start:start + n]
+    if not len(indices):
+        raise ConfigError(f"start={start}: the {split} split has only {len(data)} images")
+    items = [data[i] for i in indices]
     return torch.stack([item[0] for item in items]), torch.tensor([item[1] for item in items])
 
 

@@ -13,7 +13,11 @@ def label(name: str) -> str:
 def summary(doc: dict) -> str:
     where = f"`{doc['checkpoint']}` " if "checkpoint" in doc else ""
     images = "validation images its training held out" if doc.get("split") == "val" else "test images"
-    data = f"the first {doc['examples']} {doc['dataset']} {images}" if "dataset" in doc else f"{doc['examples']} examples"
+    part = doc.get("images")
+    which = f"the first {doc['examples']}" if part is None else (
+        f"{doc['examples']} ({'drawn with seed ' + str(part['draw_seed']) + ', ' if part['order'] == 'drawn' else ''}"
+        f"from number {part['start']})")
+    data = f"{which} {doc['dataset']} {images}" if "dataset" in doc else f"{doc['examples']} examples"
     lines = [f"# Robustness of {where.strip() or 'a model'}", "",
              f"{data}, linf eps = {doc['eps']:.4g} ({doc.get('eps_source', 'given')}), "
              f"{'MoE' if doc['moe'] else 'dense'} model; {doc['seconds']:.0f} s on "

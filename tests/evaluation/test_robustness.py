@@ -308,3 +308,25 @@ def test_a_kept_evaluation_is_reused_only_when_it_is_whole_and_accepted(tmp_path
     path.write_text('{"settings": {"attacks": ["pgd"]}}')
     assert kept_evaluation(path, lambda doc: doc["settings"]["attacks"] == ["apgd"]) is None
     assert kept_evaluation(path, lambda doc: doc["settings"]["attacks"] == ["pgd"]) == {"settings": {"attacks": ["pgd"]}}
+
+
+def test_images_drawn_at_random_with_a_seed_are_the_same_each_run_and_evaluate_in_parts(checkpoint, fashion_dir, tmp_path):
+    """--draw-seed orders the split at random (RobustBench's practice), the same order every run and
+    across processes; --start evaluates a part of it; the document says which images, and a kept
+    evaluation of the first N never stands in for it."""
+    kwargs = dict(data_dir=str(fashion_dir), batch_size=6, attacks=["pgd"], pgd_steps=(2,),
+                  sweep_examples=6, gradient_examples=6, progress=False)
+    first = evaluate_checkpoint(checkpoint, out=tmp_path / "first", n_examples=12, **kwargs)
+    drawn = evaluate_checkpoint(checkpoint, out=tmp_path / "drawn", n_examples=12, draw_seed=3, **kwargs)
+    again = evaluate_in_processes(2, checkpoint, threads=1, out=tmp_path / "again", n_examples=12, draw_seed=3, **kwargs)
+    parts = [evaluate_checkpoint(checkpoint, out=tmp_path / f"part{start}", n_examples=6, draw_seed=3, start=start,
+                                 **kwargs) for start in (0, 6)]
+    assert drawn["images"] == {"order": "drawn", "draw_seed": 3, "start": 0, "count": 12} and "first_examples" not in drawn
+    assert again["per_example"] == drawn["per_example"]
+    assert drawn["per_example"]["label"] != first["per_example"]["label"]  # other images
+    for key in ("label", "clean", "robust"):  # the parts are the whole, in order
+        assert parts[0]["per_example"][key] + parts[1]["per_example"][key] == drawn["per_example"][key]
+    assert parts[1]["images"]["start"] == 6
+    assert not evaluated_with(drawn, Path(checkpoint), 12, {"attacks": ["pgd"]})
+    with pytest.raises(ConfigError, match="has only 100 images"):
+        evaluate_checkpoint(checkpoint, n_examples=6, start=100, **kwargs)
