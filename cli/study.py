@@ -6,7 +6,8 @@ import argparse
 import importlib
 
 STUDIES = {"frontier": "studies.frontier", "gate-grad": "studies.gate_grad", "per-class": "studies.per_class",
-           "methods": "studies.methods", "robustness": "studies.robustness", "collapse": "studies.collapse"}
+           "methods": "studies.methods", "robustness": "studies.robustness", "collapse": "studies.collapse",
+           "card": "studies.card"}
 HELP = "run a study (train, evaluate, report): `advmoe study frontier --help`"
 DESCRIPTION = "Run a study; each takes its own arguments (`advmoe study NAME --help`). Studies: " + ", ".join(
     f"{name} ({module})" for name, module in STUDIES.items()) + "."
