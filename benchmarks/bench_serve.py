@@ -4,6 +4,7 @@
     python -m benchmarks.bench_serve --concurrency 1 8 32 64 --duration 15 --out reports/efficiency.md
     python -m benchmarks.bench_serve --runtimes onnxruntime --workers 2 --out /tmp/two-workers.md
     python -m benchmarks.bench_serve --report-only --out reports/efficiency.md   # re-render from its .json
+    python -m benchmarks.bench_serve --checkpoint checkpoints/fmnist-moe --concurrency 1 8 32   # a trained model
 
 MoE ResNet-18 (N = 2, r = 0.5, shared router) and its dense twin, served by the advmoe BentoML
 service with the same settings, through onnxruntime and through torch: the MoE model on the
@@ -51,7 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--width", type=float, default=1.0, help="channel multiplier (1 = the paper's model)")
     parser.add_argument("--router-blocks", type=int, default=3)
-    parser.add_argument("--out", default="reports/efficiency.md")
+    parser.add_argument("--checkpoint", help="instead: this trained MoE checkpoint against its dense twin and the dense "
+                        "model of its MACs, each on its fastest runtime, 1 test image per request (serve_shipped.py; "
+                        "--out defaults to reports/efficiency_shipped.md)")
+    parser.add_argument("--out", help="the report (default: reports/efficiency.md)")
     parser.add_argument("--logs", help="folder for the servers' logs (default: a temporary folder)")
     parser.add_argument("--report-only", action="store_true",
                         help="measure nothing: re-render --out and its plots from the .json beside it "
@@ -62,18 +66,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.out = args.out or ("reports/efficiency_shipped.md" if args.checkpoint else "reports/efficiency.md")
     if args.report_only:
         try:
             result, command = read_result(Path(args.out))
         except (FileNotFoundError, ValueError) as error:
             parser.error(str(error))
-        write_report(result, Path(args.out), command)
-        print("\n".join(check.line() for check in checks(result)))
+        report = _shipped() if "checkpoint" in result else None
+        (report.write_report if report else write_report)(result, Path(args.out), command)
+        print("\n".join(check.line() for check in (report.checks if report else checks)(result)))
         print(f"wrote {args.out} from {Path(args.out).with_suffix('.json')}")
         return 0
     if any(c < 1 for c in args.concurrency + args.images_per_request) or args.duration <= 0 or args.rounds < 1 \
             or args.workers < 0 or args.threads < 0:
         parser.error("--concurrency, --images-per-request, --duration, --rounds and --workers must be positive")
+    if args.checkpoint:
+        return _checkpoint(args, argv, parser)
     from .serve_measure import run
 
     start = time.perf_counter()
@@ -83,6 +91,26 @@ def main(argv: list[str] | None = None) -> int:
     command = "advmoe bench serve " + " ".join(argv if argv is not None else sys.argv[1:])
     write_report(result, Path(args.out), command.strip())
     print("\n".join(check.line() for check in checks(result)))
+    print(f"wrote {args.out} in {time.perf_counter() - start:.0f}s")
+    return 0
+
+
+def _shipped():
+    from . import serve_shipped
+
+    return serve_shipped
+
+
+def _checkpoint(args: argparse.Namespace, argv: list[str] | None, parser: argparse.ArgumentParser) -> int:
+    shipped = _shipped()
+    if not (Path(args.checkpoint) / "config.json").is_file():
+        parser.error(f"--checkpoint {args.checkpoint}: no checkpoint there (config.json missing)")
+    start = time.perf_counter()
+    result = shipped.run(Path(args.checkpoint), tuple(args.concurrency), args.duration, args.rounds, args.workers,
+                         args.threads, log_dir=Path(args.logs) if args.logs else None)
+    command = "advmoe bench serve " + " ".join(argv if argv is not None else sys.argv[1:])
+    shipped.write_report(result, Path(args.out), command.strip())
+    print("\n".join(check.line() for check in shipped.checks(result)))
     print(f"wrote {args.out} in {time.perf_counter() - start:.0f}s")
     return 0
 

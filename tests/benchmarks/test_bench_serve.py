@@ -187,3 +187,39 @@ def test_every_round_visits_every_variant_and_a_lone_request_follows_the_burst(m
     assert len(bursts) == 12 and all(calls[i + 1] == (1, calls[i][1], 0) for i in bursts)
     # the rows keep the report's order (variant, request size, level), not the rotating order measured in
     assert list(load.samples) == [(v, n, name) for v in variants for n in (1, 8) for name in LEVELS]
+
+
+def shipped_result(sparse_cpu=1.5, twin_cpu=3.0, sparse_rate=300, equal_rate=280):
+    rows = []
+    for name in ("1", "8", "32"):
+        rows += [dict(level("sparse", 1, name, sparse_rate, 20.0, sparse_cpu), runtime="auto"),
+                 dict(level("dense twin", 1, name, 200, 30.0, twin_cpu), runtime="auto"),
+                 dict(level("dense, its MACs", 1, name, equal_rate, 25.0, 2.0), runtime="auto")]
+    return {"checkpoint": "checkpoints/x", "rows": rows, "models": {"sparse": "sparse MoE", "dense twin": "dense twin "
+            "(width 0.25)", "dense, its MACs": "dense, its MACs (width 0.15625)"},
+            "served_runtime": {"sparse": "onnxruntime", "dense twin": "onnxruntime", "dense, its MACs": "torch"},
+            "macs": {"sparse": 10e6, "dense twin": 28e6, "dense, its MACs": 11e6}, "concurrency": [1, 8, 32],
+            "levels": ["1", "8", "32"], "images_per_request": [1], "duration_s": 5, "rounds": 1, "workers": 0,
+            "threads": 0, "cpus": 2, "machine": "x86_64", "torch": "2.14.1", "advmoe": "0.1.0"}
+
+
+@pytest.mark.parametrize("sparse_cpu, equal_rate, met", [(1.5, 280, [True, True]), (2.0, 320, [False, False])])
+def test_a_shipped_model_is_judged_against_its_twins_cpu_and_the_dense_model_of_its_macs(sparse_cpu, equal_rate, met):
+    from benchmarks import serve_shipped
+
+    found = serve_shipped.checks(shipped_result(sparse_cpu=sparse_cpu, equal_rate=equal_rate))
+    assert [c.measured for c in found[:2]] == pytest.approx([3.0 / sparse_cpu, 300 / equal_rate])
+    assert [c.met for c in found[:2]] == met and found[2].met
+
+
+def test_the_shipped_report_names_each_served_runtime_and_rerenders_from_its_json(tmp_path, capsys):
+    from benchmarks import serve_shipped
+
+    out = tmp_path / "shipped.md"
+    serve_shipped.write_report(shipped_result(), out, "advmoe bench serve --checkpoint checkpoints/x")
+    models = table_with(out.read_text(), "served runtime")
+    assert [(m["variant"], m["served runtime"], m["MACs vs sparse"]) for m in models] == [
+        ("sparse", "onnxruntime", "1.00x"), ("dense twin", "onnxruntime", "2.80x"), ("dense, its MACs", "torch", "1.10x")]
+    first = out.read_text()
+    assert bench_serve.main(["--report-only", "--checkpoint", "checkpoints/x", "--out", str(out)]) == 0
+    assert out.read_text() == first
