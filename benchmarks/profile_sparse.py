@@ -95,8 +95,11 @@ class OnnxModel:
         return self.plain.run(None, {self.plain.get_inputs()[0].name: x.numpy()})
 
 
-def profile_onnx(model: OnnxModel, x: torch.Tensor, calls: int) -> tuple[float, dict[str, tuple[float, float]]]:
-    """(kernel calls per run, {operator type: (kernel ms, calls) per run}) from onnxruntime's profiler."""
+def profile_onnx(model: OnnxModel, x: torch.Tensor, calls: int,
+                 by_shape: bool = False) -> tuple[float, dict[str, tuple[float, float]]]:
+    """(kernel calls per run, {operator type: (kernel ms, calls) per run}) from onnxruntime's profiler;
+    by_shape: by operator type and its input and output shapes (as onnxruntime runs them: blocked
+    layouts pad the channels to the vector width)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -117,13 +120,17 @@ def profile_onnx(model: OnnxModel, x: torch.Tensor, calls: int) -> tuple[float, 
     kernels = kernels[round(per_run):]  # the warm-up's
     operators = collections.defaultdict(lambda: [0.0, 0])
     for e in kernels:
-        operators[e["args"]["op_name"]][0] += e["dur"] / 1e3
-        operators[e["args"]["op_name"]][1] += 1
+        key = e["args"]["op_name"]
+        if by_shape:
+            shapes = [list(s.values())[0] for s in e["args"].get("input_type_shape", [])[:1] + e["args"].get("output_type_shape", [])]
+            key += " " + " -> ".join("x".join(map(str, shape)) for shape in shapes)
+        operators[key][0] += e["dur"] / 1e3
+        operators[key][1] += 1
     return per_run, {op: (ms / calls, n / calls) for op, (ms, n) in operators.items()}
 
 
 def run(checkpoint: str | Path = CHECKPOINT, batch_sizes=(1, 64), calls: int = 20, rounds: int = 7,
-        runtime: str = "torch") -> dict:
+        runtime: str = "torch", by_shape: bool = False) -> dict:
     """{batch: {model: Profile}}."""
     card = read_card(checkpoint)
     pool, inputs = timing_inputs(card, max(batch_sizes))
@@ -134,7 +141,7 @@ def run(checkpoint: str | Path = CHECKPOINT, batch_sizes=(1, 64), calls: int = 2
         if runtime == "onnxruntime":
             built = {name: OnnxModel(model, Path(scratch, str(i)), torch.get_num_threads())
                      for i, (name, model) in enumerate(built.items())}
-        profiler = profile_onnx if runtime == "onnxruntime" else profile_model
+        profiler = (lambda m, x, n: profile_onnx(m, x, n, by_shape)) if runtime == "onnxruntime" else profile_model
         found = {}
         for batch in batch_sizes:
             x = pool[:batch]
@@ -185,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
                         "onnxruntime gets as many")
     parser.add_argument("--runtime", choices=("torch", "onnxruntime"), default="torch",
                         help="eager torch in sparse execution, or the ONNX export in onnxruntime (the service's)")
+    parser.add_argument("--by-shape", action="store_true", help="onnxruntime: list kernels by operator type and "
+                        "input and output shapes, not by type alone")
     args = parser.parse_args(argv)
     if min(args.batch_sizes + [args.calls, args.rounds, args.top]) < 1:
         parser.error("--batch-sizes, --calls, --rounds and --top must be positive")
@@ -195,7 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# advmoe {advmoe.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{platform.processor() or platform.machine()}, {args.checkpoint}, {args.runtime}, {args.calls} profiled calls, "
           f"{args.rounds} rounds", flush=True)
-    found = run(args.checkpoint, tuple(args.batch_sizes), args.calls, args.rounds, args.runtime)
+    if args.by_shape and args.runtime != "onnxruntime":
+        parser.error("--by-shape needs --runtime onnxruntime")
+    found = run(args.checkpoint, tuple(args.batch_sizes), args.calls, args.rounds, args.runtime, args.by_shape)
     print("\n".join(report(found, args.top)))
     return 0
 

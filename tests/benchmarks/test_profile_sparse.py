@@ -39,3 +39,20 @@ def test_advmoe_bench_profile_prints_the_operator_table_of_both_models(tmp_path,
     rows = [line for line in printed.splitlines() if line.startswith("| `aten::")]
     assert len(rows) == 5 and all(len(row.split("|")) == 7 for row in rows)
     assert cli(["bench", "profile", "--checkpoint", str(tmp_path / "missing")]) == 2
+
+
+def test_the_onnxruntime_profile_counts_the_kernels_of_each_export(tmp_path):
+    """In onnxruntime both models run as `advmoe export` exports them: the MoE model's router and
+    grouping are kernels the twin does not launch; by shape, each entry names its operator type."""
+    checkpoint = fmnist_moe_checkpoint(tmp_path)
+    found = profile_sparse.run(checkpoint, batch_sizes=(4,), calls=2, rounds=1, runtime="onnxruntime")
+    moe, twin = found[4]["sparse MoE"], found[4]["dense twin"]
+    for p in (moe, twin):
+        assert p.ms_per_forward > 0 and p.calls_per_forward == sum(n for _, n in p.operators.values())
+        assert "Conv" in p.operators
+    assert {"NonZero", "ScatterND"} <= set(moe.operators) and not {"NonZero", "ScatterND"} & set(twin.operators)
+    by_shape = profile_sparse.run(checkpoint, batch_sizes=(4,), calls=2, rounds=1, runtime="onnxruntime", by_shape=True)
+    convs = [op for op in by_shape[4]["dense twin"].operators if op.startswith("Conv ")]
+    assert convs and all(" -> " in op and op.split()[1].startswith("4x") for op in convs)
+    assert sum(n for op, (_, n) in by_shape[4]["dense twin"].operators.items() if op.startswith("Conv")) == \
+        twin.operators["Conv"][1]
