@@ -149,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", help="instead: this trained MoE checkpoint against its dense twin and the dense "
                         "model of its MACs, each exported and on its fastest runtime (--threads: 1 by default, as a "
                         "service worker; --rounds, --batch-sizes and --json apply)")
+    parser.add_argument("--changes", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="with --checkpoint: time its architecture with these model settings changed "
+                             "(width=0.5 router_stride=2), untrained, router balanced")
     args = parse(parser, argv)
     if args.checkpoint:
         return _checkpoint(args, parser)
@@ -178,7 +181,19 @@ def _checkpoint(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     threads = args.threads or 1
     print(f"# advmoe {advmoe.__version__}, torch {torch.__version__}, {threads} thread(s), "
           f"{platform.processor() or platform.machine()}, {args.checkpoint}, {args.rounds} rounds\n", flush=True)
-    result = run_checkpoint(args.checkpoint, tuple(args.batch_sizes), args.rounds, threads)
+    changes = {}
+    for item in args.changes:
+        key, sep, value = item.partition("=")
+        try:
+            changes[key] = json.loads(value)
+        except ValueError:
+            parser.error(f"--changes {item!r}: write KEY=VALUE with a number or a quoted string")
+        if not sep:
+            parser.error(f"--changes {item!r}: write KEY=VALUE, e.g. width=0.5")
+    try:
+        result = run_checkpoint(args.checkpoint, tuple(args.batch_sizes), args.rounds, threads, changes)
+    except ValueError as e:
+        parser.error(str(e))
     print(f"inputs: {result['inputs']}\n")
     print("\n".join(report(result)))
     if args.json:

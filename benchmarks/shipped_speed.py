@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 
 import advmoe
-from advmoe.calibrate import calibrate_batchnorm
+from advmoe.calibrate import balance_routing, calibrate_batchnorm
 from advmoe.card import read_card
+from advmoe.models.base import ModelConfig
 from advmoe.runtime_choice import fastest_runtime
 from export import export_checkpoint
 from export.timing import IMAGES_PER_SAMPLE, ms_per_call, runners, timing_inputs
@@ -71,14 +72,35 @@ def models(checkpoint: Path, x: torch.Tensor, folder: Path) -> dict[str, tuple[P
     return found
 
 
-def run(checkpoint: str | Path, batch_sizes=(1, 64), rounds: int = 7, threads: int = 1) -> dict:
-    """{"models": {name: {"macs", "runtime", "ms": {runtime: [ms per batch]}}}, "batches": [...]}."""
+def changed(checkpoint: Path, changes: dict, x: torch.Tensor, folder: Path) -> Path:
+    """The checkpoint's architecture with `changes` to its arguments (width=0.5, router_stride=2),
+    untrained: BatchNorm calibrated and the router balanced on x, as a trained router splits the
+    traffic. Written to folder/changed; what a wider or cheaper-routed model would cost to run."""
+    config = json.loads((checkpoint / "config.json").read_text())
+    args = {k: v for k, v in config["model_args"].items() if k != "blocks"}
+    known = set(ModelConfig.field_names())
+    unknown = sorted(set(changes) - known)
+    if unknown:
+        raise ValueError(f"unknown model settings {unknown}; choose from {', '.join(sorted(known))}")
+    torch.manual_seed(0)
+    model = advmoe.create_model(config["architecture"], **{**args, **changes})
+    calibrate_batchnorm(model, x)
+    balance_routing(model, x)
+    card = read_card(checkpoint)
+    return advmoe.save_checkpoint(model, folder / "changed", config={"dataset": card.dataset, "classes": list(card.classes)})
+
+
+def run(checkpoint: str | Path, batch_sizes=(1, 64), rounds: int = 7, threads: int = 1, changes: dict | None = None) -> dict:
+    """{"models": {name: {"macs", "runtime", "ms": {runtime: [ms per batch]}}}, "batches": [...]}; with
+    `changes`, of the checkpoint's architecture so changed, untrained (`changed`)."""
     checkpoint = Path(checkpoint)
     pool, inputs = timing_inputs(read_card(checkpoint), max(batch_sizes))
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         with tempfile.TemporaryDirectory() as scratch:
+            if changes:
+                checkpoint = changed(checkpoint, changes, torch.from_numpy(pool), Path(scratch))
             built = models(checkpoint, torch.from_numpy(pool), Path(scratch))
             run_of = {}
             for i, (name, (path, _)) in enumerate(built.items()):
@@ -101,7 +123,8 @@ def run(checkpoint: str | Path, batch_sizes=(1, 64), rounds: int = 7, threads: i
         ms = {runtime: [statistics.median(samples[(n, runtime), b]) for b in batch_sizes]
               for (n, runtime) in run_of if n == name}
         found[name] = {"macs": macs, "ms": ms, "runtime": fastest_runtime(ms)}
-    return {"models": found, "batches": list(batch_sizes), "inputs": inputs, "threads": threads, "rounds": rounds}
+    return {"models": found, "batches": list(batch_sizes), "inputs": inputs, "threads": threads, "rounds": rounds,
+            "changes": changes or {}}
 
 
 def report(result: dict) -> list[str]:

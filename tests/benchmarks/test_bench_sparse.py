@@ -2,6 +2,8 @@
 printed ratios (docs/sparse.md), never asserted on time here."""
 import json
 
+import pytest
+
 import advmoe
 from benchmarks import bench_sparse
 from helpers import fmnist_moe_checkpoint
@@ -51,3 +53,16 @@ def test_a_checkpoint_is_timed_against_its_twin_and_the_dense_model_of_its_macs(
 
 def equal_width(result) -> float:
     return float(list(result["models"])[2].split("width ")[1].rstrip(")"))
+
+
+def test_changes_time_the_checkpoints_architecture_changed_and_untrained(tmp_path, capsys):
+    from benchmarks.shipped_speed import run
+
+    checkpoint = fmnist_moe_checkpoint(tmp_path)
+    base = run(checkpoint, batch_sizes=(2,), rounds=1)["models"]["sparse MoE"]["macs"]
+    wider = run(checkpoint, batch_sizes=(2,), rounds=1, changes={"width": 0.125, "router_stride": 2})
+    assert wider["changes"] == {"width": 0.125, "router_stride": 2} and wider["models"]["sparse MoE"]["macs"] > base
+    assert "dense twin (width 0.125)" in wider["models"]
+    with pytest.raises(SystemExit):  # a misspelt setting is a usage error that names the known ones
+        bench_sparse.main(["--checkpoint", str(checkpoint), "--changes", "widht=2"])
+    assert "unknown model settings ['widht']" in capsys.readouterr().err
