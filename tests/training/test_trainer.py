@@ -162,7 +162,7 @@ def test_the_best_checkpoint_is_chosen_on_the_accuracy_select_on_names(data, tmp
     assert json.loads((tmp_path / "run/best/metrics.json").read_text())["epoch"] == best_epoch
     assert "route-fixed 0.3000" in lines[-2]  # the epoch's log line shows it
     overfit = [line for line in lines if "overfit catastrophically" in line]
-    assert (overfit == []) if select_on == "pgd" else "worst-case (PGD and route-fixed) accuracy fell" in overfit[0]
+    assert (overfit == []) if select_on == "pgd" else f"{trainer.SELECTED_ON[select_on]} accuracy fell" in overfit[0]
 
 
 def test_resume_after_an_interruption_equals_the_uninterrupted_run(data, finished, tmp_path, monkeypatch):
