@@ -109,6 +109,9 @@ def card(checkpoint: Path, runs: Path, examples: int | None = None, autoattack_e
                                                  attack_settings_override)}
     values = card_values(found["main"], found["autoattack"], draw_seed)
     update_metrics(checkpoint, **values)
+    log(f"{checkpoint}: clean {100 * values['clean_accuracy']:.1f} %, worst case {100 * values['robust_accuracy']:.1f} % "
+        f"on {values['robust_examples']} test images; AutoAttack {100 * values['autoattack_accuracy']:.1f} % on "
+        f"{values['autoattack_examples']}")
     return values
 
 
@@ -145,11 +148,8 @@ def main(argv: list[str] | None = None) -> int:
                                        _accepts(args.checkpoint, _images(seed, start, count), settings)) is not None
                 print(f"{name} images {start}-{start + count - 1}: {'done' if done else 'to do'}")
         return 0
-    values = card(args.checkpoint, args.runs, args.examples, args.autoattack_examples, args.draw_seed, args.part,
-                  args.eval_processes, args.data_dir)
-    print(f"{args.checkpoint}: clean {100 * values['clean_accuracy']:.1f} %, worst case "
-          f"{100 * values['robust_accuracy']:.1f} % on {values['robust_examples']} test images; AutoAttack "
-          f"{100 * values['autoattack_accuracy']:.1f} % on {values['autoattack_examples']}")
+    card(args.checkpoint, args.runs, args.examples, args.autoattack_examples, args.draw_seed, args.part,
+         args.eval_processes, args.data_dir)
     return 0
 
 
