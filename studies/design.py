@@ -30,7 +30,7 @@ class Row:
     seeds: tuple[int, ...]
     headline: bool = False
     variant: str | None = None  # the --variant name of a row run with other settings beside the study's
-    settings: dict = field(default_factory=dict)  # the row's own model settings (experts, router), over the plan's
+    settings: dict = field(default_factory=dict)  # a curve row's own settings: its recipe, experts and router
 
     @property
     def is_moe(self) -> bool:
@@ -82,7 +82,8 @@ class Plan:
     curve_recipe: tuple[str, tuple[tuple[str, object], ...]] = ("ce_steps3", (("expert_loss", "ce"), ("attack_steps", 3)))
 
     def config(self, row: Row, seed: int) -> TrainConfig:
-        cfg = resolve(self.preset, **{**self.overrides, **row.settings, "method": row.method, "model": row.model,
+        # --set wins over a row's recipe (and may not change its experts or router: frontier.plan_from)
+        cfg = resolve(self.preset, **{**row.settings, **self.overrides, "method": row.method, "model": row.model,
                                       "width": row.width, "seed": seed, "epochs": self.epochs})
         return replace(cfg, train_examples=self.train_examples).validate()  # None: every training image
 
