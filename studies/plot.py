@@ -50,6 +50,11 @@ def _frontier(axes, grouped: dict[str, list[RunResult]], style: dict, cost: Call
         axes.errorbar([x], [100 * mean], yerr=[100 * std], fmt=style[label][1], color=style[label][0], capsize=3,
                       label=label)
     axes.set(xlabel=xlabel, ylabel="worst-case robust accuracy (%)", title=title, xscale="log")
+    from matplotlib.ticker import FuncFormatter
+
+    plain = FuncFormatter(lambda value, _: f"{value:g}")  # 10, 20, 30 on the log axis, not powers of ten
+    axes.xaxis.set_major_formatter(plain)
+    axes.xaxis.set_minor_formatter(plain)
     axes.grid(alpha=0.3, which="both")
 
 
