@@ -1,8 +1,8 @@
 """Whether a run's validation robustness collapsed, and why: each run's validation accuracies by
-epoch (clean, PGD, and the run's own training attack), with the collapse guard's events, from
-the runs' metrics.jsonl. An epoch whose PGD accuracy falls while clean accuracy holds and the
-training attack's accuracy stands far above PGD's is catastrophic overfitting of the training
-attack.
+epoch (clean, PGD, the run's own training attack, and APGD where the run validated with it), with
+the collapse guard's events, from the runs' metrics.jsonl. An epoch whose PGD accuracy falls while
+clean accuracy holds and the training attack's accuracy stands far above PGD's is catastrophic
+overfitting of the training attack; APGD far under PGD is gradient masking that PGD cannot see.
 
     advmoe study collapse RUN [RUN ...] --report reports/collapse_guard.md
 """
@@ -17,7 +17,8 @@ from pathlib import Path
 from . import evaluations
 from .report import markdown, percent_cell
 
-KEYS = ("val_clean_accuracy", "val_pgd_accuracy", "val_train_attack_accuracy")
+KEYS = ("val_clean_accuracy", "val_pgd_accuracy", "val_train_attack_accuracy", "val_apgd_accuracy",
+        "val_worst_accuracy")
 
 
 def read_run(run: Path) -> dict:
@@ -35,8 +36,8 @@ def table(runs: list[dict]) -> str:
     rows = [[run["run"], run["collapse_guard"], str(r["epoch"]), *(percent_cell(r[k]) for k in KEYS),
              str(r["training_attack_steps"] or "-"), (r["collapse_guard"] or {}).get("action", "")]
             for run in runs for r in run["rows"]]
-    return markdown(["run", "guard", "epoch", "val clean (%)", "val PGD (%)", "val training attack (%)",
-                     "training attack steps", "collapse guard"], rows)
+    return markdown(["run", "guard", "epoch", "val clean (%)", "val PGD (%)", "val training attack (%)", "val APGD (%)",
+                     "val worst case (%)", "training attack steps", "collapse guard"], rows)
 
 
 def main(argv: list[str] | None = None) -> int:
