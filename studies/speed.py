@@ -3,9 +3,10 @@ this CPU, each model on its fastest runtime, as `advmoe export` measures and the
 it (one thread per worker; export/timing.py). A user pays in time.
 
 A row is timed on the best checkpoint of its first run when its run folder is there (a MoE model's
-speed depends on how its router splits the images), else on its architecture with fresh weights
-(the same time for a dense model; a MoE model's untrained router splits as it happens to). All
-rows are timed in one call, one after another, so their numbers compare."""
+speed depends on how its router splits the images), else on its architecture with fresh weights,
+BatchNorm calibrated on test images and a MoE router balanced to split them evenly (the same time
+for a dense model; a trained router's split is in the run's evaluation). All rows are timed in one
+call, one after another, so their numbers compare."""
 from __future__ import annotations
 
 import json
@@ -13,7 +14,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 import advmoe
+from advmoe.calibrate import balance_routing, calibrate_batchnorm
 from advmoe.checkpoint import is_checkpoint
 from advmoe.io import atomic_write_text
 from export.api import export_checkpoint
@@ -39,7 +43,13 @@ def _checkpoint(runs: list[RunResult], plan: Plan, scratch: Path) -> tuple[Path,
             return best, "trained"
     cfg = plan.config(runs[0].row, runs[0].seed)
     info = advmoe.get_dataset_info(cfg.dataset)
+    torch.manual_seed(0)
     model = advmoe.create_model(cfg.model, **cfg.model_kwargs(info))
+    test = advmoe.load_dataset(cfg.dataset, "test", cfg.data_dir)
+    x = torch.stack([test[i][0] for i in range(min(256, len(test)))])
+    calibrate_batchnorm(model, x)
+    if model.cfg.is_moe:  # split the images evenly, as a trained router that uses its experts does
+        balance_routing(model, x)
     path = scratch / "fresh"
     advmoe.save_checkpoint(model, path, config={"dataset": cfg.dataset, "classes": list(info.classes)})
     return path, "fresh"
