@@ -329,3 +329,20 @@ def test_the_estimate_costs_rows_with_finished_runs_at_what_they_took(study):
     assert cost["eval_hours"] == pytest.approx((moe.seconds["eval"] + moe.seconds["autoattack"]) / 3600)
     counted = estimate(study.plan, study.rows)  # nothing landed: a timed step and counted attack passes
     assert [c["measured_runs"] for c in counted] == [0, 0] and all(c["train_hours"] > 0 < c["eval_hours"] for c in counted)
+
+
+def test_a_curve_row_trains_with_its_own_experts_and_recipe(study, tmp_path):
+    """A curve row's settings (4 experts, its recipe) reach its training, its result file and its
+    checkpoint. (The report's curve is checked on planted results: test_curves.py.)"""
+    import advmoe
+
+    results = tmp_path / "results"
+    shutil.copytree(study.root / "results", results)
+    plan = replace(study.plan, runs=str(tmp_path / "runs"))
+    moe = next(r for r in study.rows if r.is_moe)
+    row = replace(moe, key="advmoe-tiny-x4-steps1", label="AdvMoE, tiny, 4 experts", headline=False, variant="steps1",
+                  settings={"num_experts": 4, "attack_steps": 1})
+    [result] = run.run_study(plan, [row], results, log=quiet)
+    assert (result.config["num_experts"], result.config["attack_steps"]) == (4, 1) and len(result.expert_share) == 4
+    assert advmoe.load_checkpoint(tmp_path / "runs" / "advmoe-tiny-x4-steps1-seed0" / "best").cfg.num_experts == 4
+    assert read(results / "advmoe-tiny-x4-steps1-seed0.json").row.settings == {"num_experts": 4, "attack_steps": 1}
