@@ -18,7 +18,7 @@ from . import evaluations
 from .report import markdown, percent_cell
 
 KEYS = ("val_clean_accuracy", "val_pgd_accuracy", "val_train_attack_accuracy", "val_apgd_accuracy",
-        "val_worst_accuracy")
+        "val_worst_accuracy", "val_route_flip_rate")
 
 
 def read_run(run: Path) -> dict:
@@ -37,7 +37,7 @@ def table(runs: list[dict]) -> str:
              str(r["training_attack_steps"] or "-"), (r["collapse_guard"] or {}).get("action", "")]
             for run in runs for r in run["rows"]]
     return markdown(["run", "guard", "epoch", "val clean (%)", "val PGD (%)", "val training attack (%)", "val APGD (%)",
-                     "val worst case (%)", "training attack steps", "collapse guard"], rows)
+                     "val worst case (%)", "routes PGD flips (%)", "training attack steps", "collapse guard"], rows)
 
 
 def main(argv: list[str] | None = None) -> int:

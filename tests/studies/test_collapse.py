@@ -22,12 +22,12 @@ def test_the_report_has_every_trained_epoch_with_its_three_accuracies_and_the_gu
         {"epoch": 2, "val_clean_accuracy": 0.81, "val_pgd_accuracy": 0.2, "val_train_attack_accuracy": 0.79,
          "training_attack_steps": 2, "collapse_guard": event},
         {"epoch": 2, "val_clean_accuracy": 0.8, "val_pgd_accuracy": 0.62, "val_train_attack_accuracy": 0.66,
-         "val_apgd_accuracy": 0.55, "val_worst_accuracy": 0.54, "training_attack_steps": 3}])
+         "val_apgd_accuracy": 0.55, "val_worst_accuracy": 0.54, "val_route_flip_rate": 0.28, "training_attack_steps": 3}])
     assert collapse.main([str(run), "--report", str(tmp_path / "c.md")]) == 0
     lines = [line for line in (tmp_path / "c.md").read_text().splitlines() if line.startswith("| guarded |")]
-    assert [line.split(" | ")[2:9] for line in lines] == [
-        ["1", "80.0", "60.0", "65.0", "-", "-", "2"], ["2", "81.0", "20.0", "79.0", "-", "-", "2"],
-        ["2", "80.0", "62.0", "66.0", "55.0", "54.0", "3"]]  # APGD where the run validated with it
+    assert [line.split(" | ")[2:10] for line in lines] == [
+        ["1", "80.0", "60.0", "65.0", "-", "-", "-", "2"], ["2", "81.0", "20.0", "79.0", "-", "-", "-", "2"],
+        ["2", "80.0", "62.0", "66.0", "55.0", "54.0", "28.0", "3"]]  # APGD where the run validated with it
     assert lines[1].endswith(f"| {event['action']} |")
     numbers = json.loads((tmp_path / "c.json").read_text())
     assert [r["val_pgd_accuracy"] for r in numbers["runs"][0]["rows"]] == [0.6, 0.2, 0.62]
