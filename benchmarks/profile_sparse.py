@@ -44,7 +44,13 @@ from export.timing import timing_inputs
 from .bench_sparse import time_interleaved
 
 CHECKPOINT = "checkpoints/fmnist-moe"
-MOE_ONLY = ("num_experts", "expert_ratio", "router", "top_k", "router_width", "router_blocks", "gate_grad")
+MOE_ONLY = ("num_experts", "expert_ratio", "router", "top_k", "router_width", "router_blocks", "router_stride",
+            "gate_grad")
+
+
+def twin_args(cfg) -> dict:
+    """The dense twin's arguments: a MoE model's config without what only a MoE model has."""
+    return {k: getattr(cfg, k) for k in cfg.field_names() if k not in MOE_ONLY}
 
 
 @dataclass
@@ -63,9 +69,8 @@ class Profile:
 def models(checkpoint: str | Path, x: torch.Tensor) -> dict[str, torch.nn.Module]:
     """The checkpoint's model in sparse execution and its dense twin, prepared alike."""
     moe = advmoe.set_execution(advmoe.load_checkpoint(checkpoint), "sparse").eval()
-    twin_args = {k: getattr(moe.cfg, k) for k in moe.cfg.field_names() if k not in MOE_ONLY}
     torch.manual_seed(0)
-    twin = advmoe.create_model(advmoe.dense_twin(moe.model_name), **twin_args)
+    twin = advmoe.create_model(advmoe.dense_twin(moe.model_name), **twin_args(moe.cfg))
     calibrate_batchnorm(twin, x)
     return {"sparse MoE": moe, "dense twin": advmoe.set_execution(twin, "sparse").eval()}
 

@@ -28,16 +28,14 @@ from advmoe.runtime_choice import fastest_runtime
 from export import export_checkpoint
 from export.timing import IMAGES_PER_SAMPLE, ms_per_call, runners, timing_inputs
 
-MOE_ONLY = ("num_experts", "expert_ratio", "router", "top_k", "router_width", "router_blocks", "router_stride",
-            "gate_grad")
+from .profile_sparse import twin_args
+
 WIDTH_STEP = 1 / 64  # every stage of the registry's models keeps whole channels
 
 
-def dense_args(checkpoint: Path) -> tuple[str, dict]:
-    """The dense twin's architecture and its arguments, from the checkpoint's config.json."""
-    config = json.loads((checkpoint / "config.json").read_text())
-    args = {k: v for k, v in config["model_args"].items() if k not in MOE_ONLY and k != "blocks"}
-    return advmoe.dense_twin(config["architecture"]), args
+def dense_args(moe) -> tuple[str, dict]:
+    """The dense twin's architecture and its arguments, from the MoE model."""
+    return advmoe.dense_twin(moe.model_name), twin_args(moe.cfg)
 
 
 def width_of_macs(arch: str, args: dict, target: int, widest: float = 4.0) -> float:
@@ -59,7 +57,7 @@ def models(checkpoint: Path, x: torch.Tensor, folder: Path) -> dict[str, tuple[P
     moe = advmoe.load_checkpoint(checkpoint)
     shape = tuple(x.shape[1:])
     target = advmoe.count_macs(moe, shape)
-    arch, args = dense_args(checkpoint)
+    arch, args = dense_args(moe)
     widths = {"dense twin": args["width"], "dense, its MACs": width_of_macs(arch, args, target)}
     config = {"dataset": read_card(checkpoint).dataset, "classes": list(read_card(checkpoint).classes)}
     found = {"sparse MoE": (checkpoint, target)}

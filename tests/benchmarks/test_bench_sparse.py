@@ -39,7 +39,7 @@ def test_a_checkpoint_is_timed_against_its_twin_and_the_dense_model_of_its_macs(
     names = list(result["models"])
     assert names[:2] == ["sparse MoE", "dense twin (width 0.0625)"] and names[2].startswith("dense, its MACs (width ")
     assert twin["macs"] > moe["macs"] and equal["macs"] >= moe["macs"]
-    arch, args = dense_args(checkpoint)
+    arch, args = dense_args(advmoe.load_checkpoint(checkpoint))
     narrower = advmoe.create_model(arch, **{**args, "width": equal_width(result) - WIDTH_STEP})
     assert advmoe.count_macs(narrower, (1, 28, 28)) < moe["macs"]  # the narrowest dense model of at least its MACs
     for m in result["models"].values():
