@@ -26,7 +26,7 @@ from advmoe.io import atomic_write_text
 from advmoe.settings import ConfigError, setting, validate_choices
 
 from . import sanity
-from .cache import file_sha256
+from .cache import file_sha256, images
 from .suite import ATTACKS, evaluate_model
 from .summary import summary
 
@@ -122,8 +122,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, dataset: str | None = Non
                 "architecture": config["architecture"], "training_method": (config.get("training") or {}).get("method"),
                 "dataset": dataset, "split": split, "eps_source": eps_source,
                 **({"first_examples": len(y)} if draw_seed is None and not start
-                   else {"images": {"order": "split" if draw_seed is None else "drawn", "draw_seed": draw_seed,
-                                    "start": start, "count": len(y)}}),
+                   else {"images": images(len(y), draw_seed, start)}),
                 **result}
     out = Path(out) if out is not None else checkpoint
     atomic_write_text(out / "eval.json", json.dumps(document, indent=1) + "\n")

@@ -21,7 +21,7 @@ import torch
 
 import advmoe
 from advmoe.checkpoint import WEIGHTS, is_checkpoint, read_config, update_metrics
-from evaluation.cache import file_sha256, kept_evaluation
+from evaluation.cache import evaluated_with, file_sha256, kept_evaluation
 from training.config import resolve
 
 from . import evaluations
@@ -36,32 +36,15 @@ def parts(total: int, part: int) -> list[tuple[int, int]]:
     return [(start, min(part, total - start)) for start in range(0, total, part)]
 
 
-def images_of(doc: dict) -> dict:
-    """Which images an eval.json is of, the same way whether it says "first_examples" or "images"."""
-    if "first_examples" in doc:
-        return {"order": "split", "draw_seed": None, "start": 0, "count": doc["first_examples"]}
-    return doc["images"]
-
-
-def _accepts(checkpoint: Path, images: dict, settings: dict):
-    digest = file_sha256(checkpoint / WEIGHTS)
-    wanted = {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}
-
-    def accept(doc: dict) -> bool:
-        return (doc["checkpoint_sha256"] == digest and doc.get("split", "test") == "test" and images_of(doc) == images
-                and all(doc["settings"].get(k) == v for k, v in wanted.items()))
-    return accept
-
-
-def _images(draw_seed: int | None, start: int, count: int) -> dict:
-    return {"order": "split" if draw_seed is None else "drawn", "draw_seed": draw_seed, "start": start, "count": count}
+def _kept(checkpoint: Path, count: int, settings: dict, draw_seed: int | None, start: int):
+    return lambda doc: evaluated_with(doc, checkpoint, count, settings, draw_seed=draw_seed, start=start)
 
 
 def evaluation(checkpoint: Path, folder: Path, total: int, settings: dict, draw_seed: int | None, part: int,
                processes: int, data_dir: str | None = None, log=print) -> list[dict]:
     """Every part of one evaluation, kept or run, in order."""
     return [evaluations.kept_or_run(checkpoint, folder / f"{start:06d}",
-                                    _accepts(checkpoint, _images(draw_seed, start, count), settings), count, settings,
+                                    _kept(checkpoint, count, settings, draw_seed, start), count, settings,
                                     data_dir, log=log, processes=processes, draw_seed=draw_seed, start=start)
             for start, count in parts(total, part)]
 
@@ -145,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                                             args.data_dir):
             for start, count in parts(n, args.part):
                 done = kept_evaluation(folder / name / f"{start:06d}" / "eval.json",
-                                       _accepts(args.checkpoint, _images(seed, start, count), settings)) is not None
+                                       _kept(args.checkpoint, count, settings, seed, start)) is not None
                 print(f"{name} images {start}-{start + count - 1}: {'done' if done else 'to do'}")
         return 0
     card(args.checkpoint, args.runs, args.examples, args.autoattack_examples, args.draw_seed, args.part,
