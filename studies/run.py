@@ -110,8 +110,10 @@ def summarise(row: Row, seed: int, cfg: TrainConfig, main: dict, history: list[d
         worst_case=main["robust_accuracy"], pgd=pgd, pgd_minus_worst=acc[pgd] - main["robust_accuracy"],
         sanity_passed=main["sanity"]["passed"], sanity_failed=main["sanity"]["failed"],
         curve=curve_of(history),
-        # what the work took (the training epochs and the evaluation), however often it was resumed
-        seconds={"train": round(sum(r["epoch_seconds"] for r in history), 1), "eval": main["seconds"]},
+        # what the work took (the training epochs with their validation, and the evaluation), however
+        # often it was resumed; runs from before validation was timed count their epochs only
+        seconds={"train": round(sum(r["epoch_seconds"] + r.get("validation_seconds", 0.0) for r in history), 1),
+                 "eval": main["seconds"]},
         apgd_components=({c["name"]: c["accuracy_after"] for c in main["attacks"]["apgd"]["components"]}
                          if "apgd" in main["attacks"] else None),  # what APGD-CE finds alone, before APGD-T
         route_flip_rate=router["route_flip_rate"] if router else None,

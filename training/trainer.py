@@ -170,10 +170,12 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, log=functools
         bar.close()
         seconds = time.perf_counter() - started
         val = validate(model, val_set, step.cfg, device, train_attack=True)
+        validation_seconds = time.perf_counter() - started - seconds  # what the validation attacks cost
         row = {"epoch": epoch + 1, "lr": schedulers[METHODS[cfg.method].groups[0]].get_last_lr()[0],
                **{f"train_{k}": v / max(seen, 1) for k, v in sums.items()},
                **{f"val_{k}": v for k, v in val.items() if k not in ("pgd", "examples")},
-               "epoch_seconds": seconds, "samples_per_second": seen / seconds,
+               "epoch_seconds": seconds, "validation_seconds": validation_seconds,
+               "samples_per_second": seen / seconds,
                "attack_steps_per_batch": METHODS[cfg.method].attack_steps(step.cfg),
                "training_attack_steps": step.cfg.attack_steps, "training_attack_step": step.cfg.attack_step}
         history.append(row)

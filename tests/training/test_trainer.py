@@ -49,6 +49,7 @@ def test_run_directory_holds_checkpoints_logs_and_plots(finished):
             "val_worst_accuracy", "val_expert_share", "epoch_seconds", "attack_steps_per_batch",
             "val_train_attack_accuracy", "training_attack_steps", "training_attack_step"} <= set(rows[0])
     assert all(0 <= r["val_train_attack_accuracy"] <= 1 and r["training_attack_steps"] == 2 for r in rows)
+    assert all(r["validation_seconds"] > 0 for r in rows)  # the validation attacks, timed apart from the epoch
     assert (out / "metrics.csv").read_text().splitlines()[0].startswith("epoch,")
     metrics = json.loads((out / "best" / "metrics.json").read_text())
     assert {"clean_accuracy", "pgd_accuracy", "macs_per_image", "test_expert_share"} <= set(metrics)
@@ -184,7 +185,7 @@ def test_resume_after_an_interruption_equals_the_uninterrupted_run(data, finishe
     expected = load_file(finished.out / "last" / "model.safetensors")
     got = load_file(tmp_path / "run" / "last" / "model.safetensors")
     assert all(torch.equal(expected[k], got[k]) for k in expected)
-    timing = {"epoch_seconds", "samples_per_second"}
+    timing = {"epoch_seconds", "validation_seconds", "samples_per_second"}
     def untimed(history):
         return [{k: v for k, v in row.items() if k not in timing} for row in history]
     assert untimed(resumed.history) == untimed(finished.history)
