@@ -25,7 +25,6 @@ import torch
 
 import advmoe
 from advmoe.settings import ConfigError
-from training.config import resolve
 
 from .design import MOE_SETTINGS, Plan, default_paths, default_rows, parse_settings, variant_rows
 from .estimate import estimate, estimate_table
@@ -112,7 +111,7 @@ def plan_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tupl
                 experts=tuple(args.experts))
     try:
         rows = default_rows(plan)
-        base = resolve(plan.preset, **plan.overrides)
+        base = plan.base()
         runs, results, report = default_paths(base.dataset)
         plan = replace(plan, runs=args.runs or str(runs))
     except ConfigError as e:

@@ -36,7 +36,8 @@ def test_each_run_leaves_a_result_file_with_its_worst_case(study):
     assert moe.autoattack["examples"] == 4 and 0 <= moe.route_flip_rate <= 1
     # the cost is what the work took (epochs, evaluations), so a resumed run still counts it
     history = [json.loads(line) for line in (study.root / "runs" / "advmoe-tiny-seed0" / "metrics.jsonl").read_text().splitlines()]
-    assert moe.seconds["train"] == pytest.approx(sum(r["epoch_seconds"] for r in history), abs=0.1)
+    assert moe.seconds["train"] == pytest.approx(sum(r["epoch_seconds"] + r["validation_seconds"] for r in history),
+                                                 abs=0.1)
     assert moe.seconds["eval"] > 0 and moe.seconds["autoattack"] > 0
     rest = json.loads((study.root / "runs" / "advmoe-tiny-seed0" / "eval-autoattack" / "eval.json").read_text())
     assert rest["attacks_run"] == ["fab", "square"]  # APGD-CE and APGD-T are not run twice
