@@ -12,6 +12,7 @@ help line. The command line (cli/flags.py) turns the fields into flags.
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -82,3 +83,20 @@ def validate_choices(obj: Any, label: Callable[[str], str] = flag_name) -> None:
                 check_choice(field.name.removesuffix("s"), item, choices, label)
         else:
             check_choice(field.name, value, choices, label)
+
+
+def parse_pairs(pairs: Iterable[str], flag: str, example: str = "width=0.5") -> dict[str, Any]:
+    """KEY=VALUE pairs from the command line as {key: value}, each value read as TOML (3, 0.1, true,
+    "name"); a dash in a key becomes an underscore. A malformed pair raises ConfigError naming `flag`."""
+    settings = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key or not value.strip():
+            raise ConfigError(f"{flag} {pair!r}: write KEY=VALUE, e.g. {example}")
+        try:
+            settings[key] = tomllib.loads(f"value = {value.strip()}")["value"]
+        except tomllib.TOMLDecodeError:
+            raise ConfigError(f"{flag} {pair!r}: {value.strip()!r} is not a TOML value (quote a string: "
+                              f'{key}="...")') from None
+    return settings

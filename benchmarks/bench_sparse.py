@@ -30,6 +30,7 @@ from advmoe.device import synchronizer, unavailable
 from advmoe.io import atomic_write_text
 from advmoe.macs import measure_macs
 from advmoe.routers import ROUTERS
+from advmoe.settings import parse_pairs
 
 ARCHS = ("resnet18", "wrn28_10", "vgg16", "densenet40")
 
@@ -181,16 +182,8 @@ def _checkpoint(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     threads = args.threads or 1
     print(f"# advmoe {advmoe.__version__}, torch {torch.__version__}, {threads} thread(s), "
           f"{platform.processor() or platform.machine()}, {args.checkpoint}, {args.rounds} rounds\n", flush=True)
-    changes = {}
-    for item in args.changes:
-        key, sep, value = item.partition("=")
-        try:
-            changes[key] = json.loads(value)
-        except ValueError:
-            parser.error(f"--changes {item!r}: write KEY=VALUE with a number or a quoted string")
-        if not sep:
-            parser.error(f"--changes {item!r}: write KEY=VALUE, e.g. width=0.5")
     try:
+        changes = parse_pairs(args.changes, "--changes")
         result = run_checkpoint(args.checkpoint, tuple(args.batch_sizes), args.rounds, threads, changes)
     except ValueError as e:
         parser.error(str(e))

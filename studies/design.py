@@ -2,11 +2,11 @@
 every run is trained with (the Plan), and where its folders go."""
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import advmoe
+from advmoe.settings import parse_pairs
 from training.config import TrainConfig, resolve
 from training.methods import METHODS
 
@@ -104,20 +104,10 @@ def run_name(key: str, seed: int, repeat: int = 0) -> str:
 
 
 def parse_settings(pairs: list[str]) -> dict:
-    """KEY=VALUE pairs as TrainConfig overrides, each value read as TOML (3, 0.1, true, "name")."""
-    settings = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or not key or not value.strip():
-            raise ValueError(f"--set {pair!r}: write KEY=VALUE, e.g. attack_steps=3")
-        if key in ROW_SETTINGS:
-            raise ValueError(f"--set {key}: {ROW_SETTINGS[key]}")
-        try:
-            settings[key] = tomllib.loads(f"value = {value.strip()}")["value"]
-        except tomllib.TOMLDecodeError:
-            raise ValueError(f"--set {pair!r}: {value.strip()!r} is not a TOML value (quote a string: "
-                             f"{key}=\"...\")") from None
+    """--set's KEY=VALUE pairs as TrainConfig overrides, each value read as TOML (3, 0.1, true, "name")."""
+    settings = parse_pairs(pairs, "--set", example="attack_steps=3")
+    for key in settings.keys() & ROW_SETTINGS.keys():
+        raise ValueError(f"--set {key}: {ROW_SETTINGS[key]}")
     return settings
 
 
