@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .layers import LayerGate
+from .registry import create_model
 from .routers import ResNetRouter
 
 
@@ -53,6 +54,18 @@ def balance_routing(model: nn.Module, x: Tensor) -> nn.Module:
         else:
             router.fc.bias -= logits.median(0).values
     return model
+
+
+def untrained(architecture: str, x: Tensor, seed: int = 0, **kwargs) -> nn.Module:
+    """A fresh model of `architecture` (create_model's kwargs) in the state a trained one runs in:
+    BatchNorm calibrated on `x` and, for a MoE model, its routers balanced to split `x` evenly, as a
+    trained router that uses its experts does; in eval mode. What benchmarks time when the model
+    they need was never trained."""
+    torch.manual_seed(seed)
+    model = calibrate_batchnorm(create_model(architecture, **kwargs), x)
+    if routers(model):
+        balance_routing(model, x)
+    return model.eval()
 
 
 @torch.no_grad()

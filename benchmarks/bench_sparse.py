@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 import advmoe
-from advmoe.calibrate import balance_routing, calibrate_batchnorm
+from advmoe.calibrate import untrained
 from advmoe.device import synchronizer, unavailable
 from advmoe.io import atomic_write_text
 from advmoe.macs import measure_macs
@@ -37,14 +37,8 @@ ARCHS = ("resnet18", "wrn28_10", "vgg16", "densenet40")
 
 def build(arch: str, router: str, image_size: int, width: float, router_blocks: int, x: torch.Tensor):
     """The dense twin, the MoE model in masked execution and the same weights in sparse execution."""
-    torch.manual_seed(0)
-    dense = advmoe.create_model(arch, image_size=image_size, width=width)
-    calibrate_batchnorm(dense, x)
-    advmoe.set_execution(dense, "sparse")
-    moe = advmoe.create_model(f"moe_{arch}", image_size=image_size, width=width, router=router,
-                              router_blocks=router_blocks)
-    calibrate_batchnorm(moe, x)
-    balance_routing(moe, x)
+    dense = advmoe.set_execution(untrained(arch, x, image_size=image_size, width=width), "sparse")
+    moe = untrained(f"moe_{arch}", x, image_size=image_size, width=width, router=router, router_blocks=router_blocks)
     sparse = advmoe.create_model(f"moe_{arch}", image_size=image_size, width=width, router=router,
                                  router_blocks=router_blocks)
     sparse.load_state_dict(moe.state_dict())

@@ -35,7 +35,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import advmoe
-from advmoe.calibrate import calibrate_batchnorm
+from advmoe.calibrate import untrained
 from advmoe.card import read_card
 from advmoe.runtimes import onnx_session
 from export.graph import export_onnx
@@ -69,9 +69,7 @@ class Profile:
 def models(checkpoint: str | Path, x: torch.Tensor) -> dict[str, torch.nn.Module]:
     """The checkpoint's model in sparse execution and its dense twin, prepared alike."""
     moe = advmoe.set_execution(advmoe.load_checkpoint(checkpoint), "sparse").eval()
-    torch.manual_seed(0)
-    twin = advmoe.create_model(advmoe.dense_twin(moe.model_name), **twin_args(moe.cfg))
-    calibrate_batchnorm(twin, x)
+    twin = untrained(advmoe.dense_twin(moe.model_name), x, **twin_args(moe.cfg))
     return {"sparse MoE": moe, "dense twin": advmoe.set_execution(twin, "sparse").eval()}
 
 

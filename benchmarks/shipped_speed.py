@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 import advmoe
-from advmoe.calibrate import balance_routing, calibrate_batchnorm
+from advmoe.calibrate import untrained
 from advmoe.card import read_card
 from advmoe.models.base import ModelConfig
 from advmoe.runtime_choice import fastest_runtime
@@ -62,9 +62,7 @@ def models(checkpoint: Path, x: torch.Tensor, folder: Path) -> dict[str, tuple[P
     config = {"dataset": read_card(checkpoint).dataset, "classes": list(read_card(checkpoint).classes)}
     found = {"sparse MoE": (checkpoint, target)}
     for name, width in widths.items():
-        torch.manual_seed(0)
-        dense = advmoe.create_model(arch, **{**args, "width": width})
-        calibrate_batchnorm(dense, x)
+        dense = untrained(arch, x, **{**args, "width": width})
         path = advmoe.save_checkpoint(dense, folder / name.replace(" ", "-").replace(",", ""), config=config)
         found[f"{name} (width {width:g})"] = (path, advmoe.count_macs(dense, shape))
     return found
@@ -80,10 +78,7 @@ def changed(checkpoint: Path, changes: dict, x: torch.Tensor, folder: Path) -> P
     unknown = sorted(set(changes) - known)
     if unknown:
         raise ValueError(f"unknown model settings {unknown}; choose from {', '.join(sorted(known))}")
-    torch.manual_seed(0)
-    model = advmoe.create_model(config["architecture"], **{**args, **changes})
-    calibrate_batchnorm(model, x)
-    balance_routing(model, x)
+    model = untrained(config["architecture"], x, **{**args, **changes})
     card = read_card(checkpoint)
     return advmoe.save_checkpoint(model, folder / "changed", config={"dataset": card.dataset, "classes": list(card.classes)})
 

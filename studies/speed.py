@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 import advmoe
-from advmoe.calibrate import balance_routing, calibrate_batchnorm
+from advmoe.calibrate import untrained
 from advmoe.checkpoint import is_checkpoint
 from advmoe.io import atomic_write_text
 from export.api import export_checkpoint
@@ -43,13 +43,9 @@ def _checkpoint(runs: list[RunResult], plan: Plan, scratch: Path) -> tuple[Path,
             return best, "trained"
     cfg = plan.config(runs[0].row, runs[0].seed)
     info = advmoe.get_dataset_info(cfg.dataset)
-    torch.manual_seed(0)
-    model = advmoe.create_model(cfg.model, **cfg.model_kwargs(info))
     test = advmoe.load_dataset(cfg.dataset, "test", cfg.data_dir)
     x = torch.stack([test[i][0] for i in range(min(256, len(test)))])
-    calibrate_batchnorm(model, x)
-    if model.cfg.is_moe:  # split the images evenly, as a trained router that uses its experts does
-        balance_routing(model, x)
+    model = untrained(cfg.model, x, **cfg.model_kwargs(info))
     path = scratch / "fresh"
     advmoe.save_checkpoint(model, path, config={"dataset": cfg.dataset, "classes": list(info.classes)})
     return path, "fresh"
