@@ -40,7 +40,11 @@ AUGMENTATIONS = {
     "none": "no augmentation",
     "crop": "random crop from the image zero-padded by 4 pixels per side",
     "crop-flip": "random crop (padding 4) and horizontal flip with probability 1/2",
+    "resized-crop-flip": "random resized crop and horizontal flip of each image as it is decoded (folder data sets)",
 }
+PER_IMAGE = "resized-crop-flip"  # done by the data set itself, not on the batch
+FOLDER = "folder"  # your own images: ROOT/train/CLASS/*.jpg (image_folder.py)
+FOLDER_IMAGE_SIZE = 224  # the folder data set's default, ImageNet's
 CROP_PADDING = 4
 PathLike = str | os.PathLike
 
@@ -60,7 +64,7 @@ class DatasetInfo:
     std: tuple[float, ...]
     classes: tuple[str, ...]
     files: str  # human description of the expected on-disk files
-    default_val_size: int  # images carved out of the official train set for "val"
+    default_val_size: int | float  # images (or a fraction) carved out of the official train set for "val"
     augmentation: str = "crop"  # the dataset's standard training augmentation (AUGMENTATIONS)
 
 
@@ -190,14 +194,35 @@ DATASETS: dict[str, DatasetInfo] = {
 
 
 def list_datasets() -> list[str]:
-    return list(DATASETS)
+    return [*DATASETS, FOLDER]
 
 
-def get_dataset_info(name: str) -> DatasetInfo:
+def get_dataset_info(name: str, data_dir: PathLike | None = None, image_size: int | None = None) -> DatasetInfo:
+    """What a data set is: classes, image shape, normalisation. The folder data set's come from its
+    folder (`data_dir`) and `image_size` (default 224); a named data set has its own size."""
+    if name == FOLDER:
+        return _folder_info(data_dir, image_size)
     try:
-        return DATASETS[name]
+        info = DATASETS[name]
     except KeyError:
-        raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}") from None
+        raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(list_datasets())}") from None
+    if image_size not in (None, info.image_size):
+        raise ValueError(f"{name} images are {info.image_size}x{info.image_size}; image_size={image_size} is a setting "
+                         f"of the {FOLDER} data set (your own images)")
+    return info
+
+
+def _folder_info(data_dir: PathLike | None, image_size: int | None) -> DatasetInfo:
+    from .image_folder import MEAN, STD, class_names, root_of
+
+    root = root_of(data_dir)
+    size = image_size or FOLDER_IMAGE_SIZE
+    if size < 16:
+        raise ValueError(f"image_size={size}: give 16 pixels or more")
+    classes = class_names(root / "train")
+    return DatasetInfo(name=FOLDER, title=root.name, num_classes=len(classes), in_channels=3, image_size=size,
+                       mean=MEAN, std=STD, classes=classes, files=f"{root}/train/CLASS/*.jpg|png",
+                       default_val_size=0.1, augmentation=PER_IMAGE)
 
 
 # --------------------------------------------------------------------------- augmentation
@@ -210,7 +235,7 @@ def augment(x: torch.Tensor, kind: str, generator: torch.Generator, padding: int
     batch may live on any device), so a seeded generator repeats them exactly."""
     if kind not in AUGMENTATIONS:
         raise ValueError(f"unknown augmentation {kind!r}; choose one of {', '.join(AUGMENTATIONS)}")
-    if kind == "none" or len(x) == 0:
+    if kind in ("none", PER_IMAGE) or len(x) == 0:  # PER_IMAGE: the data set augmented each image
         return x
     b, c, h, w = x.shape
     offsets = torch.randint(0, 2 * padding + 1, (2, b), generator=generator).to(x.device)
@@ -512,6 +537,9 @@ def load_dataset(
     data_dir: PathLike | None = None,
     val_size: int | float | None = None,
     seed: int = 0,
+    image_size: int | None = None,
+    augment: str | None = None,
+    bad_images: str = "error",
 ) -> Dataset:
     """Load ``split`` ("train", "val" or "test") of dataset ``name`` from local files.
 
@@ -521,12 +549,25 @@ def load_dataset(
     "test" is the official test set; for Tiny ImageNet that is the official ``val/`` folder,
     since its test labels are not public.
 
+    The folder data set (name "folder", `data_dir` the folder: image_folder.py) streams its images
+    from disk at `image_size`; its train split gets a random resized crop and flip when `augment`
+    is "resized-crop-flip" (its default), and `bad_images` says what an unreadable image does.
+
     Raises DatasetNotFoundError when files are missing (nothing is ever downloaded) and
     ValueError for an unknown name/split or a corrupt file.
     """
-    info = get_dataset_info(name)
+    info = get_dataset_info(name, data_dir, image_size)
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+    if info.name == FOLDER:
+        from .image_folder import FolderDataset, root_of, split_files
+
+        scanned, samples = split_files(root_of(data_dir), split, info.default_val_size if val_size is None else val_size,
+                                       seed, bad_images)
+        train = split == "train" and (augment or info.augmentation) == PER_IMAGE
+        return FolderDataset(samples, scanned.classes, info.image_size, train, bad_images)
+    if augment == PER_IMAGE:
+        raise ValueError(f"augment={PER_IMAGE} is the folder data set's; {name} augments batches (crop, crop-flip)")
     full = _LOADERS[info.name](data_dir, split != "test")
     if split == "test":
         return full

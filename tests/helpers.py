@@ -102,3 +102,32 @@ SERVER_ENV = {
     "ADVMOE_PROBE_MAX_BATCH_SIZE": "4",
     "ADVMOE_PROBE_MAX_EPS": "0.1",
 }
+
+
+# -- a small folder data set of generated photos (ROOT/train/CLASS/*.png|jpg, ROOT/test/...): mixed
+# sizes, file formats and modes (RGB, grey, RGBA, palette), each class a colour so there is something to learn.
+FOLDER_CLASSES = ("cat", "dog", "fox")
+_COLOURS = {"cat": (200, 60, 40), "dog": (40, 160, 60), "fox": (50, 70, 210)}
+
+
+def write_image_folder(root, per_class: int = 12, test_per_class: int = 4, seed: int = 0, classes=FOLDER_CLASSES):
+    """Writes the data set under root and returns root."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    root, rng = Path(root), np.random.default_rng(seed)
+    modes = ("RGB", "L", "RGBA", "P")
+    for split, n in (("train", per_class), ("test", test_per_class)):
+        for name in classes:
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                h, w = (int(v) for v in rng.integers(20, 72, size=2))
+                pixels = np.clip(np.array(_COLOURS[name]) + rng.normal(0, 25, (h, w, 3)), 0, 255).astype(np.uint8)
+                image, mode = Image.fromarray(pixels), modes[i % len(modes)]
+                image = image.convert(mode) if mode != "RGBA" else image.convert("RGBA")
+                if mode in ("RGB", "L") and i % 2:
+                    image.save(root / split / name / f"{i}.jpg", quality=90)
+                else:
+                    image.save(root / split / name / f"{i}.png")
+    return root
