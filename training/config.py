@@ -7,8 +7,9 @@ from pathlib import Path
 
 import advmoe
 from advmoe.attacks import STARTS, check_eps
-from advmoe.data import AUGMENTATIONS
+from advmoe.data import AUGMENTATIONS, FOLDER, FOLDER_IMAGE_SIZE, PER_IMAGE
 from advmoe.gate import GATE_GRADS
+from advmoe.image_folder import BAD_IMAGES
 from advmoe.routers import ROUTERS
 from advmoe.settings import ConfigError, setting, validate_choices
 
@@ -40,7 +41,7 @@ COLLAPSE_GUARDS = {
     "off": "only warn",
 }
 AUGMENT = {"standard": "the dataset's usual one, recorded as what it resolves to (CIFAR-10/100, Tiny ImageNet, "
-                       "Fashion-MNIST: crop-flip; SVHN: crop)", **AUGMENTATIONS}
+                       "Fashion-MNIST: crop-flip; SVHN: crop; your own images: resized-crop-flip)", **AUGMENTATIONS}
 
 
 def _method_choices() -> dict[str, str]:
@@ -56,6 +57,10 @@ class TrainConfig:
     val_size: int = setting(5000, "validation images carved from the training set; selection never sees the test set")
     train_examples: int | None = setting(None, "use only the first N training images (small runs)")
     val_examples: int = setting(1000, "validation images evaluated after each epoch (clean and PGD)")
+    image_size: int | None = setting(None, "pixels per side the model takes: the folder data set's images are resized to "
+                                           f"it ({FOLDER_IMAGE_SIZE} by default); a named data set keeps its own")
+    bad_images: str = setting("error", "the folder data set: what an image that cannot be opened or decoded does",
+                              choices=BAD_IMAGES)
     augment: str = setting("standard", "training-image augmentation, drawn per image and per epoch from the seed "
                                        "(validation and test images are never augmented)", choices=AUGMENT)
     # model
@@ -133,7 +138,17 @@ class TrainConfig:
 
         validate_choices(self)
         if self.augment == "standard":  # the config records what the run did
-            self.augment = advmoe.get_dataset_info(self.dataset).augmentation
+            self.augment = PER_IMAGE if self.dataset == FOLDER else advmoe.get_dataset_info(self.dataset).augmentation
+        if self.augment == PER_IMAGE and self.dataset != FOLDER:
+            bad(f"augment={PER_IMAGE} crops each image as the folder data set decodes it; {self.dataset} augments "
+                "batches: use crop or crop-flip")
+        if self.image_size is not None and self.dataset != FOLDER:
+            info = advmoe.get_dataset_info(self.dataset)
+            if self.image_size != info.image_size:
+                bad(f"image_size={self.image_size}: {self.dataset} images are {info.image_size}x{info.image_size}; "
+                    f"image_size is a setting of the {FOLDER} data set (your own images)")
+        if self.image_size is not None and self.image_size < 16:
+            bad(f"image_size={self.image_size}: give 16 pixels or more")
         if self.expert_loss != "trades" and self.method not in ALTERNATING:
             bad(f"expert_loss={self.expert_loss} is a setting of {' and '.join(ALTERNATING)}; {self.method} has its own "
                 "loss (for Madry's loss on the whole model: method pgd-at)")

@@ -98,11 +98,11 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, log=functools
     device = torch.device(cfg.device if cfg.device != "cuda" else f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
     if rank == 0:
         _check_run_dir(cfg, out, resume)
-    info = advmoe.get_dataset_info(cfg.dataset)
-    train_set = advmoe.load_dataset(cfg.dataset, "train", cfg.data_dir, cfg.val_size, cfg.seed)
+    info = advmoe.get_dataset_info(cfg.dataset, cfg.data_dir, cfg.image_size)
+    train_set = _split(cfg, "train")
     if cfg.train_examples:
         train_set = Subset(train_set, range(min(cfg.train_examples, len(train_set))))
-    val_set = advmoe.load_dataset(cfg.dataset, "val", cfg.data_dir, cfg.val_size, cfg.seed)
+    val_set = _split(cfg, "val")
     val_set = Subset(val_set, range(min(cfg.val_examples, len(val_set))))
 
     torch.manual_seed(cfg.seed)
@@ -232,7 +232,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, log=functools
 def _final_test(cfg: TrainConfig, out: Path, device, n: int, checkpoint_config: dict, log) -> dict:
     """Evaluate the best checkpoint once on the test set; its metrics.json gets the numbers."""
     best = advmoe.load_checkpoint(out / "best", map_location=device)
-    test_set = advmoe.load_dataset(cfg.dataset, "test", cfg.data_dir)
+    test_set = _split(cfg, "test")
     test = validate(best, Subset(test_set, range(min(n, len(test_set)))), cfg, device, seed=cfg.seed)
     metrics = {**read_metrics(out / "best"), **{f"test_{k}": v for k, v in test.items()},
                "clean_accuracy": test["clean_accuracy"], "pgd_accuracy": test["pgd_accuracy"]}
@@ -307,14 +307,21 @@ def make_optimizers(cfg: TrainConfig, model) -> dict[str, torch.optim.Optimizer]
     return {"experts": sgd(model.expert_parameters(), cfg.lr), "router": sgd(model.router_parameters(), cfg.router_lr or cfg.lr)}
 
 
+def _split(cfg: TrainConfig, split: str):
+    return advmoe.load_dataset(cfg.dataset, split, cfg.data_dir, cfg.val_size, cfg.seed, image_size=cfg.image_size,
+                               augment=cfg.augment, bad_images=cfg.bad_images)
+
+
 def _loader(dataset, cfg: TrainConfig, epoch: int, distributed: bool) -> DataLoader:
     if distributed:
         sampler = DistributedSampler(dataset, shuffle=True, seed=cfg.seed)
         sampler.set_epoch(epoch)
     else:
         sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(cfg.seed * 10_007 + epoch))
+    # the workers' seeds (a folder data set's random crops) come from the epoch's too
     return DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
-                      pin_memory=cfg.device == "cuda", drop_last=False)
+                      pin_memory=cfg.device == "cuda", drop_last=False,
+                      generator=torch.Generator().manual_seed(cfg.seed * 10_007 + epoch))
 
 
 def _autocast(cfg: TrainConfig, device: torch.device):

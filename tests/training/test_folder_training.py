@@ -1,0 +1,34 @@
+"""Training on your own images: a folder data set, streamed by DataLoader workers."""
+import json
+
+import pytest
+
+import advmoe
+from helpers import FOLDER_CLASSES, write_image_folder
+from training import trainer
+from training.config import ConfigError, resolve
+
+SMALL = dict(dataset="folder", image_size=32, model="moe_resnet18", width=0.0625, router_blocks=1, router_width=4,
+             eps=8 / 255, eval_steps=1, val_size=6, val_examples=6, batch_size=8, epochs=1, workers=2,
+             val_apgd_iterations=0)
+
+
+@pytest.mark.parametrize("method", ["advmoe", "pgd-at"])
+def test_a_folder_trains_and_its_class_names_reach_the_checkpoint(tmp_path, method):
+    root = write_image_folder(tmp_path / "photos")
+    model = "moe_resnet18" if method == "advmoe" else "resnet18"
+    cfg = resolve(data_dir=str(root), **{**SMALL, "method": method, "model": model})
+    assert cfg.augment == "resized-crop-flip"
+    result = trainer.train(cfg, tmp_path / "run", log=lambda *a: None, max_steps=2, test_examples=12)
+    checkpoint = advmoe.load_checkpoint(result.best)
+    config = json.loads((result.best / "config.json").read_text())
+    assert config["classes"] == list(FOLDER_CLASSES) and config["dataset"] == "folder"
+    assert (checkpoint.cfg.num_classes, checkpoint.cfg.in_channels, checkpoint.cfg.image_size) == (3, 3, 32)
+    assert 0 <= result.test["clean_accuracy"] <= 1
+
+
+def test_image_size_and_per_image_crops_belong_to_the_folder_data_set():
+    with pytest.raises(ConfigError, match="fashion_mnist images are 28x28"):
+        resolve("fmnist-tiny", image_size=64).validate()
+    with pytest.raises(ConfigError, match="augments batches"):
+        resolve("fmnist-tiny", augment="resized-crop-flip").validate()
