@@ -19,6 +19,7 @@ from torch import Tensor, nn
 import advmoe
 from advmoe.attacks import check_eps
 from advmoe.checkpoint import WEIGHTS, read_config
+from advmoe.data import FOLDER
 from advmoe.device import unavailable
 from advmoe.distributed import setup as join_group, teardown as leave_group
 from advmoe.gate import GATE_GRADS
@@ -97,13 +98,19 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, dataset: str | None = Non
     checkpoint = Path(checkpoint)
     config = read_config(checkpoint)
     dataset = _dataset(checkpoint, config, dataset)
-    info = advmoe.get_dataset_info(dataset)
+    data_args = _data_args(config, dataset)
+    if data_args and data_dir is None:  # your own images: where the training run read them
+        data_dir = (config.get("training") or {}).get("data_dir")
+    info = advmoe.get_dataset_info(dataset, data_dir, data_args.get("image_size"))
+    if data_args and list(info.classes) != list(config.get("classes", info.classes)):
+        raise ConfigError(f"{checkpoint} was trained on the classes {config['classes']}; {data_dir} has "
+                          f"{list(info.classes)}: evaluate it on the folder it was trained on")
     eps, eps_source = _eps(config, eps)
     s = EvalSettings(eps=eps, **settings)
     s.validate()  # before any slow work
     if n_examples < 1 or start < 0:
         raise ConfigError(f"n-examples must be >= 1 and start >= 0, got {n_examples} and {start}")
-    held_out = _held_out(checkpoint, config, split)  # before any slow work
+    held_out = {**_held_out(checkpoint, config, split), **data_args}  # before any slow work
     if problem := unavailable(device):
         raise ConfigError(problem)
     device = torch.device(device)
@@ -175,6 +182,16 @@ def _examples(dataset: str, split: str, data_dir: str | None, held_out: dict, n:
         raise ConfigError(f"start={start}: the {split} split has only {len(data)} images")
     items = [data[i] for i in indices]
     return torch.stack([item[0] for item in items]), torch.tensor([item[1] for item in items])
+
+
+def _data_args(config: dict, dataset: str) -> dict:
+    """load_dataset's arguments a folder data set needs from the checkpoint: the model's image size
+    and what its training did with unreadable images (a named data set needs none)."""
+    if dataset != FOLDER:
+        return {}
+    training = config.get("training") or {}
+    return {"image_size": (config.get("model_args") or {}).get("image_size"),
+            "bad_images": training.get("bad_images", "error")}
 
 
 def _held_out(checkpoint: Path, config: dict, split: str) -> dict:

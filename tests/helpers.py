@@ -107,6 +107,9 @@ SERVER_ENV = {
 # -- a small folder data set of generated photos (ROOT/train/CLASS/*.png|jpg, ROOT/test/...): mixed
 # sizes, file formats and modes (RGB, grey, RGBA, palette), each class a colour so there is something to learn.
 FOLDER_CLASSES = ("cat", "dog", "fox")
+# a run on it that takes seconds: a tiny MoE ResNet-18 at 32 x 32
+FOLDER_RUN = dict(dataset="folder", image_size=32, model="moe_resnet18", width=0.0625, router_blocks=1, router_width=4,
+                  eps=8 / 255, eval_steps=1, val_size=6, val_examples=6, batch_size=8, epochs=1, val_apgd_iterations=0)
 _COLOURS = {"cat": (200, 60, 40), "dog": (40, 160, 60), "fox": (50, 70, 210)}
 
 
@@ -123,7 +126,8 @@ def write_image_folder(root, per_class: int = 12, test_per_class: int = 4, seed:
             (root / split / name).mkdir(parents=True, exist_ok=True)
             for i in range(n):
                 h, w = (int(v) for v in rng.integers(20, 72, size=2))
-                pixels = np.clip(np.array(_COLOURS[name]) + rng.normal(0, 25, (h, w, 3)), 0, 255).astype(np.uint8)
+                colour = _COLOURS.get(name, (128, 128, 128))
+                pixels = np.clip(np.array(colour) + rng.normal(0, 25, (h, w, 3)), 0, 255).astype(np.uint8)
                 image, mode = Image.fromarray(pixels), modes[i % len(modes)]
                 image = image.convert(mode) if mode != "RGBA" else image.convert("RGBA")
                 if mode in ("RGB", "L") and i % 2:

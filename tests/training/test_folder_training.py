@@ -4,20 +4,16 @@ import json
 import pytest
 
 import advmoe
-from helpers import FOLDER_CLASSES, write_image_folder
+from helpers import FOLDER_CLASSES, FOLDER_RUN, write_image_folder
 from training import trainer
 from training.config import ConfigError, resolve
-
-SMALL = dict(dataset="folder", image_size=32, model="moe_resnet18", width=0.0625, router_blocks=1, router_width=4,
-             eps=8 / 255, eval_steps=1, val_size=6, val_examples=6, batch_size=8, epochs=1, workers=2,
-             val_apgd_iterations=0)
 
 
 @pytest.mark.parametrize("method", ["advmoe", "pgd-at"])
 def test_a_folder_trains_and_its_class_names_reach_the_checkpoint(tmp_path, method):
     root = write_image_folder(tmp_path / "photos")
     model = "moe_resnet18" if method == "advmoe" else "resnet18"
-    cfg = resolve(data_dir=str(root), **{**SMALL, "method": method, "model": model})
+    cfg = resolve(data_dir=str(root), **{**FOLDER_RUN, "method": method, "model": model, "workers": 2})
     assert cfg.augment == "resized-crop-flip"
     result = trainer.train(cfg, tmp_path / "run", log=lambda *a: None, max_steps=2, test_examples=12)
     checkpoint = advmoe.load_checkpoint(result.best)
@@ -32,3 +28,4 @@ def test_image_size_and_per_image_crops_belong_to_the_folder_data_set():
         resolve("fmnist-tiny", image_size=64).validate()
     with pytest.raises(ConfigError, match="augments batches"):
         resolve("fmnist-tiny", augment="resized-crop-flip").validate()
+
