@@ -195,3 +195,8 @@ class MoEConv2d(_ConvUnit):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, num_experts={self.num_experts}, top_k={self.top_k}"
 
+
+
+def pooled(pool: nn.MaxPool2d, size: int) -> int:
+    """A max-pool's output size along one side (it has no MACs; the layers after it see this size)."""
+    return (size + 2 * pool.padding - pool.kernel_size) // pool.stride + 1

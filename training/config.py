@@ -10,6 +10,7 @@ from advmoe.attacks import STARTS, check_eps
 from advmoe.data import AUGMENTATIONS, FOLDER, FOLDER_IMAGE_SIZE, PER_IMAGE
 from advmoe.gate import GATE_GRADS
 from advmoe.image_folder import BAD_IMAGES
+from advmoe.models.base import STEMS
 from advmoe.routers import ROUTERS
 from advmoe.settings import ConfigError, setting, validate_choices
 
@@ -66,6 +67,7 @@ class TrainConfig:
     # model
     model: str = setting("moe_resnet18", "architecture from the registry (`advmoe models`)", choices=advmoe.list_models)
     width: float = setting(1.0, "width multiplier of every stage (1.0: the paper's widths)")
+    stem: str = setting("auto", "the network's first layers", choices=STEMS)
     num_experts: int = setting(2, "experts per MoE layer (N)")
     expert_ratio: float = setting(0.5, "width of an expert as a fraction of the dense layer (r)")
     router: str = setting("shared", "who decides the route", choices=ROUTERS)
@@ -124,7 +126,7 @@ class TrainConfig:
 
     def model_kwargs(self, info) -> dict:
         kwargs = dict(num_classes=info.num_classes, in_channels=info.in_channels, image_size=info.image_size,
-                      mean=info.mean, std=info.std, width=self.width)
+                      mean=info.mean, std=info.std, width=self.width, stem=self.stem)
         if self.is_moe:
             kwargs.update(num_experts=self.num_experts, expert_ratio=self.expert_ratio, router=self.router,
                           router_blocks=self.router_blocks, router_width=self.router_width,

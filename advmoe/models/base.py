@@ -11,9 +11,15 @@ from torch import Tensor, nn
 
 from ..dispatch import dispatch
 from ..gate import GATE_GRADS, Route, needs_every_expert, route, sort_by_expert
-from ..layers import ConvNorm2d, LayerGate, MoEConv2d, Normalize, _ConvUnit
+from ..layers import ConvNorm2d, LayerGate, MoEConv2d, Normalize, _ConvUnit, pooled
 from ..routers import ROUTERS, ResNetRouter
 from ..runtimes import EXECUTIONS
+
+
+STEMS = {"auto": "the ImageNet stem for images over 64 pixels where the architecture has one, else the small one",
+         "small": "a 3x3 convolution of stride 1 (CIFAR-sized images)",
+         "imagenet": "a 7x7 convolution of stride 2 and a 3x3 max-pool of stride 2 (ResNet-18 only)"}
+LARGE_IMAGE = 64
 
 
 @dataclass
@@ -32,12 +38,25 @@ class ModelConfig:
     # narrow convs at full resolution were a quarter of the shipped model's time (docs/sparse.md).
     router_stride: int = 1
     gate_grad: str = "softmax"  # where the straight-through gradient goes (gate.GATE_GRADS); top-1 only
+    # "small": a 3x3 conv at full resolution (CIFAR-sized images); "imagenet": a 7x7 conv of stride 2
+    # and a max-pool, as torchvision's ResNet, for an architecture that has one (STEMS)
+    stem: str = "auto"
     mean: tuple[float, ...] = (0.5,)
     std: tuple[float, ...] = (0.5,)
 
     @property
     def is_moe(self) -> bool:
         return self.num_experts > 0
+
+    def stem_kind(self, has_imagenet: bool) -> str:
+        """The stem this config builds in an architecture with (or without) an ImageNet stem: "auto"
+        takes it for images over LARGE_IMAGE pixels, where a full-resolution stem costs 16x the MACs."""
+        if self.stem == "imagenet" and not has_imagenet:
+            raise ValueError("invalid model config: stem=imagenet is ResNet-18's (resnet18, moe_resnet18); this "
+                             "architecture has the small-image stem only: use resnet18 for large images")
+        if self.stem == "auto":
+            return "imagenet" if has_imagenet and self.image_size > LARGE_IMAGE else "small"
+        return self.stem
 
     def dense_channels(self, channels: int) -> int:
         """Width of a layer the MoE model keeps at the dense twin's width."""
@@ -58,6 +77,8 @@ class ModelConfig:
             bad(f"num_classes={self.num_classes} and in_channels={self.in_channels} must be >= 1")
         if self.image_size < 8:
             bad(f"image_size={self.image_size} is too small; use 28, 32 or 64")
+        if self.stem not in STEMS:
+            bad(f"stem={self.stem!r}; choose one of {tuple(STEMS)}")
         if self.width <= 0:
             bad(f"width={self.width} must be > 0")
         if self.is_moe:
@@ -92,15 +113,19 @@ class MoENet(nn.Module):
     model, a dense conv in its twin) and implement `forward_backbone(x, route)` and
     `backbone_macs(h, w)`."""
 
+    has_imagenet_stem = False  # an architecture that has one builds it for stem_kind == "imagenet"
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
+        self.stem_kind = cfg.stem_kind(self.has_imagenet_stem)
         channels = cfg.in_channels
         self.normalize = Normalize(_per_channel(cfg.mean, channels), _per_channel(cfg.std, channels))
         self.router = None
         if cfg.is_moe and cfg.router == "shared":
-            self.router = ResNetRouter(channels, cfg.num_experts, cfg.router_width, cfg.router_blocks, cfg.router_stride)
+            self.router = ResNetRouter(channels, cfg.num_experts, cfg.router_width, cfg.router_blocks, cfg.router_stride,
+                                       large=cfg.stem == "imagenet" or cfg.stem == "auto" and cfg.image_size > LARGE_IMAGE)
         self.execution = "masked"
         # Masked execution computes only the chosen experts when gradients flow and need no
         # other (`needs_every_expert`); False computes every expert always (benchmarks, tests).
@@ -267,9 +292,12 @@ class ResidualBlock(nn.Module):
         return m1 + m2 + m3, ho, wo
 
 
-def chain_macs(stem: nn.Module, blocks: nn.ModuleList, head: nn.Linear, h: int, w: int) -> int:
-    """MACs of stem -> blocks -> linear head, each block reporting (macs, h, w)."""
+def chain_macs(stem: nn.Module, blocks: nn.ModuleList, head: nn.Linear, h: int, w: int,
+               pool: nn.MaxPool2d | None = None) -> int:
+    """MACs of stem -> (pool) -> blocks -> linear head, each block reporting (macs, h, w)."""
     total, h, w = stem.macs(h, w)
+    if pool is not None:  # no MACs, but every later layer sees its output size
+        h, w = pooled(pool, h), pooled(pool, w)
     for block in blocks:
         macs, h, w = block.macs(h, w)
         total += macs

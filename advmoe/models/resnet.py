@@ -1,4 +1,6 @@
-"""ResNet-18 for small images (CIFAR stem: 3x3, stride 1, no max-pool).
+"""ResNet-18, with the small-image stem (3x3, stride 1, no max-pool: CIFAR) or torchvision's
+ImageNet stem (7x7 of stride 2, then a 3x3 max-pool of stride 2), which runs every block on 1/16 of
+the pixels: at 224 x 224, 1.8 GMACs against 27 with the small stem.
 
 MoE twin (reference layout): both convs of every basic block are MoE convs at w = int(r * C);
 the stem (full width), the 1x1 shortcuts (at width w) and the classifier are dense.
@@ -35,10 +37,14 @@ class BasicBlock(ResidualBlock):
 
 
 class ResNet(MoENet):
+    has_imagenet_stem = True
+
     def __init__(self, cfg: ResNetConfig):
         super().__init__(cfg)
         channels = cfg.dense_channels(64)
-        self.stem = ConvNorm2d(cfg.in_channels, channels, 3, 1)
+        large = self.stem_kind == "imagenet"
+        self.stem = ConvNorm2d(cfg.in_channels, channels, 7 if large else 3, 2 if large else 1)
+        self.pool = nn.MaxPool2d(3, 2, 1) if large else None
         blocks = []
         for stage, (width, depth) in enumerate(zip((64, 128, 256, 512), cfg.blocks)):
             for i in range(depth):
@@ -51,9 +57,11 @@ class ResNet(MoENet):
 
     def forward_backbone(self, x: Tensor, route) -> Tensor:
         x = F.relu(self.stem(x), inplace=True)
+        if self.pool is not None:
+            x = self.pool(x)
         for block in self.blocks:
             x = block(x, route)
         return self.fc(x.mean((2, 3)))
 
     def backbone_macs(self, h: int, w: int) -> int:
-        return chain_macs(self.stem, self.blocks, self.fc, h, w)
+        return chain_macs(self.stem, self.blocks, self.fc, h, w, self.pool)

@@ -7,7 +7,10 @@ from cli.main import main
 def test_models_lists_parameters_and_macs(capsys):
     assert main(["models", "moe_resnet*"]) == 0
     out = capsys.readouterr().out
-    assert "| moe_resnet18 | 5.83 | 0.192 |" in out
+    assert "| moe_resnet18 | small | 5.83 | 0.192 |" in out
+    assert main(["models", "*resnet*", "--image-size", "224"]) == 0
+    out = capsys.readouterr().out
+    assert "| moe_resnet18 | imagenet | 5.84 | 0.730 |" in out and "| resnet18 | imagenet | 11.18 | 1.814 |" in out
 
 
 def test_errors_are_one_line_with_exit_code_2(capsys):

@@ -224,3 +224,16 @@ def test_tracing_and_export_keep_the_path_that_computes_every_expert():
             assert len(set(model.last_routing[:, 0].tolist())) == 2  # a split the trace did not see
             torch.testing.assert_close(traced(batch), expected, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(exported.module()(batch), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_sparse_equals_masked_at_224_with_the_imagenet_stem(router):
+    model = calibrated_model("moe_resnet18", router, image_size=224)
+    x = torch.rand(4, 3, 224, 224)
+    with torch.no_grad():
+        masked = model(x)
+        routing = model.last_routing.clone()
+        advmoe.set_execution(model, "sparse")
+        sparse = model(x)
+    assert len(routing.unique()) == 2  # both experts in use
+    assert torch.allclose(sparse, masked, atol=1e-4) and torch.equal(model.last_routing, routing)

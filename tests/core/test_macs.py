@@ -100,3 +100,21 @@ def test_a_strided_router_costs_a_quarter_and_is_counted_as_it_runs():
         torch.testing.assert_close(models[2](x), masked, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="router_stride 1 or 2"):
         small_model("moe_resnet18", "shared", router_stride=3)
+
+
+@pytest.mark.parametrize("router", ["shared", "per_layer"])
+def test_the_imagenet_stem_is_counted_at_224(router):
+    """The stem's max-pool has no MACs but shrinks every later layer: the analytic count follows it."""
+    model = calibrated_model("moe_resnet18", router, image_size=224)
+    assert model.stem_kind == "imagenet"
+    advmoe.set_execution(model, "sparse")
+    x = torch.rand(2, 3, 224, 224)
+    assert hook_macs(model, x) == measure_macs(model, x) == advmoe.count_macs(model, (3, 224, 224))
+
+
+def test_at_224_resnet18_is_torchvisions_and_the_moe_model_runs_a_third_of_it():
+    dense = advmoe.count_macs(advmoe.create_model("resnet18", image_size=224), (3, 224, 224))
+    assert dense / 1e9 == pytest.approx(1.814, rel=0.01)  # torchvision's ResNet-18: 1.82 GMACs
+    moe = advmoe.create_model("moe_resnet18", image_size=224, router_stride=2)
+    assert dense / advmoe.count_macs(moe, (3, 224, 224)) > 2.9
+    assert moe.router.macs(224, 224) < 0.07 * advmoe.count_macs(moe, (3, 224, 224))  # the router enters at 1/8 size

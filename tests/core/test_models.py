@@ -145,3 +145,17 @@ def test_top_k_two_runs_and_mixes_two_experts():
         mixed = layer(h, route)
     weights = route.weights.detach()[:, :, None, None]
     torch.testing.assert_close(mixed, weights[:, :1] * alone[0] + weights[:, 1:] * alone[1])
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_the_stem_follows_the_image_size_where_the_architecture_has_an_imagenet_one(name):
+    small = small_model(name, image_size=32)
+    assert small.stem_kind == "small"
+    if "resnet18" in name:
+        assert small_model(name, image_size=224).stem_kind == "imagenet"
+        assert small_model(name, image_size=64, stem="imagenet").stem_kind == "imagenet"
+        assert small_model(name, image_size=224, stem="small").stem_kind == "small"
+    else:
+        assert small_model(name, image_size=96).stem_kind == "small"
+        with pytest.raises(ValueError, match="stem=imagenet is ResNet-18's"):
+            small_model(name, image_size=96, stem="imagenet")
