@@ -35,12 +35,14 @@ from advmoe.settings import parse_pairs
 ARCHS = ("resnet18", "wrn28_10", "vgg16", "densenet40")
 
 
-def build(arch: str, router: str, image_size: int, width: float, router_blocks: int, x: torch.Tensor):
+def build(arch: str, router: str, image_size: int, width: float, router_blocks: int, x: torch.Tensor,
+          router_stride: int = 1):
     """The dense twin, the MoE model in masked execution and the same weights in sparse execution."""
     dense = advmoe.set_execution(untrained(arch, x, image_size=image_size, width=width), "sparse")
-    moe = untrained(f"moe_{arch}", x, image_size=image_size, width=width, router=router, router_blocks=router_blocks)
+    moe = untrained(f"moe_{arch}", x, image_size=image_size, width=width, router=router, router_blocks=router_blocks,
+                    router_stride=router_stride)
     sparse = advmoe.create_model(f"moe_{arch}", image_size=image_size, width=width, router=router,
-                                 router_blocks=router_blocks)
+                                 router_blocks=router_blocks, router_stride=router_stride)
     sparse.load_state_dict(moe.state_dict())
     sparse.eval()
     advmoe.set_execution(sparse, "sparse")
@@ -67,14 +69,14 @@ def time_interleaved(models: dict, x: torch.Tensor, rounds: int, calls: int, war
 
 
 def run(archs=ARCHS, routers=ROUTERS, batch_sizes=(1, 64), image_size=32, width=1.0, router_blocks=3,
-        rounds=5, device: str = "cpu") -> list[dict]:
+        rounds=5, device: str = "cpu", router_stride: int = 1) -> list[dict]:
     """Models are built, calibrated and counted on the CPU, then timed on `device`."""
     rows = []
     for arch in archs:
         for router in routers:
             torch.manual_seed(0)
             calib = torch.rand(64, 3, image_size, image_size)
-            models = build(arch, router, image_size, width, router_blocks, calib)
+            models = build(arch, router, image_size, width, router_blocks, calib, router_stride)
             macs = {name: measure_macs(m, calib[:8]) for name, m in models.items()}
             models = {name: m.to(device) for name, m in models.items()}
             for batch in batch_sizes:
@@ -139,6 +141,8 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.N
 def main(argv: list[str] | None = None) -> int:
     parser = common_parser("advmoe bench sparse", __doc__, list(ARCHS))
     parser.add_argument("--router-blocks", type=int, default=3, help="blocks per stage of the shared router")
+    parser.add_argument("--router-stride", type=int, choices=(1, 2), default=1,
+                        help="stride of the shared router's entry (2: it sees a quarter of the pixels)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     parser.add_argument("--checkpoint", help="instead: this trained MoE checkpoint against its dense twin and the dense "
@@ -157,10 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     where = (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
              else f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
     print(f"# advmoe {advmoe.__version__}, torch {torch.__version__}, {where}, image {args.image_size}x{args.image_size}, "
-          f"width {args.width}, router blocks {args.router_blocks}, {args.rounds} rounds\n")
+          f"width {args.width}, router blocks {args.router_blocks}, router stride {args.router_stride}, "
+          f"{args.rounds} rounds\n")
     print(HEADER, flush=True)
     rows = run(args.archs, args.routers, tuple(args.batch_sizes), args.image_size, args.width,
-               args.router_blocks, args.rounds, args.device)
+               args.router_blocks, args.rounds, args.device, args.router_stride)
     if args.json:
         atomic_write_text(args.json, json.dumps(rows, indent=2))
     return 0

@@ -21,6 +21,13 @@ def test_run_reports_every_model_and_batch():
         assert r["sparse_gmacs"] < r["masked_gmacs"]
 
 
+def test_at_224_the_imagenet_stem_model_is_timed_with_the_router_stride_given():
+    rows = {stride: bench_sparse.run(archs=("resnet18",), routers=("shared",), batch_sizes=(2,), image_size=224,
+                                     width=0.0625, rounds=1, router_stride=stride)[0] for stride in (1, 2)}
+    assert rows[2]["sparse_gmacs"] < rows[1]["sparse_gmacs"] and rows[2]["dense_gmacs"] == rows[1]["dense_gmacs"]
+    assert all(r["max_abs_diff"] <= 1e-5 and r["routes_differ"] == 0 for r in rows.values())
+
+
 def test_main_prints_a_table_and_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert bench_sparse.main(["--archs", "vgg16", "--routers", "per_layer", "--batch-sizes", "2",
