@@ -6,7 +6,7 @@ import importlib
 
 BENCHMARKS = {"sparse": "benchmarks.bench_sparse", "export": "benchmarks.bench_export",
               "methods": "benchmarks.bench_methods", "serve": "benchmarks.bench_serve", "eval": "benchmarks.bench_eval",
-              "profile": "benchmarks.profile_sparse"}
+              "profile": "benchmarks.profile_sparse", "folder-memory": "benchmarks.folder_memory"}
 HELP = "speed benchmarks: `advmoe bench sparse --help`"
 
 
