@@ -11,7 +11,7 @@ def test_an_untrained_model_runs_as_a_trained_one_would(name, router):
     """BatchNorm calibrated on the images (eval-mode activations stay in range) and, for a MoE
     model, every router splitting them over its experts; the same seed gives the same weights."""
     torch.manual_seed(1)
-    x = torch.rand(16, 3, 32, 32)
+    x = torch.rand(8, 3, 32, 32)
     kwargs = {"width": SMALL_WIDTH / 2} | ({"router": router} if router else {})
     model = untrained(name, x, **kwargs)
     assert not model.training

@@ -227,9 +227,10 @@ def test_tracing_and_export_keep_the_path_that_computes_every_expert():
 
 
 @pytest.mark.parametrize("router", ROUTERS)
-def test_sparse_equals_masked_at_224_with_the_imagenet_stem(router):
-    model = calibrated_model("moe_resnet18", router, image_size=224)
-    x = torch.rand(4, 3, 224, 224)
+def test_sparse_equals_masked_with_the_imagenet_stem(router):
+    model = calibrated_model("moe_resnet18", router, image_size=96)  # over 64 pixels: the ImageNet stem
+    assert model.stem_kind == "imagenet"
+    x = torch.rand(4, 3, 96, 96)
     with torch.no_grad():
         masked = model(x)
         routing = model.last_routing.clone()
