@@ -136,7 +136,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats=ExportSet
             export_and_check("aotinductor", tmp / "model.aoti.pt2", export_aoti, aoti_runner)
         if "triton" in formats:
             exported = {"onnxruntime": tmp / "model.onnx"} | ({"torchscript": tmp / "model.pt"} if torchscript else {})
-            for folder in triton.write_repository(tmp / "triton", name, exported, model, max_batch_size):
+            for folder in triton.write_repository(tmp / "triton", name, exported, model, max_batch_size,
+                                                  list(card.classes)):
                 files.append(out / "triton" / folder.name)
         for source in (CONFIG, METRICS, WEIGHTS):  # the weights: for the service's eager torch runtime
             if (Path(checkpoint) / source).is_file():

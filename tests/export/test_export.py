@@ -92,6 +92,10 @@ def test_triton_config_parses_and_names_the_onnx_tensors(exported):
     assert list(config.input[0].dims) == [1, 28, 28]
     assert list(config.output[0].dims) == [10] and list(config.output[1].dims) == [16]
     assert config.dynamic_batching.max_queue_delay_microseconds > 0
+    # the class names, for Triton's classification extension (a client asks class_count=k)
+    assert config.output[0].label_filename == "labels.txt" and not config.output[1].label_filename
+    labels = (out / "triton/advmoe" / config.output[0].label_filename).read_text().splitlines()
+    assert labels == json.loads((out / "card.json").read_text())["classes"]
 
 
 def test_triton_libtorch_config_parses_and_names_the_torchscript_module_tensors(exported):
