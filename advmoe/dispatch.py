@@ -85,6 +85,50 @@ def _traceable_dispatch(x, experts, num_experts, expert_fn, weights):
     return out
 
 
+def capacity_dispatch(
+    x: Tensor,
+    experts: Tensor,
+    num_experts: int,
+    expert_fn: Callable[[Tensor, int], Tensor],
+    weights: Tensor | None = None,
+    capacity: int | None = None,
+) -> Tensor:
+    """`dispatch` with static shapes: expert e runs on exactly `capacity` rows, its group padded
+    (with copies of a row whose result is never read). The default capacity is the batch, which no
+    group can exceed, so nothing is read back to the host: every shape follows from x's, the GPU
+    can replay the whole forward as a CUDA graph, and the exported graph needs no NonZero or
+    ScatterND. A smaller capacity (`capacity_for`) must hold the largest group.
+
+    The groups come from one sort of (expert, position) keys; each (sample, choice) pair finds its
+    result at expert * capacity + its rank within its expert's group, a gather."""
+    batch, k = experts.shape
+    if batch == 0 and not torch.compiler.is_exporting():
+        return expert_fn(x, 0)  # an empty batch: nothing to group
+    pairs = batch * k
+    capacity = batch if capacity is None else capacity
+    chosen = experts.reshape(-1)  # pair p = (sample p // k, choice p % k)
+    onehot = (chosen[:, None] == torch.arange(num_experts, device=x.device)[None, :]).long()  # [pairs, N]
+    counts = onehot.sum(0)
+    rank = ((onehot.cumsum(0) - 1) * onehot).sum(1)  # each pair's place in its expert's group
+    order = torch.argsort(chosen * pairs + torch.arange(pairs, device=x.device))  # grouped by expert, then pair
+    starts = counts.cumsum(0) - counts
+    slots = starts[:, None] + torch.arange(capacity, device=x.device)[None, :]  # [N, capacity]
+    rows = order.index_select(0, slots.clamp(max=pairs - 1).reshape(-1)).reshape(num_experts, capacity) // k
+    outputs = torch.cat([expert_fn(_rows(x, rows[e]), e) for e in range(num_experts)])  # [N * capacity, ...]
+    y = outputs.index_select(0, chosen * capacity + rank)  # [pairs, ...]
+    if weights is None:  # top-1: the chosen expert's output
+        return y
+    gains = weights.gather(1, experts).reshape(-1, *[1] * (y.dim() - 1))
+    return (y * gains).unflatten(0, (batch, k)).sum(1)
+
+
+def capacity_for(experts: Tensor, num_experts: int, buckets: tuple[int, ...]) -> int:
+    """The smallest bucket that holds the largest group (the batch when none does): the one read of
+    the group sizes per batch that a smaller capacity costs."""
+    largest = int(torch.bincount(experts.reshape(-1), minlength=num_experts).max())  # the host reads it here
+    return next((b for b in sorted(buckets) if b >= largest), experts.shape[0])
+
+
 def is_channels_last(x: Tensor) -> bool:
     return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 

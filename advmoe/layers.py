@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .dispatch import dispatch
+from .dispatch import capacity_dispatch, capacity_for, dispatch
 from .gate import Route, SortedRoute, route as make_route
 
 # A Route, a SortedRoute (the masked path on a batch sorted by expert), a fixed expert (the
@@ -136,6 +136,7 @@ class MoEConv2d(_ConvUnit):
         self.weight = nn.Parameter(torch.empty(num_experts * out_channels, in_channels, kernel_size, kernel_size))
         self.gate = LayerGate(in_channels, num_experts) if gate else None
         self.last_route: Route | None = None
+        self.capacity_buckets: tuple[int, ...] | None = None  # not None: static execution (set_execution)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -185,7 +186,11 @@ class MoEConv2d(_ConvUnit):
     def _dispatch(self, x: Tensor, route: Route) -> Tensor:
         """Inference path: run each sample through its chosen experts' weights only."""
         weights = route.weights if self.top_k > 1 else None
-        return dispatch(x, route.experts, self.num_experts, lambda rows, e: self._conv(rows, *self.folded[e]), weights)
+        expert = lambda rows, e: self._conv(rows, *self.folded[e])  # noqa: E731
+        if self.capacity_buckets is None:
+            return dispatch(x, route.experts, self.num_experts, expert, weights)
+        capacity = capacity_for(route.experts, self.num_experts, self.capacity_buckets) if self.capacity_buckets else None
+        return capacity_dispatch(x, route.experts, self.num_experts, expert, weights, capacity)
 
     def macs(self, h: int, w: int) -> tuple[int, int, int]:
         macs, ho, wo = super().macs(h, w)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 EXECUTIONS = {
     "sparse": "each sample runs its chosen experts only (inference)",
+    "static": "the sparse path with static shapes: each expert's group padded to a capacity, no host "
+              "synchronisation (CUDA graphs; an ONNX graph without NonZero)",
     "masked": "every expert computed, the chosen one kept, as the reference code runs (training; a baseline)",
 }
 

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 from torch import Tensor, nn
 
-from ..dispatch import dispatch
+from ..dispatch import capacity_dispatch, capacity_for, dispatch
 from ..gate import GATE_GRADS, Route, needs_every_expert, route, sort_by_expert
 from ..layers import ConvNorm2d, LayerGate, MoEConv2d, Normalize, _ConvUnit, pooled
 from ..routers import ROUTERS, ResNetRouter
@@ -127,6 +127,7 @@ class MoENet(nn.Module):
             self.router = ResNetRouter(channels, cfg.num_experts, cfg.router_width, cfg.router_blocks, cfg.router_stride,
                                        large=cfg.stem == "imagenet" or cfg.stem == "auto" and cfg.image_size > LARGE_IMAGE)
         self.execution = "masked"
+        self.capacity_buckets: tuple[int, ...] = ()  # static execution's capacities (set_execution)
         # Masked execution computes only the chosen experts when gradients flow and need no
         # other (`needs_every_expert`); False computes every expert always (benchmarks, tests).
         self.skip_unchosen = True
@@ -183,7 +184,7 @@ class MoENet(nn.Module):
         if x.dim() != 4 or x.shape[1] != self.cfg.in_channels:
             raise ValueError(f"expected input [B, {self.cfg.in_channels}, H, W], got {list(x.shape)}")
         x = self.normalize(x)
-        if self.execution == "sparse":
+        if self.execution != "masked":
             if not torch.compiler.is_exporting():  # export traces the weights folded before it
                 self._prepare_sparse()
             if self.channels_last:
@@ -195,10 +196,15 @@ class MoENet(nn.Module):
             logits = self.forward_backbone(x, None)
             return logits, torch.stack([m.last_route.top1 for m in self.moe_layers], 1)
         router_logits = self.router(x)
-        if self.execution == "sparse" and self.cfg.top_k == 1:
+        if self.execution != "masked" and self.cfg.top_k == 1:
             # One decision for every layer: group the batch once, run a whole sub-network per group.
             experts = router_logits.argmax(1, keepdim=True)
-            logits = dispatch(x, experts, self.cfg.num_experts, self.forward_backbone)
+            if self.execution == "static":
+                capacity = (capacity_for(experts, self.cfg.num_experts, self.capacity_buckets)
+                            if self.capacity_buckets else None)
+                logits = capacity_dispatch(x, experts, self.cfg.num_experts, self.forward_backbone, capacity=capacity)
+            else:
+                logits = dispatch(x, experts, self.cfg.num_experts, self.forward_backbone)
             self.last_route = None
             return logits, experts.expand(-1, n_layers)
         gate = self.last_route = route(router_logits, self.cfg.top_k, self.cfg.gate_grad)
@@ -304,19 +310,28 @@ def chain_macs(stem: nn.Module, blocks: nn.ModuleList, head: nn.Linear, h: int, 
     return total + head.in_features * head.out_features
 
 
-def set_execution(model: nn.Module, mode: str, channels_last: bool = True) -> nn.Module:
+def set_execution(model: nn.Module, mode: str, channels_last: bool = True,
+                  capacity_buckets: tuple[int, ...] = ()) -> nn.Module:
     """"masked": every expert computed, the chosen kept (training, gradients flow).
     "sparse": inference; each sample runs its chosen experts only, BatchNorm folded, channels_last.
-    For a dense model "sparse" is the same inference preparation without experts."""
+    "static": the sparse path with static shapes (dispatch.capacity_dispatch): every expert runs on
+    its group padded to the batch, or to the smallest of `capacity_buckets` that holds the largest
+    group (one read of the group sizes per forward and MoE layer).
+    For a dense model "sparse" and "static" are the same inference preparation without experts."""
     if mode not in EXECUTIONS:
         raise ValueError(f"execution must be one of {tuple(EXECUTIONS)}, got {mode!r}")
     if not isinstance(model, MoENet):
         raise TypeError(f"set_execution needs an advmoe model, got {type(model).__name__}")
-    model.execution, model.channels_last = mode, channels_last and mode == "sparse"
+    if any(b < 1 for b in capacity_buckets):
+        raise ValueError(f"capacity buckets must be >= 1, got {capacity_buckets}")
+    model.execution, model.channels_last = mode, channels_last and mode != "masked"
+    model.capacity_buckets = tuple(capacity_buckets)
     model._folded_key = None
     for m in model.modules():
         if isinstance(m, _ConvUnit):
             m.unfold()
+        if isinstance(m, MoEConv2d):
+            m.capacity_buckets = model.capacity_buckets if mode == "static" else None
     return model
 
 
