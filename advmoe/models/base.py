@@ -2,6 +2,7 @@
 executions ("masked" for training, "sparse" for inference)."""
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from functools import cached_property
 from dataclasses import asdict, dataclass, fields
@@ -128,6 +129,8 @@ class MoENet(nn.Module):
                                        large=cfg.stem == "imagenet" or cfg.stem == "auto" and cfg.image_size > LARGE_IMAGE)
         self.execution = "masked"
         self.capacity_buckets: tuple[int, ...] = ()  # static execution's capacities (set_execution)
+        self.capacity: int | None = None  # static execution with the shared router: this capacity (graphs.py)
+        self.expert_dtype: torch.dtype | None = None  # sparse or static: the experts under this autocast
         # Masked execution computes only the chosen experts when gradients flow and need no
         # other (`needs_every_expert`); False computes every expert always (benchmarks, tests).
         self.skip_unchosen = True
@@ -198,13 +201,15 @@ class MoENet(nn.Module):
         router_logits = self.router(x)
         if self.execution != "masked" and self.cfg.top_k == 1:
             # One decision for every layer: group the batch once, run a whole sub-network per group.
-            experts = router_logits.argmax(1, keepdim=True)
-            if self.execution == "static":
-                capacity = (capacity_for(experts, self.cfg.num_experts, self.capacity_buckets)
-                            if self.capacity_buckets else None)
-                logits = capacity_dispatch(x, experts, self.cfg.num_experts, self.forward_backbone, capacity=capacity)
-            else:
-                logits = dispatch(x, experts, self.cfg.num_experts, self.forward_backbone)
+            experts = router_logits.argmax(1, keepdim=True)  # in float32: a route never flips on rounding
+            with self._expert_precision(x):
+                if self.execution == "static":
+                    capacity = self.capacity or (capacity_for(experts, self.cfg.num_experts, self.capacity_buckets)
+                                                 if self.capacity_buckets else None)
+                    logits = capacity_dispatch(x, experts, self.cfg.num_experts, self.forward_backbone, capacity=capacity)
+                else:
+                    logits = dispatch(x, experts, self.cfg.num_experts, self.forward_backbone)
+            logits = logits.float()
             self.last_route = None
             return logits, experts.expand(-1, n_layers)
         gate = self.last_route = route(router_logits, self.cfg.top_k, self.cfg.gate_grad)
@@ -216,6 +221,12 @@ class MoENet(nn.Module):
         else:
             logits = self.forward_backbone(x, gate)
         return logits, gate.top1[:, None].expand(-1, n_layers)
+
+    def _expert_precision(self, x: Tensor):
+        """bf16 (or fp16) autocast for the experts when expert_dtype asks for it, else nothing."""
+        if self.expert_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(x.device.type, dtype=self.expert_dtype)
 
     @property
     def can_skip_unchosen(self) -> bool:
@@ -325,7 +336,7 @@ def set_execution(model: nn.Module, mode: str, channels_last: bool = True,
     if any(b < 1 for b in capacity_buckets):
         raise ValueError(f"capacity buckets must be >= 1, got {capacity_buckets}")
     model.execution, model.channels_last = mode, channels_last and mode != "masked"
-    model.capacity_buckets = tuple(capacity_buckets)
+    model.capacity_buckets, model.capacity = tuple(capacity_buckets), None
     model._folded_key = None
     for m in model.modules():
         if isinstance(m, _ConvUnit):

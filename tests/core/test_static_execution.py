@@ -95,3 +95,33 @@ def test_the_static_onnx_graph_has_no_nonzero_and_matches_eager(router, tmp_path
         logits, routes = runner(x)
         assert (routes == expected_routes.numpy()).all()
         assert abs(logits - expected.numpy()).max() <= 1e-4
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+@pytest.mark.parametrize("capacity_buckets", [(), (4, 8)], ids=["batch", "buckets"])
+def test_the_graphed_model_pads_each_batch_to_its_bucket_and_gives_the_sparse_answer(router, capacity_buckets):
+    """On a CPU the graphs' shapes run eagerly: batches of 1, 5 and 11 padded to the buckets 1, 8
+    and 16, a batch of 40 cut into pieces of the largest bucket."""
+    from advmoe.graphs import GraphedModel
+
+    model = calibrated_model("moe_resnet18", router)
+    x = split_batch(model, 0.5, n=40)
+    expected, expected_routes = run(model, x, "sparse")
+    graphed = GraphedModel(model, batch_buckets=(1, 8, 16), capacity_buckets=capacity_buckets)
+    assert model.execution == "static"
+    for batch in (1, 5, 11, 40):
+        logits, routes = graphed(x[:batch])
+        assert logits.shape[0] == routes.shape[0] == batch
+        assert torch.equal(routes, expected_routes[:batch]) and same(logits, expected[:batch])
+
+
+def test_bf16_experts_keep_the_float32_routes():
+    from advmoe.graphs import GraphedModel
+
+    model = calibrated_model("moe_resnet18", "shared")
+    x = split_batch(model, 0.5, n=16)
+    expected, expected_routes = run(model, x, "sparse")
+    logits, routes = GraphedModel(model, batch_buckets=(16,), expert_dtype=torch.bfloat16)(x)
+    assert torch.equal(routes, expected_routes)  # the router ran in float32
+    assert logits.dtype == torch.float32 and not same(logits, expected)  # the experts did not
+    assert (logits.argmax(1) == expected.argmax(1)).float().mean() >= 0.9
