@@ -23,6 +23,8 @@ class ServingConfig:
     runtime: str = setting(AUTO, "what runs the model", choices=RUNTIME_CHOICES)
     execution: str = setting("sparse", "the torch runtime's execution (an exported graph runs the way it was "
                                        "exported)", choices=EXECUTIONS)
+    device: str = setting("cpu", "where the torch runtime runs: cpu, or cuda / cuda:N, where it runs static execution "
+                                 "replayed from CUDA graphs, one per batch bucket (advmoe/graphs.py)")
     # On 2 cores, 2 workers of 1 thread served more images per second and per CPU second than 1 of 2
     # threads (`advmoe bench serve --workers N --threads M`, docs/clients.md).
     workers: int = setting(0, "API worker processes, each with the model and its batcher; 0: one per core")
@@ -48,6 +50,11 @@ class ServingConfig:
                      "probe_max_batch_size", "probe_concurrency", "probe_threads"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{env_name(name)}={getattr(self, name)}: must be at least 1")
+        if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
+            raise ConfigError(f"ADVMOE_DEVICE={self.device}: give cpu, cuda or cuda:N")
+        if self.device != "cpu" and (self.runtime != "torch" or self.execution != "sparse"):
+            raise ConfigError(f"ADVMOE_DEVICE={self.device} runs the torch runtime's CUDA graphs: set ADVMOE_RUNTIME=torch "
+                              "(ADVMOE_EXECUTION sparse, the default); onnxruntime takes the GPU through its own provider")
         if self.threads < 0:
             raise ConfigError(f"ADVMOE_THREADS={self.threads}: must be 0 (the cores shared out) or more")
         if self.workers < 0:

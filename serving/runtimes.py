@@ -40,21 +40,28 @@ class TorchRuntime(Runtime):
     """The eager model: `sparse` runs only the chosen experts, `masked` computes every expert
     and selects, as the paper's reference code does (the baseline of `advmoe bench serve`)."""
 
-    def __init__(self, folder: Path, execution: str, threads: int, program: bool = False):
+    def __init__(self, folder: Path, execution: str, threads: int, program: bool = False, device: str = "cpu",
+                 max_batch_size: int = 64):
         import torch
 
         import advmoe
 
         torch.set_num_threads(threads)
-        self.torch = torch
+        self.torch, self.device = torch, torch.device(device)
         self.name = "pt2" if program else "torch"
+        self.module = self.graphed = None
         if program:
             self.module = torch.export.load(str(folder / RUNTIMES["pt2"].file)).module()
+            return
+        model = advmoe.load_checkpoint(folder, map_location=self.device).eval()
+        if self.device.type == "cuda":  # the batcher's batches padded to a few buckets, each a CUDA graph
+            from advmoe.graphs import GraphedModel
+
+            buckets = tuple(b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b < max_batch_size) + (max_batch_size,)
+            self.graphed = GraphedModel(model, batch_buckets=buckets)
         else:
-            model = advmoe.load_checkpoint(folder)
             advmoe.set_execution(model, execution, channels_last=execution == "sparse")
-            self.module = None
-            self.model = model.eval()
+        self.model = model
 
     def __call__(self, x):
         with self.torch.inference_mode():
@@ -62,6 +69,9 @@ class TorchRuntime(Runtime):
             if self.module is not None:
                 out = self.module(x)
                 logits, routing = out if isinstance(out, tuple) else (out, None)
+            elif self.graphed is not None:
+                logits, routing = self.graphed(x.to(self.device, non_blocking=True))
+                logits, routing = logits.cpu(), routing.cpu()
             else:
                 logits, routing = self.model.forward_with_routing(x)
         routing = routing.numpy() if routing is not None else np.zeros((len(x), 0), np.int64)
@@ -80,4 +90,5 @@ def load_runtime(folder: str | Path, config: ServingConfig) -> tuple[Runtime, Ru
     threads = config.model_threads()
     if choice.runtime == "onnxruntime":
         return OnnxRuntime(needed, threads), choice
-    return TorchRuntime(folder, config.execution, threads, program=choice.runtime == "pt2"), choice
+    return TorchRuntime(folder, config.execution, threads, program=choice.runtime == "pt2", device=config.device,
+                        max_batch_size=config.max_batch_size), choice

@@ -42,9 +42,14 @@ def test_settings_come_from_the_environment_and_bad_ones_name_their_variable():
                          ({"ADVMOE_MAX_BATCH_SIZE": "many"}, "ADVMOE_MAX_BATCH_SIZE='many'"),
                          ({"ADVMOE_PROBE_ENABLED": "maybe"}, "ADVMOE_PROBE_ENABLED"),
                          ({"ADVMOE_PROBE_MAX_EPS": "8"}, "8/255"),
-                         ({"ADVMOE_WORKERS": "-1"}, "ADVMOE_WORKERS=-1")]:
+                         ({"ADVMOE_WORKERS": "-1"}, "ADVMOE_WORKERS=-1"),
+                         ({"ADVMOE_DEVICE": "tpu"}, "ADVMOE_DEVICE=tpu: give cpu, cuda or cuda:N"),
+                         ({"ADVMOE_DEVICE": "cuda"}, "set ADVMOE_RUNTIME=torch"),
+                         ({"ADVMOE_DEVICE": "cuda:0", "ADVMOE_RUNTIME": "torch", "ADVMOE_EXECUTION": "masked"},
+                          "ADVMOE_EXECUTION sparse")]:
         with pytest.raises(ConfigError, match=message):
             ServingConfig.from_env(env)
+    assert ServingConfig.from_env({"ADVMOE_DEVICE": "cuda:1", "ADVMOE_RUNTIME": "torch"}).device == "cuda:1"
 
 
 def test_the_settings_import_without_torch():  # the API worker of the onnxruntime runtime has none
