@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
 # What a GPU machine is asked first, in one go (about 10 minutes on one H200):
+#   0. the sparse MoE ResNet-18 against its dense twin in the same mode, CUDA graphs and eager,
+#      bf16: first the two targets of the GPU issue (224 x 224 at batch 64, 32 x 32 at batch 512),
+#      then the grid of advmoe bench gpu for what is left of its 240 s;
 #   1. every GPU code path once (python -m benchmarks.gpu_paths);
 #   2. the training step of each method at full and at the study's width, and the sparse path
 #      against the dense twin, on the GPU (advmoe bench methods / sparse --device cuda);
@@ -7,15 +10,15 @@
 #      of it as the time left of SECONDS (default 570) allows; run again, it resumes.
 # Each stage has a time limit of its own, so a slow one cannot take the others' time, and each
 # writes its results as it goes. A loan of a few minutes goes further on what is still owed:
-# STAGES names the stages to run (default all: paths methods sparse study), PATHS the GPU paths
+# STAGES names the stages to run (default all: graphs paths methods sparse study), PATHS the GPU paths
 # of stage 1 (default all; names as gpu_paths prints them).
 #
 #   bash benchmarks/gpu_session.sh OUT [DATA_DIR] [SECONDS]
 #   STAGES="paths sparse study" PATHS="eval-cuda" bash benchmarks/gpu_session.sh OUT
 set -u
-stages=" ${STAGES:-paths methods sparse study} "
+stages=" ${STAGES:-graphs paths methods sparse study} "
 for stage in $stages; do
-  case $stage in paths|methods|sparse|study) ;; *) echo "STAGES: no stage '$stage'; the stages are paths methods sparse study" >&2; exit 2;; esac
+  case $stage in graphs|paths|methods|sparse|study) ;; *) echo "STAGES: no stage '$stage'; the stages are graphs paths methods sparse study" >&2; exit 2;; esac
 done
 asked() { [[ $stages == *" $1 "* ]]; }
 out=${1:?usage: bash benchmarks/gpu_session.sh OUT [DATA_DIR] [SECONDS]}
@@ -27,6 +30,14 @@ export PYTHONUNBUFFERED=1
 
 nvidia-smi -L
 "$python" -c "import torch, onnxruntime; print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name(0)); print('onnxruntime', onnxruntime.__version__, onnxruntime.get_available_providers())"
+
+if asked graphs; then
+  echo "== 0. sparse against dense in the same mode: CUDA graphs of static execution, and eager"
+  gpu=("$python" -m benchmarks.bench_gpu --device cuda --precisions bf16 --splits 0.5)
+  timeout 80 "${gpu[@]}" --image-sizes 224 --batch-sizes 64 --json "$out/gpu_224_b64.json"
+  timeout 80 "${gpu[@]}" --image-sizes 32 --batch-sizes 512 --json "$out/gpu_32_b512.json"
+  timeout 240 "$python" -m benchmarks.bench_gpu --device cuda --budget-s 200 --json "$out/gpu_grid.json"
+fi
 
 if asked paths; then
   echo "== 1. GPU paths"

@@ -6,7 +6,8 @@ import importlib
 
 BENCHMARKS = {"sparse": "benchmarks.bench_sparse", "export": "benchmarks.bench_export",
               "methods": "benchmarks.bench_methods", "serve": "benchmarks.bench_serve", "eval": "benchmarks.bench_eval",
-              "profile": "benchmarks.profile_sparse", "folder-memory": "benchmarks.folder_memory"}
+              "profile": "benchmarks.profile_sparse", "folder-memory": "benchmarks.folder_memory",
+              "gpu": "benchmarks.bench_gpu"}
 HELP = "speed benchmarks: `advmoe bench sparse --help`"
 
 

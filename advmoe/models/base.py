@@ -130,7 +130,7 @@ class MoENet(nn.Module):
         self.execution = "masked"
         self.capacity_buckets: tuple[int, ...] = ()  # static execution's capacities (set_execution)
         self.capacity: int | None = None  # static execution with the shared router: this capacity (graphs.py)
-        self.expert_dtype: torch.dtype | None = None  # sparse or static: the experts under this autocast
+        self.expert_dtype: torch.dtype | None = None  # the experts (a dense model: all of it) under this autocast
         # Masked execution computes only the chosen experts when gradients flow and need no
         # other (`needs_every_expert`); False computes every expert always (benchmarks, tests).
         self.skip_unchosen = True
@@ -193,7 +193,9 @@ class MoENet(nn.Module):
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
         if not self.cfg.is_moe:
-            return self.forward_backbone(x, None), torch.zeros((x.shape[0], 0), dtype=torch.long, device=x.device)
+            with self._expert_precision(x):
+                logits = self.forward_backbone(x, None).float()
+            return logits, torch.zeros((x.shape[0], 0), dtype=torch.long, device=x.device)
         n_layers = len(self.moe_layers)
         if self.router is None:  # per-layer gates: each MoE layer routes its own input
             logits = self.forward_backbone(x, None)
