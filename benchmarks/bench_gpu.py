@@ -116,13 +116,14 @@ def syncs_with_host(f, x: torch.Tensor) -> bool | None:
 
 
 def row(image: int, batch: int, precision: str, mode: str, share: float, device: str, rounds: int, warmup: int,
-        router_stride: int) -> dict:
+        router_stride: int, width: float = 1.0) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
     torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
     x = torch.rand(batch, 3, image, image)
-    models = {"dense": untrained("resnet18", x, image_size=image),
-              "moe": untrained("moe_resnet18", x, image_size=image, router_stride=router_stride, router_blocks=1)}
+    models = {"dense": untrained("resnet18", x, image_size=image, width=width),
+              "moe": untrained("moe_resnet18", x, image_size=image, width=width, router_stride=router_stride,
+                               router_blocks=1)}
     split_router(models["moe"], x, share)
     x = x.to(device)
     timed = {name: Timed(m.to(device).eval(), mode, precision, batch) for name, m in models.items()}
@@ -151,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--splits", type=float, nargs="+", default=[0.5, 0.75, 1.0],
                         help="share of the batch routed to expert 0")
     parser.add_argument("--router-stride", type=int, choices=(1, 2), default=2)
+    parser.add_argument("--width", type=float, default=1.0, help="channel multiplier (1: the paper's ResNet-18)")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--budget-s", type=float, default=420.0, help="stop adding rows after this many seconds")
@@ -175,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                             print(f"\n(budget of {args.budget_s:.0f} s spent: rows left out)")
                             return 0
                         r = row(image, batch, precision, mode, share, args.device, args.rounds, args.warmup,
-                                args.router_stride)
+                                args.router_stride, args.width)
                         rows.append(r)
                         print(f"| {image} | {batch} | {precision} | {mode} | {share:.2f} ({r['expert0_share']:.2f}) "
                               f"| {r['dense_ms']:.3f} "

@@ -10,10 +10,18 @@ import torch
 
 # The tests' BentoML model store: never the user's ~/bentoml. Set before anything imports bentoml.
 os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="advmoe-tests-bentoml-")
+# Under pytest-xdist (`make test` runs one worker per core) each worker computes on one thread:
+# two workers of two threads on two cores spin-wait on each other's cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import advmoe  # noqa: E402
 from advmoe.calibrate import balance_routing, calibrate_batchnorm  # noqa: E402
 from helpers import CLASSES, SERVER_ENV, make_fashion_like, small_model  # noqa: E402
+
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -38,10 +38,14 @@ def test_main_prints_a_table_and_writes_json(tmp_path, capsys):
 
 
 def test_a_checkpoint_is_timed_against_its_twin_and_the_dense_model_of_its_macs(tmp_path, capsys):
-    from benchmarks.shipped_speed import WIDTH_STEP, dense_args, run
+    from benchmarks.shipped_speed import WIDTH_STEP, dense_args
 
     checkpoint = fmnist_moe_checkpoint(tmp_path)
-    result = run(checkpoint, batch_sizes=(1, 4), rounds=1)
+    assert bench_sparse.main(["--checkpoint", str(checkpoint), "--batch-sizes", "1", "4", "--rounds", "1",
+                              "--json", str(tmp_path / "r.json")]) == 0
+    assert "| dense twin (width 0.0625) |" in capsys.readouterr().out
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["batches"] == [1, 4]
     moe, twin, equal = result["models"].values()
     names = list(result["models"])
     assert names[:2] == ["sparse MoE", "dense twin (width 0.0625)"] and names[2].startswith("dense, its MACs (width ")
@@ -52,10 +56,6 @@ def test_a_checkpoint_is_timed_against_its_twin_and_the_dense_model_of_its_macs(
     for m in result["models"].values():
         assert {"onnxruntime", "torch", "pt2"} == set(m["ms"]) and m["runtime"] in m["ms"]
         assert all(len(ms) == 2 and min(ms) > 0 for ms in m["ms"].values())
-    assert bench_sparse.main(["--checkpoint", str(checkpoint), "--batch-sizes", "1", "--rounds", "1",
-                              "--json", str(tmp_path / "r.json")]) == 0
-    out = capsys.readouterr().out
-    assert "| dense twin (width 0.0625) |" in out and json.loads((tmp_path / "r.json").read_text())["batches"] == [1]
 
 
 def equal_width(result) -> float:

@@ -35,7 +35,7 @@ def test_checks_run_their_commands_on_the_cpu(tmp_path, monkeypatch):
     monkeypatch.setattr(gpu_paths, "_command", lambda args, *a, **k: command(["cpu" if x == "cuda" else x for x in args], *a, **k))
     monkeypatch.setattr(gpu_paths, "TRAIN", ["--preset", "fmnist-tiny", "--width", "0.125", "--train-examples", "128",
                                              "--val-examples", "16", "--epochs", "1", "--test-examples", "32",
-                                             "--val-size", "100", "--batch-size", "32"])
+                                             "--val-size", "100", "--batch-size", "32", "--val-apgd-iterations", "0"])
     monkeypatch.setattr(gpu_paths, "EVAL_EXAMPLES", 20)
     monkeypatch.setattr(gpu_paths, "CHANCE_MARGIN", -1.0)  # four steps learn nothing; the plumbing is under test
     monkeypatch.setattr(gpu_paths.torch.cuda, "is_available", lambda: True)

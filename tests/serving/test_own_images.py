@@ -18,7 +18,7 @@ from training.config import resolve
 
 def test_a_folder_of_photos_is_trained_evaluated_exported_and_served_with_its_class_names(tmp_path):
     root = write_image_folder(tmp_path / "photos")
-    cfg = resolve(data_dir=str(root), **{**FOLDER_RUN, "image_size": 224, "router_stride": 2, "workers": 2})
+    cfg = resolve(data_dir=str(root), **{**FOLDER_RUN, "image_size": 224, "router_stride": 2})
     best = trainer.train(cfg, tmp_path / "run", log=lambda *a: None, max_steps=2, test_examples=6).best
     evaluated = evaluate_checkpoint(best, n_examples=4, attacks=("pgd",), out=tmp_path / "eval")
     assert evaluated["examples"] == 4 and evaluated["dataset"] == "folder"

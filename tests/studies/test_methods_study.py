@@ -11,7 +11,8 @@ from training.config import resolve
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny training steps: a second thread only waits
 TINY = dict(model="moe_resnet18", width=0.125, router_blocks=1, router_width=8, val_size=100,
-            train_examples=64, val_examples=16, batch_size=32, epochs=1, eval_steps=1, eval_step=0.05)
+            train_examples=64, val_examples=16, batch_size=32, epochs=1, eval_steps=1, eval_step=0.05,
+            val_apgd_iterations=0)  # the study's plumbing is under test, not the preset's validation
 
 
 def test_each_contender_trains_per_seed_once_and_is_compared(tmp_path):
