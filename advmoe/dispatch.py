@@ -115,7 +115,7 @@ def capacity_dispatch(
     slots = starts[:, None] + torch.arange(capacity, device=x.device)[None, :]  # [N, capacity]
     rows = order.index_select(0, slots.clamp(max=pairs - 1).reshape(-1)).reshape(num_experts, capacity) // k
     outputs = torch.cat([expert_fn(_rows(x, rows[e]), e) for e in range(num_experts)])  # [N * capacity, ...]
-    y = outputs.index_select(0, chosen * capacity + rank)  # [pairs, ...]
+    y = _rows(outputs, chosen * capacity + rank)  # [pairs, ...], channels_last kept
     if weights is None:  # top-1: the chosen expert's output
         return y
     gains = weights.gather(1, experts).reshape(-1, *[1] * (y.dim() - 1))
