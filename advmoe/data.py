@@ -45,6 +45,7 @@ AUGMENTATIONS = {
 PER_IMAGE = "resized-crop-flip"  # done by the data set itself, not on the batch
 FOLDER = "folder"  # your own images: ROOT/train/CLASS/*.jpg (image_folder.py)
 FOLDER_IMAGE_SIZE = 224  # the folder data set's default, ImageNet's
+MIN_IMAGE_SIZE = 16  # the smallest image_size the folder data set resizes to
 CROP_PADDING = 4
 PathLike = str | os.PathLike
 
@@ -217,8 +218,8 @@ def _folder_info(data_dir: PathLike | None, image_size: int | None) -> DatasetIn
 
     root = root_of(data_dir)
     size = image_size or FOLDER_IMAGE_SIZE
-    if size < 16:
-        raise ValueError(f"image_size={size}: give 16 pixels or more")
+    if size < MIN_IMAGE_SIZE:
+        raise ValueError(f"image_size={size}: give {MIN_IMAGE_SIZE} pixels or more")
     classes = class_names(root / "train")
     return DatasetInfo(name=FOLDER, title=root.name, num_classes=len(classes), in_channels=3, image_size=size,
                        mean=MEAN, std=STD, classes=classes, files=f"{root}/train/CLASS/*.jpg|png",

@@ -92,12 +92,14 @@ def capacity_dispatch(
     expert_fn: Callable[[Tensor, int], Tensor],
     weights: Tensor | None = None,
     capacity: int | None = None,
+    buckets: tuple[int, ...] = (),
 ) -> Tensor:
     """`dispatch` with static shapes: expert e runs on exactly `capacity` rows, its group padded
     (with copies of a row whose result is never read). The default capacity is the batch, which no
     group can exceed, so nothing is read back to the host: every shape follows from x's, the GPU
     can replay the whole forward as a CUDA graph, and the exported graph needs no NonZero or
-    ScatterND. A smaller capacity (`capacity_for`) must hold the largest group.
+    ScatterND. A smaller capacity must hold the largest group: given none, the smallest of `buckets`
+    that does (`capacity_for`).
 
     The groups come from one sort of (expert, position) keys; each (sample, choice) pair finds its
     result at expert * capacity + its rank within its expert's group, a gather."""
@@ -105,7 +107,8 @@ def capacity_dispatch(
     if batch == 0 and not torch.compiler.is_exporting():
         return expert_fn(x, 0)  # an empty batch: nothing to group
     pairs = batch * k
-    capacity = batch if capacity is None else capacity
+    if capacity is None:
+        capacity = capacity_for(experts, num_experts, buckets) if buckets else batch
     chosen = experts.reshape(-1)  # pair p = (sample p // k, choice p % k)
     onehot = (chosen[:, None] == torch.arange(num_experts, device=x.device)[None, :]).long()  # [pairs, N]
     counts = onehot.sum(0)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .dispatch import capacity_dispatch, capacity_for, dispatch
+from .dispatch import capacity_dispatch, dispatch
 from .gate import Route, SortedRoute, route as make_route
 
 # A Route, a SortedRoute (the masked path on a batch sorted by expert), a fixed expert (the
@@ -189,8 +189,7 @@ class MoEConv2d(_ConvUnit):
         expert = lambda rows, e: self._conv(rows, *self.folded[e])  # noqa: E731
         if self.capacity_buckets is None:
             return dispatch(x, route.experts, self.num_experts, expert, weights)
-        capacity = capacity_for(route.experts, self.num_experts, self.capacity_buckets) if self.capacity_buckets else None
-        return capacity_dispatch(x, route.experts, self.num_experts, expert, weights, capacity)
+        return capacity_dispatch(x, route.experts, self.num_experts, expert, weights, buckets=self.capacity_buckets)
 
     def macs(self, h: int, w: int) -> tuple[int, int, int]:
         macs, ho, wo = super().macs(h, w)

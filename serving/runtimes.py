@@ -55,9 +55,9 @@ class TorchRuntime(Runtime):
             return
         model = advmoe.load_checkpoint(folder, map_location=self.device).eval()
         if self.device.type == "cuda":  # the batcher's batches padded to a few buckets, each a CUDA graph
-            from advmoe.graphs import GraphedModel
+            from advmoe.graphs import BATCH_BUCKETS, GraphedModel
 
-            buckets = tuple(b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b < max_batch_size) + (max_batch_size,)
+            buckets = tuple(b for b in BATCH_BUCKETS if b < max_batch_size) + (max_batch_size,)
             self.graphed = GraphedModel(model, batch_buckets=buckets)
         else:
             advmoe.set_execution(model, execution, channels_last=execution == "sparse")

@@ -85,15 +85,14 @@ class Plan:
     curve_method: str = "advmoe"
     curve_recipe: tuple[str, tuple[tuple[str, object], ...]] = ("ce_steps3", (("expert_loss", "ce"), ("attack_steps", 3)))
 
-    def base(self, **settings) -> TrainConfig:
-        """The preset as the study trains it (PRESET_THEN), with --set and then `settings` over it."""
-        return resolve(self.preset, **{**PRESET_THEN.get(self.preset, {}), **self.overrides, **settings})
+    def base(self, below: dict | None = None, **settings) -> TrainConfig:
+        """The preset as the study trains it (PRESET_THEN), then `below`, --set and `settings`, each
+        over the ones before."""
+        return resolve(self.preset, **{**PRESET_THEN.get(self.preset, {}), **(below or {}), **self.overrides, **settings})
 
     def config(self, row: Row, seed: int) -> TrainConfig:
         # --set wins over a row's recipe (and may not change its experts or router: frontier.plan_from)
-        cfg = resolve(self.preset, **{**PRESET_THEN.get(self.preset, {}), **row.settings, **self.overrides,
-                                      "method": row.method, "model": row.model, "width": row.width, "seed": seed,
-                                      "epochs": self.epochs})
+        cfg = self.base(row.settings, method=row.method, model=row.model, width=row.width, seed=seed, epochs=self.epochs)
         return replace(cfg, train_examples=self.train_examples).validate()  # None: every training image
 
 

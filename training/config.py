@@ -7,7 +7,7 @@ from pathlib import Path
 
 import advmoe
 from advmoe.attacks import STARTS, check_eps
-from advmoe.data import AUGMENTATIONS, FOLDER, FOLDER_IMAGE_SIZE, PER_IMAGE
+from advmoe.data import AUGMENTATIONS, FOLDER, FOLDER_IMAGE_SIZE, MIN_IMAGE_SIZE, PER_IMAGE
 from advmoe.gate import GATE_GRADS
 from advmoe.image_folder import BAD_IMAGES
 from advmoe.models.base import STEMS
@@ -145,12 +145,12 @@ class TrainConfig:
             bad(f"augment={PER_IMAGE} crops each image as the folder data set decodes it; {self.dataset} augments "
                 "batches: use crop or crop-flip")
         if self.image_size is not None and self.dataset != FOLDER:
-            info = advmoe.get_dataset_info(self.dataset)
-            if self.image_size != info.image_size:
-                bad(f"image_size={self.image_size}: {self.dataset} images are {info.image_size}x{info.image_size}; "
-                    f"image_size is a setting of the {FOLDER} data set (your own images)")
-        if self.image_size is not None and self.image_size < 16:
-            bad(f"image_size={self.image_size}: give 16 pixels or more")
+            try:  # a named data set has its own size (the folder's is checked when it is read)
+                advmoe.get_dataset_info(self.dataset, image_size=self.image_size)
+            except ValueError as e:
+                bad(str(e))
+        if self.image_size is not None and self.image_size < MIN_IMAGE_SIZE:
+            bad(f"image_size={self.image_size}: give {MIN_IMAGE_SIZE} pixels or more")
         if self.expert_loss != "trades" and self.method not in ALTERNATING:
             bad(f"expert_loss={self.expert_loss} is a setting of {' and '.join(ALTERNATING)}; {self.method} has its own "
                 "loss (for Madry's loss on the whole model: method pgd-at)")

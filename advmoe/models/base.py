@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 from torch import Tensor, nn
 
-from ..dispatch import capacity_dispatch, capacity_for, dispatch
+from ..dispatch import capacity_dispatch, dispatch
 from ..gate import GATE_GRADS, Route, needs_every_expert, route, sort_by_expert
 from ..layers import ConvNorm2d, LayerGate, MoEConv2d, Normalize, _ConvUnit, pooled
 from ..routers import ROUTERS, ResNetRouter
@@ -125,8 +125,9 @@ class MoENet(nn.Module):
         self.normalize = Normalize(_per_channel(cfg.mean, channels), _per_channel(cfg.std, channels))
         self.router = None
         if cfg.is_moe and cfg.router == "shared":
+            # the router has an ImageNet entry whatever the backbone has: it takes it by the same rule
             self.router = ResNetRouter(channels, cfg.num_experts, cfg.router_width, cfg.router_blocks, cfg.router_stride,
-                                       large=cfg.stem == "imagenet" or cfg.stem == "auto" and cfg.image_size > LARGE_IMAGE)
+                                       large=cfg.stem_kind(has_imagenet=True) == "imagenet")
         self.execution = "masked"
         self.capacity_buckets: tuple[int, ...] = ()  # static execution's capacities (set_execution)
         self.capacity: int | None = None  # static execution with the shared router: this capacity (graphs.py)
@@ -206,9 +207,8 @@ class MoENet(nn.Module):
             experts = router_logits.argmax(1, keepdim=True)  # in float32: a route never flips on rounding
             with self._expert_precision(x):
                 if self.execution == "static":
-                    capacity = self.capacity or (capacity_for(experts, self.cfg.num_experts, self.capacity_buckets)
-                                                 if self.capacity_buckets else None)
-                    logits = capacity_dispatch(x, experts, self.cfg.num_experts, self.forward_backbone, capacity=capacity)
+                    logits = capacity_dispatch(x, experts, self.cfg.num_experts, self.forward_backbone,
+                                               capacity=self.capacity, buckets=self.capacity_buckets)
                 else:
                     logits = dispatch(x, experts, self.cfg.num_experts, self.forward_backbone)
             logits = logits.float()
