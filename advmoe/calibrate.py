@@ -35,10 +35,14 @@ def calibrate_batchnorm(model: nn.Module, x: Tensor, steps: int = 3) -> nn.Modul
 
 
 @torch.no_grad()
-def balance_routing(model: nn.Module, x: Tensor) -> nn.Module:
+def balance_routing(model: nn.Module, x: Tensor, share: float = 0.5) -> nn.Module:
     """Shift each router's expert biases so that the batch `x` is spread over the experts,
     as a trained, load-balanced router would. Routers are balanced in order, since a
-    per-layer gate sees the output of the layers routed before it."""
+    per-layer gate sees the output of the layers routed before it. With two experts, `share`
+    of the batch goes to expert 0 (the samples that lean to it most); benchmarks use it for
+    uneven loads. With more experts only an even spread is offered."""
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"share must be in [0, 1], got {share}")
     for router in routers(model):
         seen = []
         handle = router.register_forward_hook(lambda module, args, out: seen.append(out))
@@ -46,11 +50,19 @@ def balance_routing(model: nn.Module, x: Tensor) -> nn.Module:
         handle.remove()
         logits = torch.cat(seen)
         if logits.shape[1] == 2:
-            # Two experts: centre the margin between its two middle values, so the batch
-            # splits in halves with no sample exactly on the tie.
+            # Expert 0 takes the samples whose margin (logit 1 - logit 0) is smallest; the cut
+            # lies halfway between two margins, so no sample sits exactly on the tie.
             margin = (logits[:, 1] - logits[:, 0]).sort().values
-            mid = margin.numel() // 2
-            router.fc.bias[1] -= (margin[max(mid - 1, 0)] + margin[mid]) / 2
+            n, k = margin.numel(), int(share * margin.numel())
+            if k == 0:
+                cut = margin[0] - 1e4
+            elif k == n:
+                cut = margin[-1] + 1e4
+            else:
+                cut = (margin[max(k - 1, 0)] + margin[k]) / 2
+            router.fc.bias[1] -= cut
+        elif share != 0.5:
+            raise ValueError(f"an uneven share needs two experts; this router has {logits.shape[1]}")
         else:
             router.fc.bias -= logits.median(0).values
     return model

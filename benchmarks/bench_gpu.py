@@ -25,25 +25,13 @@ import time
 import torch
 
 import advmoe
-from advmoe.calibrate import untrained
+from advmoe.calibrate import balance_routing, untrained
 from advmoe.device import unavailable
 from advmoe.graphs import GraphedModel
 from advmoe.io import atomic_write_text
 
 PRECISIONS = ("bf16", "tf32", "fp32")
 MODES = ("graphs", "eager")
-
-
-def split_router(model, x: torch.Tensor, share: float) -> None:
-    """Shift the shared router's two biases so that `share` of x goes to expert 0: the images whose
-    margin (logit 0 - logit 1) is largest, cut halfway between two margins (no image on a tie)."""
-    with torch.no_grad():
-        logits = model.router(model.normalize(x))
-        margin = (logits[:, 0] - logits[:, 1]).sort().values
-        n, k = len(x), round(share * len(x))
-        shift = 1e4 if k == n else -1e4 if k == 0 else -(margin[n - k - 1] + margin[n - k]).item() / 2
-        model.router.fc.bias[0] += shift / 2
-        model.router.fc.bias[1] -= shift / 2
 
 
 class Timed:
@@ -124,7 +112,7 @@ def row(image: int, batch: int, precision: str, mode: str, share: float, device:
     models = {"dense": untrained("resnet18", x, image_size=image, width=width),
               "moe": untrained("moe_resnet18", x, image_size=image, width=width, router_stride=router_stride,
                                router_blocks=1)}
-    split_router(models["moe"], x, share)
+    balance_routing(models["moe"], x, share)  # `share` of the batch to expert 0
     x = x.to(device)
     timed = {name: Timed(m.to(device).eval(), mode, precision, batch) for name, m in models.items()}
     ms = median_ms(timed, x, rounds, warmup)
