@@ -84,6 +84,25 @@ def scrape(url: str, timeout_s: float = 10.0) -> dict[tuple, float]:
             for family in text_string_to_metric_families(text) for s in family.samples}
 
 
+def settled_scrape(url: str, moe: bool = True, deadline_s: float = 5.0) -> dict[tuple, float]:
+    """/metrics once a MoE model's expert counts have caught up with its work: the server sends them
+    every half second or so, so each layer's routed samples equal /predict's inputs once they are
+    in. After `deadline_s`, the last scrape; a dense model's (moe=False) at once."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        samples = scrape(url)
+        inputs = samples.get(("advmoe_batch_size_sum", (("endpoint", "predict"),)), 0.0)
+        routed: dict[str, float] = {}
+        for (name, labels), value in samples.items():
+            if name == "advmoe_expert_routed_samples_total":
+                layer = dict(labels)["layer"]
+                routed[layer] = routed.get(layer, 0.0) + value
+        caught_up = all(total == inputs for total in routed.values()) and (routed or not inputs)
+        if not moe or caught_up or time.monotonic() > deadline:
+            return samples
+        time.sleep(0.1)
+
+
 def _grown(before: dict, after: dict, name: str, **labels) -> float:
     key = (name, tuple(sorted(labels.items())))
     return after.get(key, 0.0) - before.get(key, 0.0)
@@ -325,9 +344,10 @@ def _prepare(url: str, workdir: Path, *, duration_s: float, max_requests: int | 
 
 def _measure(prepared: _Prepared, users: int, workdir: Path, log_path: Path) -> tuple[LevelResult, dict]:
     plan = {**prepared.plan, "users": users}
-    before = scrape(plan["url"])
+    moe = bool(prepared.info.num_experts)
+    before = settled_scrape(plan["url"], moe)
     child = run_child(plan, workdir, log_path)
-    work = served_work(before, scrape(plan["url"]))
+    work = served_work(before, settled_scrape(plan["url"], moe))
     return summarize(users, plan["batch_size"], child, work, prepared.info.num_experts), child
 
 

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from .batching import Batcher
+from .expert_usage import ExpertUsage
 from .metrics import metrics
 from .runtimes import Runtime
-
-IMBALANCE_WINDOW = 1024  # routed samples the imbalance gauge looks back over
 
 
 class ServedModel:
@@ -22,8 +20,7 @@ class ServedModel:
         # One model call at a time: the runtime's own threads use the cores.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="advmoe-model")
         self.batcher = Batcher(self._predict_batch, max_batch_size, self.executor)
-        self.recent: deque[np.ndarray] = deque()  # routing arrays of the last IMBALANCE_WINDOW samples
-        self.recent_samples = 0
+        self.expert_usage = ExpertUsage(num_experts)
 
     async def predict(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(logits, routing) for x, batched with the other requests in flight."""
@@ -36,7 +33,7 @@ class ServedModel:
 
     def _predict_batch(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         logits, routing = self._run(x, "predict")
-        self._count_experts(routing)
+        self.expert_usage.add(routing)
         return logits, routing
 
     def _run(self, x: np.ndarray, endpoint: str) -> tuple[np.ndarray, np.ndarray]:
@@ -46,24 +43,6 @@ class ServedModel:
         m.compute_seconds.labels(endpoint, self.runtime.name).observe(time.perf_counter() - start)
         m.batch_size.labels(endpoint).observe(len(x))
         return logits, routing.astype(np.int64, copy=False)
-
-    def _count_experts(self, routing: np.ndarray) -> None:
-        if routing.shape[1] == 0:
-            return
-        m, n = metrics(), int(routing.max(initial=0)) + 1
-        for layer in range(routing.shape[1]):
-            for expert, count in enumerate(np.bincount(routing[:, layer], minlength=n)):
-                if count:
-                    m.expert_samples.labels(str(layer), str(expert)).inc(int(count))
-        self.recent.append(routing)
-        self.recent_samples += len(routing)
-        while self.recent_samples - len(self.recent[0]) >= IMBALANCE_WINDOW:
-            self.recent_samples -= len(self.recent.popleft())
-        window = np.concatenate(self.recent)
-        experts = max(self.num_experts, n)
-        for layer in range(window.shape[1]):
-            share = np.bincount(window[:, layer], minlength=experts).max() / len(window)
-            m.imbalance.labels(str(layer)).set(float(share * experts))
 
 
 def top_classes(classes: list[str], logits: np.ndarray, k: int) -> list[list[dict]]:

@@ -15,6 +15,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from advmoe.card import read_card
+from clients.loadtest import settled_scrape
 from export.graph import onnx_runner
 from serving.launch import Server
 from helpers import CLASSES, TOKEN
@@ -125,15 +126,15 @@ def test_images_and_npy_uploads_are_decoded_as_the_model_needs(server, exported_
 
 
 def test_expert_usage_counters_grow_by_exactly_the_routed_samples(server, served_images):
-    before = scrape(server)
+    before = settled_scrape(server.url)
     routed = []
     for batch in (served_images[:1], served_images[1:4], served_images):
         response = post(server, "predict", json={"inputs": batch.tolist(), "return_experts": True})
         assert response.status_code == 200, response.text
         routed += [p["experts"] for p in response.json()["predictions"]]
-    after = scrape(server)
     routed = np.array(routed)
     layers = routed.shape[1]
+    after = settled_scrape(server.url)  # expert counts reach /metrics within half a second
     for layer in range(layers):
         for expert in (0, 1):
             key = ("advmoe_expert_routed_samples_total", (("expert", str(expert)), ("layer", str(layer))))
