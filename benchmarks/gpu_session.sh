@@ -6,26 +6,30 @@
 #   1. every GPU code path once (python -m benchmarks.gpu_paths);
 #   2. the training step of each method at full and at the study's width, and the sparse path
 #      against the dense twin, on the GPU (advmoe bench methods / sparse --device cuda);
+#   ship. the model to ship next (AdvMoE at width 0.5, router stride 2, validated with APGD):
+#      three seeds at once, each trained and evaluated as the CPU study does; about 6 h per seed
+#      on the 2-core CPU, minutes here. Results and checkpoints under OUT/ship, to copy into
+#      reports/robustness_frontier/ and runs/frontier/ (docs/frontier.md);
 #   3. the robustness study at full width: its estimated cost on this GPU (--plan), then as much
 #      of it as the time left of SECONDS (default 570) allows; run again, it resumes.
 # Each stage has a time limit of its own, so a slow one cannot take the others' time, and each
 # writes its results as it goes. A loan of a few minutes goes further on what is still owed:
-# STAGES names the stages to run (default all: graphs paths methods sparse study), PATHS the GPU paths
+# STAGES names the stages to run (default all: graphs ship paths methods sparse study), PATHS the GPU paths
 # of stage 1 (default all; names as gpu_paths prints them).
 #
 #   bash benchmarks/gpu_session.sh OUT [DATA_DIR] [SECONDS]
 #   STAGES="paths sparse study" PATHS="eval-cuda" bash benchmarks/gpu_session.sh OUT
 set -u
-stages=" ${STAGES:-graphs paths methods sparse study} "
+stages=" ${STAGES:-graphs ship paths methods sparse study} "
 for stage in $stages; do
-  case $stage in graphs|paths|methods|sparse|study) ;; *) echo "STAGES: no stage '$stage'; the stages are graphs paths methods sparse study" >&2; exit 2;; esac
+  case $stage in graphs|ship|paths|methods|sparse|study) ;; *) echo "STAGES: no stage '$stage'; the stages are graphs ship paths methods sparse study" >&2; exit 2;; esac
 done
 asked() { [[ $stages == *" $1 "* ]]; }
 out=${1:?usage: bash benchmarks/gpu_session.sh OUT [DATA_DIR] [SECONDS]}
 data=${2:-/usr/share/datasets/fashion-mnist}
 deadline=$((SECONDS + ${3:-570}))
 python=${PYTHON:-python3}
-mkdir -p "$out"
+mkdir -p "$out" "$out/ship"
 export PYTHONUNBUFFERED=1
 
 nvidia-smi -L
@@ -37,6 +41,19 @@ if asked graphs; then
   timeout 80 "${gpu[@]}" --image-sizes 224 --batch-sizes 64 --json "$out/gpu_224_b64.json"
   timeout 80 "${gpu[@]}" --image-sizes 32 --batch-sizes 512 --json "$out/gpu_32_b512.json"
   timeout 240 "$python" -m benchmarks.bench_gpu --device cuda --budget-s 200 --json "$out/gpu_grid.json"
+fi
+
+if asked ship; then
+  echo "== ship. the width-0.5 model, three seeds at once"
+  for seed in 9 10 11; do
+    timeout ${SHIP_SECONDS:-600} "$python" -m studies.frontier --curves --moe-widths 0.5 --experts 2 --dense-widths 0.25 \
+      --rows advmoe-w0.5-ce_steps3 --variant rs2_vapgd_e10 --epochs 10 --seeds $seed --headline-seeds $seed \
+      --set val_apgd_iterations=20 'select_on="worst"' router_stride=2 device=\"cuda\" data_dir=\"$data\" \
+      --runs "$out/ship/runs" --results "$out/ship/results" --report "$out/ship/report.md" \
+      > "$out/ship/seed$seed.log" 2>&1 &
+  done
+  wait
+  tail -n 3 "$out"/ship/seed*.log
 fi
 
 if asked paths; then

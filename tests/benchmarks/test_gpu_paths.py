@@ -79,16 +79,19 @@ def test_session_runs_every_stage_by_default(tmp_path):
     done, calls = _session(tmp_path)
     assert done.returncode == 0, done.stderr
     modules = [c.split()[1] for c in calls if c.startswith("-m ")]
-    assert modules == ["benchmarks.bench_gpu"] * 3 + ["benchmarks.gpu_paths", "benchmarks.bench_methods",
+    assert modules == ["benchmarks.bench_gpu"] * 3 + ["studies.frontier"] * 3 + ["benchmarks.gpu_paths",
+                                                       "benchmarks.bench_methods",
                                                        "benchmarks.bench_methods", "benchmarks.bench_sparse",
                                                        "studies.frontier", "studies.frontier"]
     runs = [c for c in calls if c.startswith("-m ")]
     assert "--batch-sizes 64" in runs[0] and "--batch-sizes 512" in runs[1]  # the GPU issue's targets first
-    assert "--only" not in runs[3]
+    assert [r.split("--seeds ")[1].split()[0] for r in runs[3:6]] == ["9", "10", "11"]  # the model to ship next
+    assert all('router_stride=2' in r and '--epochs 10' in r for r in runs[3:6])
+    assert "--only" not in runs[6]
 
 
 def test_session_refuses_an_unknown_stage_before_it_starts(tmp_path):
     done, calls = _session(tmp_path, STAGES="paths bench")
     assert done.returncode == 2
-    assert "no stage 'bench'" in done.stderr and "graphs paths methods sparse study" in done.stderr
+    assert "no stage 'bench'" in done.stderr and "graphs ship paths methods sparse study" in done.stderr
     assert calls == [] and not (tmp_path / "out").exists()
