@@ -14,6 +14,7 @@ from .record import RunResult
 from .run import finished
 
 BUDGET_HOURS = 12  # what the study at its defaults was sized for on a 2-core CPU
+CURVES_BUDGET_HOURS = 14  # the study with its curves (--curves), on the same CPU
 STAGES = ("train", "eval", "autoattack")
 MAIN_PASSES = ("pgd-10", "pgd-50", "apgd-ce", "apgd-t", "route-fixed", "router")  # the main evaluation's attacks
 AUTOATTACK_PASSES = ("fab-t", "square")  # what AutoAttack adds to them
@@ -73,7 +74,7 @@ def estimate_table(costs: list[dict], done: set[str], rows: list[Row], repeat: i
     return "\n".join(lines)
 
 
-def study_cost(grouped: dict[str, list[RunResult]], rows: list[Row]) -> dict | None:
+def study_cost(grouped: dict[str, list[RunResult]], rows: list[Row], budget_hours: float = BUDGET_HOURS) -> dict | None:
     """What the study itself (its rows at their seeds; no variant, extra seed or repeat) has cost:
     the hours its result files record, and those hours again at each row's quickest run, stage by
     stage, which is what a machine with nothing else on it would have taken. The quickest run of
@@ -93,5 +94,5 @@ def study_cost(grouped: dict[str, list[RunResult]], rows: list[Row]) -> dict | N
     return {"rows": len(rows), "rows_started": sum(bool(grouped.get(r.key)) for r in rows),
             "runs_planned": sum(len(r.seeds) for r in rows), "runs_finished": len(own),
             "hours_recorded": sum(sum(r.seconds.values()) for r in own) / 3600, "hours_at_quickest": quickest,
-            "budget_hours": BUDGET_HOURS if all(r.config.get("device", "cpu") == "cpu" for r in own) else None,
+            "budget_hours": budget_hours if all(r.config.get("device", "cpu") == "cpu" for r in own) else None,
             "autoattack_missing": [r.name for r in own if planned[r.row.key].headline and "autoattack" not in r.seconds]}

@@ -17,7 +17,7 @@ from .columns import header
 from .curves import regime
 from .speed import BATCHES, Speed, read_speeds
 from .design import Plan, default_rows
-from .estimate import study_cost
+from .estimate import BUDGET_HOURS, CURVES_BUDGET_HOURS, study_cost
 from .plot import plot
 from .record import RunResult, load_results, worst
 from .verdicts import Findings, verdicts
@@ -186,7 +186,8 @@ def write_report(results: Path, report: Path, plan: Plan, command: str | None = 
     grouped = load_results(results)
     if not grouped:
         return ""
-    found, cost = verdicts(grouped), study_cost(grouped, default_rows(plan))
+    found = verdicts(grouped)
+    cost = study_cost(grouped, default_rows(plan), CURVES_BUDGET_HOURS if plan.curves else BUDGET_HOURS)
     speeds = read_speeds(speed_path(report))
     plot(grouped, report.with_suffix(".png"), speeds)
     first = next(iter(grouped.values()))[0].config

@@ -4,7 +4,7 @@ import pytest
 
 from planted import planted
 from studies.design import Row
-from studies.estimate import BUDGET_HOURS, study_cost
+from studies.estimate import BUDGET_HOURS, CURVES_BUDGET_HOURS, study_cost
 
 ROWS = [Row("dense", "dense", "pgd-at", "resnet18", 0.25, (0, 1), headline=True),
         Row("moe", "MoE", "advmoe", "moe_resnet18", 0.25, (0, 1))]
@@ -34,6 +34,7 @@ def test_the_study_cost_counts_its_own_runs_against_the_budget_and_at_each_rows_
     # MoE 2 x (2 + 1), no AutoAttack off the headline
     assert cost["hours_at_quickest"] == pytest.approx(2 * (0.5 + 0.25 + 0.5) + 2 * (2 + 1))
     assert cost["autoattack_missing"] == ["dense-seed0"]
+    assert study_cost(_grouped(), ROWS, CURVES_BUDGET_HOURS)["budget_hours"] == 14
 
 
 def test_the_study_cost_of_rows_not_all_started_and_of_a_headline_row_without_autoattack():
