@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from training.config import with_defaults
+
 from .record import RunResult, worst
 
 # what may differ between the rows of one dense curve: the width, and what says nothing of training
@@ -81,7 +83,8 @@ def dense_curves(grouped: dict[str, list[RunResult]]) -> list[DenseCurve]:
     by_training: dict[str, list[list[RunResult]]] = {}
     for runs in grouped.values():
         if runs[0].row.is_dense_line:
-            training = {k: v for k, v in runs[0].config.items() if k not in NOT_TRAINING}
+            # a result written before a setting existed ran at its default: the same training
+            training = {k: v for k, v in with_defaults(runs[0].config).items() if k not in NOT_TRAINING}
             by_training.setdefault(repr(sorted(training.items())), []).append(runs)
     return [DenseCurve(_trained(rows[0]), sorted((_point(r) for r in rows), key=lambda p: p.macs))
             for rows in by_training.values() if len(rows) > 1]

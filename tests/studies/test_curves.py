@@ -54,6 +54,17 @@ def test_a_point_meets_the_curve_of_its_own_epochs_and_none_outside_every_curve(
     assert found["moe-cheap"].dense is None and found["moe-cheap"].verdict == "outside the dense curve"
 
 
+def test_a_result_written_before_a_setting_existed_joins_the_curve_of_its_default():
+    grouped = _dense()
+    for run in grouped["w3-e5"]:  # as an older version wrote it: no such setting yet
+        del run.config["collapse_guard"]
+    [curve] = dense_curves(grouped)
+    assert len(curve.points) == 3
+    for run in grouped["w3-e5"]:  # another value than the default is other training
+        run.config["collapse_guard"] = "rollback"
+    assert [len(c.points) for c in dense_curves(grouped)] == [2]
+
+
 def test_dense_rows_of_other_training_or_a_single_width_make_no_curve():
     grouped = {"a": planted("a", "pgd-at", M, [0.6, 0.61], [0.6] * 2, width=0.0625),
                "b": planted("b", "pgd-at", 4 * M, [0.7, 0.71], [0.7] * 2, width=0.125, settings={"attack_steps": 5}),
