@@ -21,6 +21,7 @@ from advmoe.calibrate import untrained
 from advmoe.checkpoint import is_checkpoint
 from advmoe.io import atomic_write_text
 from export.api import export_checkpoint
+from training.config import TrainConfig, resolve, with_defaults
 
 from .design import Plan
 from .record import RunResult
@@ -35,13 +36,20 @@ class Speed:
     weights: str  # "trained" (the row's checkpoint) | "fresh" (its architecture, untrained)
 
 
+def recorded_config(runs: list[RunResult], plan: Plan) -> TrainConfig:
+    """The settings the row's runs were trained with, as their result file records them (a
+    variant's --set included, which this call's plan may not have), reading data where this plan does."""
+    here = plan.config(runs[0].row, runs[0].seed)
+    return resolve(None, **{**with_defaults(runs[0].config), "data_dir": here.data_dir})
+
+
 def _checkpoint(runs: list[RunResult], plan: Plan, scratch: Path) -> tuple[Path, str]:
     """The row's trained checkpoint, or one of its architecture with fresh weights written to `scratch`."""
     for r in runs:
         best = Path(plan.runs) / r.name / "best"
         if is_checkpoint(best):
             return best, "trained"
-    cfg = plan.config(runs[0].row, runs[0].seed)
+    cfg = recorded_config(runs, plan)
     info = advmoe.get_dataset_info(cfg.dataset)
     test = advmoe.load_dataset(cfg.dataset, "test", cfg.data_dir)
     x = torch.stack([test[i][0] for i in range(min(256, len(test)))])
