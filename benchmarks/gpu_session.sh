@@ -47,7 +47,7 @@ if asked ship; then
   echo "== ship. the width-0.5 model, three seeds at once"
   for seed in 9 10 11; do
     timeout ${SHIP_SECONDS:-600} "$python" -m studies.frontier --curves --moe-widths 0.5 --experts 2 --dense-widths 0.25 \
-      --rows advmoe-w0.5-ce_steps3 --variant rs2_vapgd_e10 --epochs 10 --seeds $seed --headline-seeds $seed \
+      --rows advmoe-w0.5-ce_steps3 --variant rs2_vapgd_e10 --epochs 10 --seeds $seed --headline-seeds $seed --threads 4 \
       --set val_apgd_iterations=20 'select_on="worst"' router_stride=2 device=\"cuda\" data_dir=\"$data\" \
       --runs "$out/ship/runs" --results "$out/ship/results" --report "$out/ship/report.md" \
       > "$out/ship/seed$seed.log" 2>&1 &
