@@ -16,7 +16,7 @@ from .runtimes import Runtime
 
 class ServedModel:
     def __init__(self, runtime: Runtime, num_experts: int, max_batch_size: int):
-        self.runtime, self.num_experts = runtime, num_experts
+        self.runtime = runtime
         # One model call at a time: the runtime's own threads use the cores.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="advmoe-model")
         self.batcher = Batcher(self._predict_batch, max_batch_size, self.executor)
