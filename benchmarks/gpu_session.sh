@@ -29,7 +29,7 @@ out=${1:?usage: bash benchmarks/gpu_session.sh OUT [DATA_DIR] [SECONDS]}
 data=${2:-/usr/share/datasets/fashion-mnist}
 deadline=$((SECONDS + ${3:-570}))
 python=${PYTHON:-python3}
-mkdir -p "$out" "$out/ship"
+mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 
 nvidia-smi -L
@@ -45,6 +45,7 @@ fi
 
 if asked ship; then
   echo "== ship. the width-0.5 model, three seeds at once"
+  mkdir -p "$out/ship"
   for seed in 9 10 11; do
     timeout ${SHIP_SECONDS:-600} "$python" -m studies.frontier --curves --moe-widths 0.5 --experts 2 --dense-widths 0.25 \
       --rows advmoe-w0.5-ce_steps3 --variant rs2_vapgd_e10 --epochs 10 --seeds $seed --headline-seeds $seed --threads 4 \
