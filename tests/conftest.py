@@ -29,6 +29,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    """Commands called in-process (`main([..., "--threads", "2"])`) set torch's thread count for the
+    whole process: put it back, or a worker's later tests run two threads against the other worker's."""
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """For modules of many tiny steps (`pytestmark = pytest.mark.usefixtures("one_thread")`): on a
