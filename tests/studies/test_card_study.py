@@ -5,33 +5,34 @@ import json
 import pytest
 
 import advmoe.checkpoint
-from helpers import fmnist_moe_checkpoint
+from helpers import fmnist_moe_checkpoint, make_fashion_like
 from studies import card
 
 FEW = {"pgd_steps": (2,), "route_steps": 2, "square_queries": 10, "apgd_iterations": 3, "sweep_examples": 4,
        "gradient_examples": 4}
 
 
-def test_the_card_is_the_whole_test_set_in_parts_and_autoattack_on_drawn_images(tmp_path, fashion_dir, monkeypatch):
+def test_the_card_is_the_whole_test_set_in_parts_and_autoattack_on_drawn_images(tmp_path, monkeypatch):
+    fashion_dir = make_fashion_like(tmp_path, n_test=30)  # a test set of 30 images, in parts of 12
     checkpoint = fmnist_moe_checkpoint(tmp_path)
-    values = card.card(checkpoint, tmp_path / "runs", examples=None, autoattack_examples=6, draw_seed=5, part=40,
+    values = card.card(checkpoint, tmp_path / "runs", examples=None, autoattack_examples=6, draw_seed=5, part=12,
                        data_dir=str(fashion_dir), attack_settings_override=FEW, log=lambda *a: None)
     [folder] = (tmp_path / "runs").iterdir()
-    mains = [json.loads((folder / "main" / f"{s:06d}" / "eval.json").read_text()) for s in (0, 40, 80)]
-    assert [d["examples"] for d in mains] == [40, 40, 20] and values["robust_examples"] == 100  # every test image
+    mains = [json.loads((folder / "main" / f"{s:06d}" / "eval.json").read_text()) for s in (0, 12, 24)]
+    assert [d["examples"] for d in mains] == [12, 12, 6] and values["robust_examples"] == 30  # every test image
     bits = "".join(d["per_example"]["robust"] for d in mains)
-    assert values["robust_accuracy"] == pytest.approx(bits.count("1") / 100)
-    assert values["clean_accuracy"] == pytest.approx(sum(d["accuracy"]["clean"] * d["examples"] for d in mains) / 100)
+    assert values["robust_accuracy"] == pytest.approx(bits.count("1") / 30)
+    assert values["clean_accuracy"] == pytest.approx(sum(d["accuracy"]["clean"] * d["examples"] for d in mains) / 30)
     assert values["route_flip_rate"] == pytest.approx(sum(d["attacks"]["router"]["route_flip_rate"] * d["examples"]
-                                                          for d in mains) / 100)
+                                                          for d in mains) / 30)
     [aa] = [json.loads((folder / "autoattack" / "000000" / "eval.json").read_text())]
     assert aa["images"] == {"order": "drawn", "draw_seed": 5, "start": 0, "count": 6}
     assert values["autoattack_accuracy"] == aa["robust_accuracy"] and values["autoattack_examples"] == 6
     shown = advmoe.checkpoint.read_card(checkpoint)
-    assert (shown.robust_accuracy, shown.robust_examples, shown.autoattack_examples) == (values["robust_accuracy"], 100, 6)
+    assert (shown.robust_accuracy, shown.robust_examples, shown.autoattack_examples) == (values["robust_accuracy"], 30, 6)
     # a second call reuses every part: nothing is evaluated again
     monkeypatch.setattr(card.evaluations, "evaluate_in_processes", lambda *a, **k: pytest.fail("evaluated again"))
-    assert card.card(checkpoint, tmp_path / "runs", autoattack_examples=6, draw_seed=5, part=40,
+    assert card.card(checkpoint, tmp_path / "runs", autoattack_examples=6, draw_seed=5, part=12,
                      data_dir=str(fashion_dir), attack_settings_override=FEW, log=lambda *a: None) == values
 
 
