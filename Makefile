@@ -78,10 +78,8 @@ data:
 # The whole suite, Triton tests included.
 # One pytest worker per core (at most 4), one compute thread each: the suite waits on servers and
 # subprocesses as much as it computes, and two workers overlap those waits (8.7 min against 11 on 2 cores).
-# --dist loadgroup: the modules marked xdist_group run on one worker, so the served model and the tiny
-# study that several modules share are built once, not once per worker.
 test: install triton data
-	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadgroup
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4
 
 # The fmnist-tiny preset end to end (about 10 minutes on 2 cores); resumes a run that was cut off.
 train: $(RUN)/best/model.safetensors

@@ -20,9 +20,6 @@ from clients.client import (AsyncClient, Client, ModelInfo, NotAdvMoEServer, Req
                             task_file_manager)
 from helpers import CLASSES
 
-# `make test` runs --dist loadgroup: one worker exports and serves conftest.py's model, not each worker.
-pytestmark = pytest.mark.xdist_group("served")
-
 
 def raw_predict(server, **kwargs) -> list[dict]:
     response = httpx.post(f"{server.url}/predict", timeout=60, **kwargs)

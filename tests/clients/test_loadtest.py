@@ -13,9 +13,6 @@ from cli.main import main
 from clients.client import Client
 from clients.loadtest import expert_share, require_loopback, run_level, run_loadtest, served_work, summarize
 
-# `make test` runs --dist loadgroup: one worker exports and serves conftest.py's model, not each worker.
-pytestmark = pytest.mark.xdist_group("served")
-
 
 def test_a_short_load_test_completes_without_errors_and_writes_its_report(server, tmp_path):
     metrics_before = httpx.get(f"{server.url}/metrics", timeout=10).text

@@ -21,9 +21,6 @@ from clients import triton_client, triton_server
 from clients.triton_client import TritonClient, TritonInputError, TritonUnavailable, parse_url
 from export.graph import onnx_session
 
-# `make test` runs --dist loadgroup: one worker exports and serves conftest.py's model, not each worker.
-pytestmark = pytest.mark.xdist_group("served")
-
 ROOT = Path(__file__).resolve().parents[2]
 PROTOCOLS = ("http", "grpc")
 

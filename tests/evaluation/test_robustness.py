@@ -27,9 +27,6 @@ from evaluation.suite import evaluate_model
 from evaluation.summary import summary
 from helpers import fmnist_moe_checkpoint, small_model
 
-# `make test` runs --dist loadgroup: one worker evaluates this module's checkpoints, not each worker.
-pytestmark = pytest.mark.xdist_group("robustness")
-
 EPS = 0.1
 # AutoAttack's four attacks, with Square cut to 300 queries and 30 iterations (a custom, cheaper AutoAttack)
 FAST = dict(eps=EPS, square_queries=300, apgd_iterations=30, pgd_steps=(10, 20), route_steps=20, sweep_examples=24,

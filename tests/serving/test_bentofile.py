@@ -6,12 +6,8 @@ import subprocess
 import sys
 
 import bentoml
-import pytest
 
 from serving.launch import ROOT
-
-# `make test` runs --dist loadgroup: one worker exports and serves conftest.py's model, not each worker.
-pytestmark = pytest.mark.xdist_group("served")
 
 
 def test_bentoml_build_packs_the_service_code_and_the_model(exported_model):

@@ -16,9 +16,6 @@ from serving.launch import Server
 from serving.runtimes import load_runtime
 from test_service import probabilities, reference  # the exported model's answers, run here with onnxruntime
 
-# `make test` runs --dist loadgroup: one worker exports and serves conftest.py's model, not each worker.
-pytestmark = pytest.mark.xdist_group("served")
-
 PLANTED = {"onnxruntime": [2.0, 9.0, 60.0], "torch": [1.0, 5.0, 40.0], "pt2": [3.0, 12.0, 70.0]}
 
 

@@ -20,9 +20,6 @@ from export.graph import onnx_runner
 from serving.launch import Server
 from helpers import CLASSES, TOKEN
 
-# `make test` runs --dist loadgroup: one worker exports and serves conftest.py's model, not each worker.
-pytestmark = pytest.mark.xdist_group("served")
-
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 

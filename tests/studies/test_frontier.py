@@ -16,9 +16,6 @@ from studies.estimate import estimate
 from studies.record import load_results, read
 from studies.report import write_report
 
-# `make test` runs --dist loadgroup: one worker trains conftest.py's tiny study, not each worker.
-pytestmark = pytest.mark.xdist_group("frontier-study")
-
 
 def quiet(*args, **kwargs):
     pass

@@ -8,9 +8,6 @@ import advmoe
 from helpers import fmnist_moe_checkpoint, small_model
 from studies import evaluations, gate_grad
 
-# `make test` runs --dist loadgroup: one worker trains conftest.py's tiny study, not each worker.
-pytestmark = pytest.mark.xdist_group("frontier-study")
-
 FAST = ["--examples", "12", "--pgd-steps", "3", "--apgd-iterations", "4", "--threads", "1"]
 
 

@@ -10,9 +10,6 @@ from advmoe.calibrate import balance_routing, calibrate_batchnorm
 from helpers import small_model
 from studies import evaluations, per_class
 
-# `make test` runs --dist loadgroup: one worker trains conftest.py's tiny study, not each worker.
-pytestmark = pytest.mark.xdist_group("frontier-study")
-
 FAST = ["--examples", "20", "--pgd-steps", "2", "--apgd-iterations", "3", "--threads", "1"]
 CONFIG = {"dataset": "fashion_mnist", "training": {"eps": 0.1}}
 

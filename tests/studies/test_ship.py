@@ -20,9 +20,6 @@ from studies.record import read
 from studies.run import MAIN_ATTACKS
 from training.config import resolve
 
-# `make test` runs --dist loadgroup: one worker trains conftest.py's tiny study, not each worker.
-pytestmark = pytest.mark.xdist_group("frontier-study")
-
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -2,13 +2,8 @@
 there, its architecture with fresh weights otherwise; the report reads what was recorded."""
 from dataclasses import replace
 
-import pytest
-
 from studies.record import load_results
 from studies.speed import BATCHES, read_speeds, recorded_config, time_rows
-
-# `make test` runs --dist loadgroup: one worker trains conftest.py's tiny study, not each worker.
-pytestmark = pytest.mark.xdist_group("frontier-study")
 
 
 def test_rows_are_timed_on_their_checkpoint_or_their_architecture_and_recorded(study, tmp_path):

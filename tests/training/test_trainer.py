@@ -15,9 +15,6 @@ from helpers import make_fashion_like
 from training import trainer, validate
 from training.config import ConfigError, resolve
 
-# `make test` runs --dist loadgroup: one worker trains this module's runs, not each worker.
-pytestmark = pytest.mark.xdist_group("trainer")
-
 SMALL = dict(dataset="fashion_mnist", model="moe_resnet18", width=0.125, router_blocks=1, router_width=8,
              eps=0.1, attack_step=0.05, eval_step=0.05, eval_steps=2, val_size=100, train_examples=192,
              val_examples=48, batch_size=32, epochs=2, lr=0.05)
