@@ -104,6 +104,10 @@ def curves_table(found: Findings) -> str:
     return markdown(headers, rows)
 
 
+def _seeds_met(met: bool | None) -> str:
+    return "too few runs" if met is None else "met" if met else "missed"
+
+
 def finding_lines(found: Findings) -> list[str]:
     """The findings that are no comparison, one short line each."""
     lines = [f"Router collapsed: {row} (busiest expert {100 * share:.0f} % of clean routes); not counted as a mixture."
@@ -124,7 +128,9 @@ def finding_lines(found: Findings) -> list[str]:
         met = t.met
         lines.append(f"Targets, {t.row}: {t.pgd.upper()} minus worst {100 * t.pgd_minus_worst:.1f} points (≤ 5: "
                      f"{'met' if met['pgd_gap'] else 'missed'}); route flips {percent_cell(t.route_flips)} % (≤ 10: "
-                     f"{'met' if met['route_flips'] else 'missed'}).")
+                     f"{'met' if met['route_flips'] else 'missed'}); worst case over {t.runs} runs ± "
+                     f"{percent_cell(t.worst_std)}, lowest {100 * t.lowest_under_mean:.1f} points under the mean (≤ 1.5 and "
+                     f"≤ 3 over 3 runs or more: {_seeds_met(met['seeds'])}).")
     return lines
 
 

@@ -279,3 +279,18 @@ def test_a_failed_masking_check_of_autoattack_is_a_finding():
     failed = {"passed": False, "detail": "12 of 500 examples fooled by Square only"}
     grouped["moe"][1].autoattack = {"accuracy": 0.55, "worst_case_with_main": 0.54, "square_check": failed}
     assert verdicts(grouped).masking == [("moe", 1, "12 of 500 examples fooled by Square only")]
+
+
+@pytest.mark.parametrize("moe_worst, met", [
+    ([0.72, 0.73], None),  # two runs: not yet weighable
+    ([0.72, 0.73, 0.725], True),
+    ([0.74, 0.745, 0.70], False),  # std 2.5 points, the low run 3.2 under the mean
+    ([0.75, 0.75, 0.75, 0.75, 0.75, 0.75, 0.75, 0.75, 0.75, 0.715], False),  # std 1.1 points, but one run 3.2 under
+])
+def test_the_seeds_target_weighs_the_spread_and_the_lowest_run_over_three_runs_or_more(moe_worst, met):
+    grouped = {"dense": planted("dense", "pgd-at", 11, [0.71, 0.72], [0.71, 0.72]),
+               "moe": planted("moe", "advmoe", 10, moe_worst, moe_worst)}
+    [t] = verdicts(grouped).targets
+    mean = sum(moe_worst) / len(moe_worst)
+    assert (t.runs, t.lowest_under_mean) == (len(moe_worst), pytest.approx(mean - min(moe_worst)))
+    assert t.met["seeds"] is met
