@@ -15,8 +15,8 @@ from training.trainer import COLLAPSE_SHARE
 from .design import Row, run_name
 
 CURVE_KEYS = ("epoch", "val_clean_accuracy", "val_pgd_accuracy", "val_route_fixed_accuracy", "val_apgd_accuracy",
-              "val_worst_accuracy", "val_train_attack_accuracy", "epoch_seconds", "validation_seconds",
-              "collapse_guard")
+              "val_worst_accuracy", "val_train_attack_accuracy", "val_route_flip_rate", "epoch_seconds",
+              "validation_seconds", "collapse_guard")
 
 
 @dataclass

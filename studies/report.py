@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from .curves import regime
 from .speed import BATCHES, Speed, read_speeds
 from .design import Plan, default_rows
 from .estimate import BUDGET_HOURS, CURVES_BUDGET_HOURS, study_cost
+from .falls import DROP
 from .plot import plot
 from .record import RunResult, load_results, worst
 from .verdicts import Findings, verdicts
@@ -178,9 +180,38 @@ def summary(grouped: dict[str, list[RunResult]], found: Findings, cost: dict | N
         c.update(difference=found_c.difference, verdict=found_c.verdict)
     for t, found_t in zip(findings["targets"], found.targets):
         t["met"] = found_t.met
+    for f, found_f in zip(findings["fall_census"], found.fall_census):
+        f.update(kind=found_f.kind, recovered=found_f.recovered)
     for g, found_g in zip(findings["gaps"], found.gaps):
         g.update(difference=found_g.difference, verdict=found_g.verdict)
     return {"rows": rows, "findings": findings, "cost": cost, "speeds": {k: vars(v) for k, v in (speeds or {}).items()}}
+
+
+def falls_section(found: Findings, runs: int) -> str:
+    """Every one-epoch fall of the study's runs, its kind, and whether the run came back."""
+    falls = found.fall_census
+    if not falls:
+        return ""
+
+    def moved(f, k):
+        return f"{percent_cell(f.before[k])} → {percent_cell(f.after[k])}" if f.after[k] is not None else "-"
+
+    headers = ["row", "seed", "epoch", "clean", "PGD-10", "APGD", "training attack", "routes PGD-10 flips",
+               "PGD-10 the next epoch", "kind"]
+    rows = [[f.row, f.run, f"{f.epoch} of {f.epochs}",
+             *(moved(f, k) for k in ("clean", "pgd", "apgd", "train_attack", "route_flips")),
+             percent_cell(f.next_pgd) if f.next_pgd is not None else "- (last epoch)", f.kind] for f in falls]
+    kinds = Counter(f.kind for f in falls)
+    back = [f.recovered for f in falls if f.recovered is not None]
+    return f"""
+## Falls
+
+Each epoch where a run's validation PGD-10 or APGD fell {100 * DROP:.0f} points or more (validation images, %).
+{len(falls)} falls in {len({(f.row, f.run) for f in falls})} of {runs} runs; by kind: {', '.join(f'{k} {n}' for k, n in kinds.most_common())};
+back within {100 * DROP:.0f} points the next epoch: {sum(back)} of {len(back)}; in the last epoch: {len(falls) - len(back)}.
+
+{markdown(headers, rows)}
+"""
 
 
 def speed_path(report: Path) -> Path:
@@ -227,7 +258,7 @@ How to read it: [docs/frontier.md](../docs/frontier.md).
 ## Validation curves
 
 {curves_table(found)}
-"""
+{falls_section(found, len(runs))}"""
     atomic_write_text(report.with_suffix(".json"), json.dumps(summary(grouped, found, cost, speeds), indent=1) + "\n")
     atomic_write_text(report, text)
     return text

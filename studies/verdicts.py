@@ -10,6 +10,7 @@ from advmoe.stats import mean_std
 from training.methods import METHODS
 
 from .curves import DenseCurve, Gap, dense_curves, gaps
+from .falls import Fall, census
 from .record import RunResult, best_row, router_collapsed, worst
 
 LEVEL_OFF = 0.01  # a last epoch that adds less validation PGD accuracy than this: levelled off
@@ -99,6 +100,7 @@ class Findings:
     targets: list[Target] = field(default_factory=list)
     dense_curves: list[DenseCurve] = field(default_factory=list)
     gaps: list[Gap] = field(default_factory=list)  # every MoE row against the dense curve at its MACs
+    fall_census: list[Fall] = field(default_factory=list)  # every run's one-epoch falls, with their kind
 
 
 def _mean(runs: list[RunResult], key: str) -> float:
@@ -187,7 +189,8 @@ def falls(runs: list[RunResult]) -> list[tuple[str, int, float, float, float | N
 def verdicts(grouped: dict[str, list[RunResult]]) -> Findings:
     dense = {k: runs for k, runs in grouped.items() if not runs[0].row.is_moe}
     moe = {k: runs for k, runs in grouped.items() if runs[0].row.is_moe}
-    found = Findings(curves=[curve(runs) for runs in grouped.values()], dense_curves=dense_curves(grouped))
+    found = Findings(curves=[curve(runs) for runs in grouped.values()], dense_curves=dense_curves(grouped),
+                     fall_census=census(grouped))
     found.gaps = gaps(grouped, found.dense_curves)
     if not dense or not moe:
         return found

@@ -9,7 +9,7 @@ import pytest
 from planted import curve_of, planted
 from studies.design import Plan, run_name
 from studies.record import write
-from studies.report import comparisons_table, curves_table, table, write_report
+from studies.report import comparisons_table, curves_table, falls_section, table, write_report
 from studies.verdicts import verdicts
 
 # (table header, the record field it shows): accuracies by attack, then the per-run numbers
@@ -138,3 +138,18 @@ def test_a_seeds_fall_shows_its_epoch_and_accuracies_in_the_curves_table():
     assert [float(v) for v in cells["validation PGD by epoch (%)"].split(", ")] == [69.5, 73.2, 46.5, 74.2, 74.7]
     assert cells["one-epoch falls of a run"] == "seed 0: 74.4 → 21.7 at epoch 3, 74.4 the next"
     assert cells["route-fixed by epoch (%)"] == "-"
+
+
+def test_the_falls_section_lists_each_fall_with_its_kind_and_counts_them():
+    runs = planted("dense", "pgd-at", 11, [0.72, 0.73], [0.72, 0.73])
+    runs[0].curve = curve_of((0.69, 0.744, 0.217, 0.744, 0.759))
+    runs[1].curve = curve_of((0.70, 0.72, 0.713, 0.74, 0.50))
+    section = falls_section(verdicts({"dense": runs}), runs=3)
+    header, _, *rows = ([c.strip() for c in line.strip("|").split("|")] for line in section.splitlines()
+                        if line.startswith("|"))
+    cells = [dict(zip(header, row, strict=True)) for row in rows]
+    assert [(c["seed"], c["epoch"], c["PGD-10"], c["PGD-10 the next epoch"], c["kind"]) for c in cells] == [
+        ("0", "3 of 5", "74.4 → 21.7", "74.4", "not recorded"), ("1", "5 of 5", "74.0 → 50.0", "- (last epoch)", "not recorded")]
+    assert "2 falls in 2 of 3 runs" in section and "next epoch: 1 of 1; in the last epoch: 1" in section
+    runs[0].curve = runs[1].curve = curve_of((0.69, 0.70, 0.71, 0.72, 0.73))
+    assert falls_section(verdicts({"dense": runs}), runs=2) == ""  # no fall: no section
