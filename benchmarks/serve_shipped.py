@@ -109,6 +109,15 @@ def checks(result: dict) -> list[Check]:
                   at_most=True)]
 
 
+def cpu_ceiling(result: dict) -> tuple[float, float]:
+    """The most the CPU target's ratio can be with the server's CPU outside the model as measured: the
+    twin's server CPU per image over the MoE server's without its model (ms outside the model, ratio)."""
+    rows, c = result["rows"], target_concurrency(result)
+    sparse, twin = (find(rows, name, "auto", c)["cpu_ms_per_image"] for name in ("sparse", "dense twin"))
+    outside = sparse["server"] - sparse["model"]
+    return outside, twin["server"] / outside
+
+
 def markdown(result: dict, command: str) -> str:
     c = target_concurrency(result)
     model_rows = [[name, result["models"][name], f"{result['macs'][name] / 1e6:.2f} M",
@@ -123,6 +132,8 @@ def markdown(result: dict, command: str) -> str:
         *table(["variant", "model", "MACs per image", "MACs vs sparse", "served runtime"], model_rows), "",
         "## Targets", "",
         *table(["runtime", "images/request", "target", "measured", "bound", "met"], [k.cells() for k in checks(result)]),
+        "", "The MoE server spends {:.1f} ms of CPU per image outside its model: if the model cost nothing, the "
+        "first ratio would be {:.2f}x.".format(*cpu_ceiling(result)),
         "", "## Throughput, latency and server CPU", "",
         *table(["runtime", "images/request", "variant", "concurrency", "images/s", "p50 ms", "p95 ms", "p99 ms",
                 "errors", "mean batch", "model ms per call", "server CPU ms per image", "expert 0 share"],
