@@ -47,13 +47,14 @@ def _fell(before: dict, after: dict) -> bool:
     return any(before[k] is not None and after[k] is not None and before[k] - after[k] >= DROP for k in ("pgd", "apgd"))
 
 
+def run_falls(r: RunResult) -> list[Fall]:
+    """Each epoch where the run's validation PGD-10 or APGD fell by DROP or more."""
+    shown = [{k: e.get(key) for k, key in SHOWN.items()} for e in r.curve]
+    return [Fall(r.row.label, r.run_label, r.curve[e]["epoch"], r.epochs, shown[e - 1], shown[e],
+                 shown[e + 1]["pgd"] if e + 1 < len(shown) else None)
+            for e in range(1, len(shown)) if _fell(shown[e - 1], shown[e])]
+
+
 def census(grouped: dict[str, list[RunResult]]) -> list[Fall]:
-    """Each epoch where a run's validation PGD-10 or APGD fell by DROP or more, in every row."""
-    found = []
-    for runs in grouped.values():
-        for r in runs:
-            shown = [{k: e.get(key) for k, key in SHOWN.items()} for e in r.curve]
-            found += [Fall(r.row.label, r.run_label, r.curve[e]["epoch"], r.epochs, shown[e - 1], shown[e],
-                           shown[e + 1]["pgd"] if e + 1 < len(shown) else None)
-                      for e in range(1, len(shown)) if _fell(shown[e - 1], shown[e])]
-    return found
+    """Every run's falls, in every row."""
+    return [f for runs in grouped.values() for r in runs for f in run_falls(r)]

@@ -10,7 +10,7 @@ from advmoe.stats import mean_std
 from training.methods import METHODS
 
 from .curves import DenseCurve, Gap, dense_curves, gaps
-from .falls import Fall, census
+from .falls import Fall, census, run_falls
 from .record import RunResult, best_row, router_collapsed, worst
 
 LEVEL_OFF = 0.01  # a last epoch that adds less validation PGD accuracy than this: levelled off
@@ -67,9 +67,9 @@ class Target:
     pgd: str
     pgd_minus_worst: float
     route_flips: float
-    runs: int = 1
-    worst_std: float = 0.0
-    lowest_under_mean: float = 0.0  # the mean worst case minus the lowest run's
+    runs: int
+    worst_std: float
+    lowest_under_mean: float  # the mean worst case minus the lowest run's
 
     @property
     def met(self) -> dict[str, bool | None]:
@@ -178,12 +178,8 @@ def mean_curve(runs: list[RunResult], key: str = "val_pgd_accuracy") -> list[flo
 def falls(runs: list[RunResult]) -> list[tuple[str, int, float, float, float | None]]:
     """Each epoch where a run's validation PGD accuracy fell by FALL or more from the epoch before, with
     the next epoch's (a recovery, or not)."""
-    found = []
-    for r in runs:
-        values = [e["val_pgd_accuracy"] for e in r.curve] + [None]
-        found += [(r.run_label, e + 1, values[e - 1], values[e], values[e + 1]) for e in range(1, len(values) - 1)
-                  if values[e] <= values[e - 1] - FALL]
-    return found
+    return [(f.run, f.epoch, f.before["pgd"], f.after["pgd"], f.next_pgd) for r in runs for f in run_falls(r)
+            if f.after["pgd"] <= f.before["pgd"] - FALL]
 
 
 def verdicts(grouped: dict[str, list[RunResult]]) -> Findings:
