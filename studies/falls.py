@@ -20,7 +20,7 @@ class Fall:
     epochs: int
     before: dict[str, float | None]  # SHOWN's accuracies at the epoch before
     after: dict[str, float | None]  # and at the fall
-    next_pgd: float | None  # validation PGD the epoch after (None: the fall was the last epoch)
+    next: dict[str, float | None] | None  # SHOWN's accuracies the epoch after (None: the fall was the last epoch)
 
     @property
     def kind(self) -> str:
@@ -38,21 +38,28 @@ class Fall:
         return "overfit" if self.after["train_attack"] - self.after["pgd"] >= OVERFIT_GAP else "every attack"
 
     @property
+    def next_pgd(self) -> float | None:
+        return None if self.next is None else self.next["pgd"]
+
+    @property
     def recovered(self) -> bool | None:
-        """Back within DROP of the epoch before, the next epoch (None: no next epoch)."""
-        return None if self.next_pgd is None else self.next_pgd >= self.before["pgd"] - DROP
+        """Each accuracy that fell back within DROP of the epoch before, the next epoch (None: no next epoch)."""
+        if self.next is None:
+            return None
+        return all(self.next[k] is not None and self.next[k] >= self.before[k] - DROP for k in _fallen(self.before, self.after))
 
 
-def _fell(before: dict, after: dict) -> bool:
-    return any(before[k] is not None and after[k] is not None and before[k] - after[k] >= DROP for k in ("pgd", "apgd"))
+def _fallen(before: dict, after: dict) -> list[str]:
+    """Which of PGD-10 and APGD fell by DROP or more."""
+    return [k for k in ("pgd", "apgd") if before[k] is not None and after[k] is not None and before[k] - after[k] >= DROP]
 
 
 def run_falls(r: RunResult) -> list[Fall]:
     """Each epoch where the run's validation PGD-10 or APGD fell by DROP or more."""
     shown = [{k: e.get(key) for k, key in SHOWN.items()} for e in r.curve]
     return [Fall(r.row.label, r.run_label, r.curve[e]["epoch"], r.epochs, shown[e - 1], shown[e],
-                 shown[e + 1]["pgd"] if e + 1 < len(shown) else None)
-            for e in range(1, len(shown)) if _fell(shown[e - 1], shown[e])]
+                 shown[e + 1] if e + 1 < len(shown) else None)
+            for e in range(1, len(shown)) if _fallen(shown[e - 1], shown[e])]
 
 
 def census(grouped: dict[str, list[RunResult]]) -> list[Fall]:

@@ -40,3 +40,11 @@ def test_a_swing_under_ten_points_is_no_fall_and_a_last_epoch_fall_has_no_recove
     assert (fall.epoch, fall.next_pgd, fall.recovered) == (5, None, None)
     [fall] = census({"advmoe": [_run((0.50, 0.70, 0.45, 0.55, 0.70))]})
     assert (fall.epoch, fall.next_pgd, fall.recovered) == (3, 0.55, False)  # 15 under the epoch before: still down
+
+
+def test_a_masking_fall_is_back_only_when_apgd_is_back():
+    """PGD-10 held through the fall, so the next epoch's PGD-10 says nothing of a recovery: APGD's does."""
+    [fall] = census({"advmoe": [_run((0.70, 0.73, 0.74), val_apgd_accuracy=(0.68, 0.48, 0.52))]})
+    assert (fall.kind, fall.next_pgd, fall.recovered) == ("masking", 0.74, False)
+    [fall] = census({"advmoe": [_run((0.70, 0.73, 0.74), val_apgd_accuracy=(0.68, 0.48, 0.66))]})
+    assert fall.recovered is True
