@@ -1,8 +1,8 @@
 """The dense curve and each MoE point's distance to it: for a budget of MACs per image, is a mixture
 of experts more robust than the dense model of that budget?
 
-A dense curve is the study's dense PGD-AT rows (its own, no variant) trained alike but for width:
-worst case (mean and spread over runs) against MACs per image. A MoE point is weighed against the
+A dense curve is the study's dense PGD-AT rows (its own or a variant's, such as a longer schedule)
+trained alike but for width: worst case (mean and spread over runs) against MACs per image. A MoE point is weighed against the
 curve of its data, budget and epochs, interpolated at its MACs (linear in log MACs between the two
 dense widths around it; none outside the curve's range), with the larger of the two spreads."""
 from __future__ import annotations
@@ -82,7 +82,7 @@ def dense_curves(grouped: dict[str, list[RunResult]]) -> list[DenseCurve]:
     """The dense curves there are: dense-line rows trained alike but for width, two widths or more."""
     by_training: dict[str, list[list[RunResult]]] = {}
     for runs in grouped.values():
-        if runs[0].row.is_dense_line:
+        if runs[0].row.is_dense_pgd_at:
             # a result written before a setting existed ran at its default: the same training
             training = {k: v for k, v in with_defaults(runs[0].config).items() if k not in NOT_TRAINING}
             by_training.setdefault(repr(sorted(training.items())), []).append(runs)

@@ -41,10 +41,16 @@ class Row:
         return advmoe.is_moe_model(self.model)
 
     @property
+    def is_dense_pgd_at(self) -> bool:
+        """A dense PGD-AT row, of the study's own schedule or of a variant's: what the dense curves are
+        made of (studies/curves.py groups them by how they were trained)."""
+        return not self.is_moe and self.method == "pgd-at"
+
+    @property
     def is_dense_line(self) -> bool:
-        """The study's own dense PGD-AT rows: the line of the plot and of the verdict on width. Dense
-        rows of another method or variant are weighed against the MoE rows but not drawn into it."""
-        return not self.is_moe and self.method == "pgd-at" and not self.variant
+        """The study's own dense PGD-AT rows: the verdict on width. Dense rows of another method or
+        variant are weighed against the MoE rows but not into it."""
+        return self.is_dense_pgd_at and not self.variant
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The frontier plot: worst-case robust accuracy against MACs per image and, where the rows were
-timed (--time-rows), against milliseconds per image at batch 1 and 64; the dense PGD-AT rows as a
-line, each other row its own colour and marker; beside them, validation robustness by epoch. Rows
+timed (--time-rows), against milliseconds per image at batch 1 and 64; each dense curve (the dense
+PGD-AT rows of one schedule) as a black line, each other row its own colour and marker; beside them, validation robustness by epoch. Rows
 at the same cost (every MoE row of one width) are spread a little sideways so none hides another;
 the legend sits below the axes."""
 from __future__ import annotations
@@ -8,13 +8,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from .curves import dense_curves
 from .record import RunResult, worst
 from .speed import Speed
 from .verdicts import mean_curve
 
 MARKERS = "sD^vP*Xh<>p"
 DODGE = 0.012  # sideways spread of rows at one cost, as a share of that cost
-LINE_STYLES = (("black", "o"), ("0.4", "H"), ("0.65", "8"), ("0.8", "d"))  # the dense line's rows, by MACs
+LINE_MARKERS = "os^"  # the dense lines (one per schedule), in black
+ROW_MARKERS = "H8dp<>"  # the dense lines' rows in the validation panel, each its own grey
 
 
 def _points(rows: list[list[RunResult]], cost: Callable[[list[RunResult]], float]) -> list[tuple[str, float, float, float]]:
@@ -29,23 +31,35 @@ def _points(rows: list[list[RunResult]], cost: Callable[[list[RunResult]], float
     return points
 
 
+def curve_rows(grouped: dict[str, list[RunResult]]) -> list[tuple[str, list[str]]]:
+    """Each dense curve as (its label, its rows' keys by MACs): one line per schedule."""
+    return [(f"dense PGD-AT, {c.trained['epochs']} epochs (a line)", [p.key for p in c.points])
+            for c in dense_curves(grouped)]
+
+
 def styles(grouped: dict[str, list[RunResult]], colours) -> dict[str, tuple]:
-    """(colour, marker) of every row, none shared: the dense line's rows in greys, the others in colour."""
-    line = [runs[0].row.label for runs in grouped.values() if runs[0].row.is_dense_line]
-    others = [runs[0].row.label for runs in grouped.values() if not runs[0].row.is_dense_line]
-    found = {label: LINE_STYLES[i % len(LINE_STYLES)] for i, label in enumerate(line)}
+    """(colour, marker) of every row and dense line, none shared: the lines' rows in greys, the others in colour."""
+    lines = curve_rows(grouped)
+    on_a_line = {key for _, keys in lines for key in keys}
+    line = [grouped[key][0].row.label for _, keys in lines for key in keys]
+    others = [runs[0].row.label for key, runs in grouped.items() if key not in on_a_line]
+    found = {label: (f"{0.75 * i / max(len(line) - 1, 1):.2f}", ROW_MARKERS[i % len(ROW_MARKERS)])
+             for i, label in enumerate(line)}
+    found |= {label: ("black", LINE_MARKERS[i % len(LINE_MARKERS)]) for i, (label, _) in enumerate(lines)}
     found |= {label: (colours[i % len(colours)], MARKERS[i % len(MARKERS)]) for i, label in enumerate(others)}
     return found
 
 
 def _frontier(axes, grouped: dict[str, list[RunResult]], style: dict, cost: Callable, xlabel: str, title: str) -> None:
-    """Worst case against one cost: the dense line, then every other row as its own point."""
-    dense = sorted((cost(runs), *worst(runs)) for runs in grouped.values() if runs[0].row.is_dense_line)
-    if dense:
-        x, mean, std = zip(*dense)
-        axes.errorbar(x, [100 * v for v in mean], yerr=[100 * s for s in std], fmt="o-", color="black", capsize=3,
-                      label="dense PGD-AT (the line)")
-    others = [runs for runs in grouped.values() if not runs[0].row.is_dense_line]
+    """Worst case against one cost: a line per dense curve, then every other row as its own point."""
+    lines = curve_rows(grouped)
+    for label, keys in lines:
+        x, mean, std = zip(*sorted((cost(grouped[k]), *worst(grouped[k])) for k in keys if k in grouped))
+        colour, marker = style[label]
+        axes.errorbar(x, [100 * v for v in mean], yerr=[100 * s for s in std], fmt=f"{marker}-", color=colour,
+                      capsize=3, label=label)
+    on_a_line = {key for _, keys in lines for key in keys}
+    others = [runs for key, runs in grouped.items() if key not in on_a_line]
     for label, x, mean, std in _points(others, cost):
         axes.errorbar([x], [100 * mean], yerr=[100 * std], fmt=style[label][1], color=style[label][0], capsize=3,
                       label=label)
@@ -85,6 +99,10 @@ def plot(grouped: dict[str, list[RunResult]], path: Path, speeds: dict[str, Spee
     curves.set(xlabel="epoch", ylabel="validation PGD accuracy (%)", title="Validation robustness by epoch")
     curves.grid(alpha=0.3)
     handles, labels = curves.get_legend_handles_labels()
+    drawn, names = axes[0].get_legend_handles_labels()  # the dense lines: only the frontier panels draw them
+    lines = [label for label, _ in curve_rows(grouped)]
+    handles += [h for h, name in zip(drawn, names) if name in lines]
+    labels += [name for name in names if name in lines]
     fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=7, frameon=False)
     fig.tight_layout(rect=(0, 0.02 + 0.013 * ((len(labels) + 1) // 2) * (2 if not timed else 1), 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -54,6 +54,19 @@ def test_a_point_meets_the_curve_of_its_own_epochs_and_none_outside_every_curve(
     assert found["moe-cheap"].dense is None and found["moe-cheap"].verdict == "outside the dense curve"
 
 
+def test_dense_pgd_at_rows_of_a_variant_make_the_curve_of_their_schedule():
+    """A longer schedule is run as a variant of the dense rows (`--variant e10 --epochs 10`): its rows
+    make a curve of their own, and a MoE point of that schedule meets it, not the 5-epoch one."""
+    grouped = _dense(5) | {
+        f"{k}-e10": planted(f"{k}-e10", "pgd-at", macs, [w - 0.001, w + 0.001], [w] * 2, width=width, epochs=10,
+                            variant="e10")
+        for k, width, macs, w in (("w1", 0.0625, M, 0.70), ("w2", 0.125, 4 * M, 0.74))}
+    grouped["moe-e10"] = planted("moe-e10", "advmoe", 2 * M, [0.715, 0.725], [0.72] * 2, epochs=10, variant="e10")
+    assert sorted((c.trained["epochs"], len(c.points)) for c in dense_curves(grouped)) == [(5, 3), (10, 2)]
+    [gap] = gaps(grouped, dense_curves(grouped))
+    assert gap.dense == pytest.approx(0.72) and gap.verdict == "within the spread"
+
+
 def test_a_result_written_before_a_setting_existed_joins_the_curve_of_its_default():
     grouped = _dense()
     for run in grouped["w3-e5"]:  # as an older version wrote it: no such setting yet
@@ -97,6 +110,22 @@ def test_the_plot_draws_time_panels_only_for_timed_rows(tmp_path, monkeypatch):
     time_panel = panels[1][1]
     drawn = sorted(x for bars in time_panel.containers for x in bars.lines[0].get_xdata())
     assert drawn == pytest.approx([0.2, 0.25])  # the timed dense row and the MoE row
+
+
+def test_the_plot_draws_a_line_per_schedule_each_named_in_the_legend(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from studies import plot
+    grouped = _dense(5) | _dense(10) | {"moe": planted("moe", "advmoe", 2 * M, [0.69, 0.70], [0.7] * 2)}
+    figures = []
+    monkeypatch.setattr(plt, "close", lambda fig: figures.append(fig))
+    plot.plot(grouped, tmp_path / "a.png")
+    lines = [bars for bars in figures[0].axes[0].containers if len(bars.lines[0].get_xdata()) > 1]
+    assert sorted(len(bars.lines[0].get_xdata()) for bars in lines) == [3, 3]
+    legend = [text.get_text() for text in figures[0].legends[0].get_texts()]
+    assert {"dense PGD-AT, 5 epochs (a line)", "dense PGD-AT, 10 epochs (a line)"} <= set(legend)
+    style = plot.styles(grouped, plt.get_cmap("tab10").colors)
+    assert len(set(style.values())) == len(style)  # one colour and marker per series
 
 
 def test_the_dense_worst_case_at_a_moe_rows_macs_is_the_curve_or_the_nearest_dense_row_alike():
