@@ -16,7 +16,7 @@ from .verdicts import mean_curve
 MARKERS = "sD^vP*Xh<>p"
 DODGE = 0.012  # sideways spread of rows at one cost, as a share of that cost
 LINE_MARKERS = "os^"  # the dense lines (one per schedule), in black
-ROW_MARKERS = "H8dp<>"  # the dense lines' rows in the validation panel, each its own grey
+ROW_MARKERS = "H8dp<>"  # the dense lines' rows in the validation panel, each its own grey (none black)
 
 
 def _points(rows: list[list[RunResult]], cost: Callable[[list[RunResult]], float]) -> list[tuple[str, float, float, float]]:
@@ -43,7 +43,7 @@ def styles(grouped: dict[str, list[RunResult]], colours) -> dict[str, tuple]:
     on_a_line = {key for _, keys in lines for key in keys}
     line = [grouped[key][0].row.label for _, keys in lines for key in keys]
     others = [runs[0].row.label for key, runs in grouped.items() if key not in on_a_line]
-    found = {label: (f"{0.75 * i / max(len(line) - 1, 1):.2f}", ROW_MARKERS[i % len(ROW_MARKERS)])
+    found = {label: (f"{0.25 + 0.55 * i / max(len(line) - 1, 1):.2f}", ROW_MARKERS[i % len(ROW_MARKERS)])
              for i, label in enumerate(line)}
     found |= {label: ("black", LINE_MARKERS[i % len(LINE_MARKERS)]) for i, (label, _) in enumerate(lines)}
     found |= {label: (colours[i % len(colours)], MARKERS[i % len(MARKERS)]) for i, label in enumerate(others)}

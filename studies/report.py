@@ -16,7 +16,7 @@ from advmoe.stats import mean_std, percent
 
 from .columns import header
 from .curves import regime
-from .speed import BATCHES, Speed, read_speeds
+from .speed import BATCHES, Speed, read_speeds, with_dense_alike
 from .design import Plan, default_rows
 from .estimate import BUDGET_HOURS, CURVES_BUDGET_HOURS, study_cost
 from .falls import DROP
@@ -225,7 +225,7 @@ def write_report(results: Path, report: Path, plan: Plan, command: str | None = 
         return ""
     found = verdicts(grouped)
     cost = study_cost(grouped, default_rows(plan), CURVES_BUDGET_HOURS if plan.curves else BUDGET_HOURS)
-    speeds = read_speeds(speed_path(report))
+    speeds = with_dense_alike(grouped, read_speeds(speed_path(report)))
     plot(grouped, report.with_suffix(".png"), speeds)
     first = next(iter(grouped.values()))[0].config
     runs = [r for rs in grouped.values() for r in rs]

@@ -87,3 +87,17 @@ def read_speeds(path: Path) -> dict[str, Speed]:
         return {}
     return {k: Speed(s["runtime"], {int(b): ms for b, ms in s["ms_per_image"].items()}, s["weights"])
             for k, s in json.loads(Path(path).read_text()).items()}
+
+
+def _dense_architecture(runs: list[RunResult]) -> tuple:
+    config = with_defaults(runs[0].config)
+    return config["dataset"], config["model"], config["width"], config["stem"]
+
+
+def with_dense_alike(grouped: dict[str, list[RunResult]], speeds: dict[str, Speed]) -> dict[str, Speed]:
+    """`speeds` and, for each dense row not timed itself, the time of a timed dense row of its architecture
+    (a variant with a longer schedule): a dense model's time does not depend on its weights."""
+    timed = {_dense_architecture(grouped[k]): speed for k, speed in speeds.items()
+             if k in grouped and not grouped[k][0].row.is_moe}
+    return speeds | {k: timed[_dense_architecture(runs)] for k, runs in grouped.items()
+                     if k not in speeds and not runs[0].row.is_moe and _dense_architecture(runs) in timed}

@@ -24,3 +24,17 @@ def test_a_variant_row_is_built_with_the_settings_its_result_file_records(study)
     runs = [replace(r, config={**r.config, "router_stride": 2}) for r in grouped["advmoe-tiny"]]  # as --set made it
     assert study.plan.config(runs[0].row, runs[0].seed).router_stride == 1  # this call's plan has no --set
     assert recorded_config(runs, study.plan).router_stride == 2
+
+
+def test_a_dense_row_not_timed_takes_the_time_of_a_timed_dense_row_of_its_architecture():
+    from planted import planted
+    from studies.speed import Speed, with_dense_alike
+
+    grouped = {"w2": planted("w2", "pgd-at", 4, [0.7] * 2, [0.7] * 2, width=0.125),
+               "w2-e10": planted("w2-e10", "pgd-at", 4, [0.73] * 2, [0.73] * 2, width=0.125, epochs=10, variant="e10"),
+               "w3-e10": planted("w3-e10", "pgd-at", 9, [0.72] * 2, [0.72] * 2, width=0.1875, epochs=10, variant="e10"),
+               "moe-e10": planted("moe-e10", "advmoe", 4, [0.72] * 2, [0.72] * 2, epochs=10, variant="e10")}
+    timed = Speed("onnxruntime", {1: 0.2, 64: 0.1}, "fresh")
+    speeds = with_dense_alike(grouped, {"w2": timed})
+    # the longer schedule of width 0.125 is the same model; width 0.1875 and a MoE model are not
+    assert speeds == {"w2": timed, "w2-e10": timed}
