@@ -2,9 +2,10 @@
 of experts more robust than the dense model of that budget?
 
 A dense curve is the study's dense PGD-AT rows (its own or a variant's, such as a longer schedule)
-trained alike but for width: worst case (mean and spread over runs) against MACs per image. A MoE point is weighed against the
-curve of its data, budget and epochs, interpolated at its MACs (linear in log MACs between the two
-dense widths around it; none outside the curve's range), with the larger of the two spreads."""
+trained alike but for width: worst case (mean and spread over runs) against MACs per image. A MoE
+point is weighed against the curve of its data, budget and epochs, interpolated at its MACs (linear
+in log MACs between the two dense widths around it; none outside the curve's range), with the
+larger of the two spreads."""
 from __future__ import annotations
 
 import math
@@ -79,7 +80,7 @@ def _point(runs: list[RunResult]) -> Point:
 
 
 def dense_curves(grouped: dict[str, list[RunResult]]) -> list[DenseCurve]:
-    """The dense curves there are: dense-line rows trained alike but for width, two widths or more."""
+    """The dense curves there are: dense PGD-AT rows trained alike but for width, two widths or more."""
     by_training: dict[str, list[list[RunResult]]] = {}
     for runs in grouped.values():
         if runs[0].row.is_dense_pgd_at:

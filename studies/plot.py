@@ -1,8 +1,8 @@
 """The frontier plot: worst-case robust accuracy against MACs per image and, where the rows were
 timed (--time-rows), against milliseconds per image at batch 1 and 64; each dense curve (the dense
-PGD-AT rows of one schedule) as a black line, each other row its own colour and marker; beside them, validation robustness by epoch. Rows
-at the same cost (every MoE row of one width) are spread a little sideways so none hides another;
-the legend sits below the axes."""
+PGD-AT rows of one schedule) as a black line, each other row its own colour and marker; beside them,
+validation robustness by epoch. Rows at the same cost (every MoE row of one width) are spread a
+little sideways so none hides another; the legend sits below the axes."""
 from __future__ import annotations
 
 from collections.abc import Callable
