@@ -32,9 +32,14 @@ def _points(rows: list[list[RunResult]], cost: Callable[[list[RunResult]], float
 
 
 def curve_rows(grouped: dict[str, list[RunResult]]) -> list[tuple[str, list[str]]]:
-    """Each dense curve as (its label, its rows' keys by MACs): one line per schedule."""
-    return [(f"dense PGD-AT, {c.trained['epochs']} epochs (a line)", [p.key for p in c.points])
-            for c in dense_curves(grouped)]
+    """Each dense curve as (its label, its rows' keys by MACs): one line per schedule, named by its
+    variant too, as two variants of one schedule make two curves."""
+    found = []
+    for c in dense_curves(grouped):
+        variant = grouped[c.points[0].key][0].row.variant
+        found.append((f"dense PGD-AT, {c.trained['epochs']} epochs{f' ({variant})' if variant else ''} (a line)",
+                      [p.key for p in c.points]))
+    return found
 
 
 def styles(grouped: dict[str, list[RunResult]], colours) -> dict[str, tuple]:

@@ -1,6 +1,7 @@
 """The dense curve and each MoE point's distance to it, on planted results: interpolation in log
 MACs, the spread a verdict is weighed against, and which curve a point meets."""
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -117,13 +118,15 @@ def test_the_plot_draws_a_line_per_schedule_each_named_in_the_legend(tmp_path, m
 
     from studies import plot
     grouped = _dense(5) | _dense(10) | {"moe": planted("moe", "advmoe", 2 * M, [0.69, 0.70], [0.7] * 2)}
+    for key in ("w1-e10", "w2-e10", "w3-e10"):  # the longer schedule, run as the study runs it: a variant
+        grouped[key] = [replace(r, row=replace(r.row, variant="e10")) for r in grouped[key]]
     figures = []
     monkeypatch.setattr(plt, "close", lambda fig: figures.append(fig))
     plot.plot(grouped, tmp_path / "a.png")
     lines = [bars for bars in figures[0].axes[0].containers if len(bars.lines[0].get_xdata()) > 1]
     assert sorted(len(bars.lines[0].get_xdata()) for bars in lines) == [3, 3]
     legend = [text.get_text() for text in figures[0].legends[0].get_texts()]
-    assert {"dense PGD-AT, 5 epochs (a line)", "dense PGD-AT, 10 epochs (a line)"} <= set(legend)
+    assert {"dense PGD-AT, 5 epochs (a line)", "dense PGD-AT, 10 epochs (e10) (a line)"} <= set(legend)
     style = plot.styles(grouped, plt.get_cmap("tab10").colors)
     assert len(set(style.values())) == len(style)  # one colour and marker per series
 
