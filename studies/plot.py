@@ -59,7 +59,7 @@ def _frontier(axes, grouped: dict[str, list[RunResult]], style: dict, cost: Call
     """Worst case against one cost: a line per dense curve, then every other row as its own point."""
     lines = curve_rows(grouped)
     for label, keys in lines:
-        x, mean, std = zip(*sorted((cost(grouped[k]), *worst(grouped[k])) for k in keys if k in grouped))
+        x, mean, std = zip(*sorted((cost(grouped[k]), *worst(grouped[k])) for k in keys))
         colour, marker = style[label]
         axes.errorbar(x, [100 * v for v in mean], yerr=[100 * s for s in std], fmt=f"{marker}-", color=colour,
                       capsize=3, label=label)

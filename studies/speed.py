@@ -90,8 +90,10 @@ def read_speeds(path: Path) -> dict[str, Speed]:
 
 
 def _dense_architecture(runs: list[RunResult]) -> tuple:
+    """What builds a dense row's model: the settings TrainConfig.model_kwargs reads for one, and the data
+    set's shape (its name, and image_size for a folder of images), without reading the data."""
     config = with_defaults(runs[0].config)
-    return config["dataset"], config["model"], config["width"], config["stem"]
+    return config["dataset"], config["image_size"], config["model"], config["width"], config["stem"]
 
 
 def with_dense_alike(grouped: dict[str, list[RunResult]], speeds: dict[str, Speed]) -> dict[str, Speed]:

@@ -38,3 +38,6 @@ def test_a_dense_row_not_timed_takes_the_time_of_a_timed_dense_row_of_its_archit
     speeds = with_dense_alike(grouped, {"w2": timed})
     # the longer schedule of width 0.125 is the same model; width 0.1875 and a MoE model are not
     assert speeds == {"w2": timed, "w2-e10": timed}
+    for run in grouped["w2-e10"]:  # images of another size (a folder data set's setting) make another model
+        run.config["image_size"] = 64
+    assert with_dense_alike(grouped, {"w2": timed}) == {"w2": timed}
