@@ -98,7 +98,8 @@ def ship(results: Path, runs: Path, dest: Path, log=print, plan: Plan | None = N
     at_hand = [r for r in shippable[key] if is_checkpoint(source(r))]
     if not at_hand:
         raise ValueError(f"{key} is the row to ship, but no run of it ({', '.join(r.name for r in shippable[key])}) "
-                         f"holds a checkpoint in {runs}; pass the study's --runs folder")
+                         f"holds a checkpoint in {runs}; pass the study's --runs folder, or train a seed of it again "
+                         f"beside the others (the flags it was trained with, and --repeat 1)")
     for gone in (r for r in shippable[key] if r not in at_hand):
         log(f"not shipping {key} seed {gone.run_label}: its checkpoint is not in {runs} any more")
     digests = {r.name: evaluated_weights(r, source(r), key) for r in at_hand}  # before any slow work
