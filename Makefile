@@ -41,7 +41,8 @@ serve: $(EXPORT)/export.json
 
 export: $(EXPORT)/export.json
 
-$(EXPORT)/export.json: $(CHECKPOINT)/model.safetensors | install
+# metrics.json too: the card's figures (`advmoe study card`) travel in the export to /model_info.
+$(EXPORT)/export.json: $(CHECKPOINT)/model.safetensors $(CHECKPOINT)/metrics.json | install
 	$(BIN)/advmoe export $(CHECKPOINT) --out $(EXPORT) --format all --force --name $(MODEL)
 
 # The small checkpoint is `make train`'s best epoch (chosen on validation PGD accuracy), made
