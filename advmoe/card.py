@@ -118,7 +118,7 @@ class ModelCard:
             "training_method": training.get("method"),
             "clean_accuracy": metrics.get("clean_accuracy"),
             "pgd_accuracy": metrics.get("pgd_accuracy"),
-            "pgd": metrics.get("test_pgd") or metrics.get("pgd"),
+            "pgd": metrics.get("pgd") or metrics.get("test_pgd"),  # "pgd": the card's own (advmoe study card)
             "robust_accuracy": metrics.get("robust_accuracy"),
             "robust_examples": metrics.get("robust_examples"),
             "autoattack_accuracy": metrics.get("autoattack_accuracy"),

@@ -56,7 +56,20 @@ def merged(docs: list[dict]) -> dict:
     routers = [d["attacks"]["router"] for d in docs if "router" in d["attacks"]]
     return {"examples": n, "accuracy": {name: b.count("1") / len(b) for name, b in bits.items()},
             "route_flip_rate": (sum(r["route_flip_rate"] * d["examples"] for r, d in zip(routers, docs)) / n
-                                if routers else None)}
+                                if routers else None),
+            "eps": docs[0]["eps"], "norm": docs[0]["norm"], "settings": docs[0]["settings"]}  # alike in every part
+
+
+def pgd_values(main: dict) -> dict:
+    """The card's PGD figure, its shortest PGD over every test image, described as training describes
+    its own, so the card's `pgd_accuracy` is not left from training's smaller test evaluation."""
+    settings = main["settings"]
+    steps = min(settings["pgd_steps"]) if "pgd" in settings["attacks"] else None
+    if steps is None or f"pgd-{steps}" not in main["accuracy"]:
+        return {}
+    eps = main["eps"]
+    return {"pgd_accuracy": main["accuracy"][f"pgd-{steps}"],
+            "pgd": f"PGD-{steps} {main['norm']} eps={eps:.4g} step={settings['step'] * eps:.4g} through the straight-through router"}
 
 
 def card_values(main: dict, autoattack: dict, draw_seed: int) -> dict:
@@ -65,7 +78,7 @@ def card_values(main: dict, autoattack: dict, draw_seed: int) -> dict:
             "robust_examples": main["examples"], "robust_attacks": sorted(set(main["accuracy"]) - {"clean", "robust"}),
             "route_flip_rate": main["route_flip_rate"], "route_flip_attack": "router attack",
             "autoattack_accuracy": autoattack["accuracy"]["robust"], "autoattack_examples": autoattack["examples"],
-            "autoattack_images": f"drawn at random from the test set with seed {draw_seed}"}
+            "autoattack_images": f"drawn at random from the test set with seed {draw_seed}"} | pgd_values(main)
 
 
 def jobs(checkpoint: Path, examples: int | None, autoattack_examples: int, draw_seed: int, data_dir: str | None,

@@ -23,6 +23,9 @@ def test_the_card_is_the_whole_test_set_in_parts_and_autoattack_on_drawn_images(
     bits = "".join(d["per_example"]["robust"] for d in mains)
     assert values["robust_accuracy"] == pytest.approx(bits.count("1") / 30)
     assert values["clean_accuracy"] == pytest.approx(sum(d["accuracy"]["clean"] * d["examples"] for d in mains) / 30)
+    pgd = "".join(d["per_example"]["pgd-2"] for d in mains)  # FEW's PGD: 2 steps, over every test image
+    assert values["pgd_accuracy"] == pytest.approx(pgd.count("1") / 30)
+    assert values["pgd"] == "PGD-2 linf eps=0.1 step=0.025 through the straight-through router"
     assert values["route_flip_rate"] == pytest.approx(sum(d["attacks"]["router"]["route_flip_rate"] * d["examples"]
                                                           for d in mains) / 30)
     [aa] = [json.loads((folder / "autoattack" / "000000" / "eval.json").read_text())]
@@ -30,6 +33,7 @@ def test_the_card_is_the_whole_test_set_in_parts_and_autoattack_on_drawn_images(
     assert values["autoattack_accuracy"] == aa["robust_accuracy"] and values["autoattack_examples"] == 6
     shown = advmoe.checkpoint.read_card(checkpoint)
     assert (shown.robust_accuracy, shown.robust_examples, shown.autoattack_examples) == (values["robust_accuracy"], 30, 6)
+    assert (shown.pgd_accuracy, shown.pgd) == (values["pgd_accuracy"], values["pgd"])  # not training's own
     # a second call reuses every part: nothing is evaluated again
     monkeypatch.setattr(card.evaluations, "evaluate_in_processes", lambda *a, **k: pytest.fail("evaluated again"))
     assert card.card(checkpoint, tmp_path / "runs", autoattack_examples=6, draw_seed=5, part=12,
