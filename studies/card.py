@@ -23,6 +23,7 @@ import advmoe
 from advmoe.checkpoint import WEIGHTS, is_checkpoint, read_config, update_metrics
 from evaluation.cache import evaluated_with, file_sha256, kept_evaluation
 from training.config import resolve
+from training.validate import pgd_description
 
 from . import evaluations
 from .design import Plan
@@ -69,7 +70,7 @@ def pgd_values(main: dict) -> dict:
         return {}
     eps = main["eps"]
     return {"pgd_accuracy": main["accuracy"][f"pgd-{steps}"],
-            "pgd": f"PGD-{steps} {main['norm']} eps={eps:.4g} step={settings['step'] * eps:.4g} through the straight-through router"}
+            "pgd": pgd_description(steps, eps, settings["step"] * eps, main["norm"])}
 
 
 def card_values(main: dict, autoattack: dict, draw_seed: int) -> dict:

@@ -35,6 +35,11 @@ from advmoe.route_attacks import route_fixed_pgd
 from .config import TrainConfig
 
 
+def pgd_description(steps: int, eps: float, step: float, norm: str = "linf") -> str:
+    """How a PGD figure names its attack (validation's, and the model card's): one wording for both."""
+    return f"PGD-{steps} {norm} eps={eps:.4g} step={step:.4g} through the straight-through router"
+
+
 def validate(model: nn.Module, dataset: Dataset, cfg: TrainConfig, device: torch.device, batch_size: int = 256,
              seed: int = 0, train_attack: bool = False) -> dict:
     """Clean accuracy, PGD-k accuracy (k = cfg.eval_steps), route-fixed accuracy and the worst case
@@ -72,7 +77,7 @@ def validate(model: nn.Module, dataset: Dataset, cfg: TrainConfig, device: torch
     torch.set_rng_state(generator_state)
     metrics = {"clean_accuracy": correct / total, "pgd_accuracy": adv_correct / total,
                "worst_accuracy": worst_correct / total, "examples": total,
-               "pgd": f"PGD-{cfg.eval_steps} linf eps={cfg.eps:.4g} step={cfg.eval_step:.4g} through the straight-through router"}
+               "pgd": pgd_description(cfg.eval_steps, cfg.eps, cfg.eval_step)}
     if cfg.val_apgd_iterations:
         metrics["apgd_accuracy"] = apgd_correct / total
     if train_attack:
